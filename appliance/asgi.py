@@ -8,3 +8,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "appliance.settings")
 from django.core.asgi import get_asgi_application  # noqa: E402
 
 application = get_asgi_application()
+
+from appliance import reconciler  # noqa: E402
+
+reconciler.start()

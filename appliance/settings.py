@@ -163,3 +163,15 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("APPLIANCE_LOG_LEVEL", "INFO")},
 }
+
+# The chat API (inference/) asks the registry about keys and variants through this.
+INFERENCE_GATEKEEPER = "appliance.gatekeeper.RegistryGatekeeper"
+
+# Each box (node) consumes its own queue, so several boxes can share a broker.
+CELERY_TASK_DEFAULT_QUEUE = env_str("APPLIANCE_QUEUE", "appliance")
+
+# Beat: re-hash the model store daily, so files altered on disk are quarantined
+# even when nobody redeploys them.
+CELERY_BEAT_SCHEDULE = {
+    "verify-model-store": {"task": "appliance.tasks.verify_all_variants", "schedule": 24 * 3600.0},
+}

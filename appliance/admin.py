@@ -1,0 +1,217 @@
+"""The console: the Django admin, with lifecycle actions that go through appliance.actions."""
+from pathlib import Path
+
+from django import forms
+from django.contrib import admin, messages
+from django.utils.html import format_html
+
+from . import actions
+from .models import ApiKey, Deployment, ModelVariant, Team
+
+admin.site.site_header = "LLM appliance console"
+admin.site.site_title = "LLM appliance"
+admin.site.index_title = "Registry, teams and audit"
+
+STATUS_COLOURS = {"importing": "#b58900", "ready": "#268bd2", "deployed": "#2aa198",
+                  "failed": "#dc322f", "quarantined": "#d33682"}
+
+
+def actor_of(request) -> str:
+    return f"admin:{request.user.get_username()}"
+
+
+class ImportForm(forms.ModelForm):
+    class Meta:
+        model = ModelVariant
+        fields = ["name", "kind", "source_path"]
+        help_texts = {"source_path": "A directory on this box (USB disk, NFS mount) holding config.json and "
+                                     "*.safetensors weights. The worker copies and hashes it."}
+
+    def clean_source_path(self):
+        path = self.cleaned_data["source_path"]
+        if not Path(path).expanduser().is_dir():
+            raise forms.ValidationError(f"{path} is not a directory on this box")
+        return path
+
+
+class DeploymentInline(admin.StackedInline):
+    model = Deployment
+    can_delete = False
+    readonly_fields = ["desired", "actual", "device", "detail", "updated_at"]
+    fields = readonly_fields
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(ModelVariant)
+class ModelVariantAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind_label", "architecture", "params", "size", "status_badge", "progress_bar",
+                    "serving"]
+    list_filter = ["kind", "status", "random_weights"]
+    search_fields = ["name", "architecture"]
+    actions = ["verify_files", "deploy", "undeploy", "delete_variants"]
+    inlines = [DeploymentInline]
+    readonly_fields = ["name", "kind", "architecture", "model_type", "params_total", "params_active", "dtype",
+                       "context_length", "source_path", "store_path", "size_bytes", "status", "status_detail",
+                       "progress", "random_weights", "metadata", "manifest", "created_at", "updated_at"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("deployment")
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = ImportForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.readonly_fields if obj else []
+
+    def get_fields(self, request, obj=None):
+        return self.readonly_fields if obj else ImportForm.Meta.fields
+
+    def get_inlines(self, request, obj):
+        return self.inlines if obj else []
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return  # every field is read-only; state changes go through the actions
+        variant = actions.do_start_import(name=obj.name, kind=obj.kind, source_path=obj.source_path,
+                                          actor=actor_of(request))
+        obj.pk = variant.pk
+
+    def get_actions(self, request):
+        found = super().get_actions(request)
+        found.pop("delete_selected", None)  # deletion must remove files and record an event
+        return found
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="kind", ordering="kind")
+    def kind_label(self, obj):
+        if obj.random_weights:
+            return format_html('{} <span title="random weights: output is noise" '
+                               'style="color:#b58900">(random-weight demo)</span>', obj.get_kind_display())
+        return obj.get_kind_display()
+
+    @admin.display(description="parameters (total / active)", ordering="params_total")
+    def params(self, obj):
+        if obj.params_total is None:
+            return "–"
+        if obj.params_active and obj.params_active != obj.params_total:
+            return f"{human_count(obj.params_total)} / {human_count(obj.params_active)}"
+        return human_count(obj.params_total)
+
+    @admin.display(description="size", ordering="size_bytes")
+    def size(self, obj):
+        return f"{obj.size_bytes / 1e6:,.1f} MB" if obj.size_bytes else "–"
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj):
+        return format_html('<b style="color:{}" title="{}">{}</b>', STATUS_COLOURS.get(obj.status, "#000"),
+                           obj.status_detail, obj.get_status_display())
+
+    @admin.display(description="progress")
+    def progress_bar(self, obj):
+        return format_html('<progress max="100" value="{}"></progress> {}%', obj.progress, obj.progress)
+
+    @admin.display(description="engine")
+    def serving(self, obj):
+        dep = getattr(obj, "deployment", None)
+        if dep is None:
+            return "–"
+        text = dep.actual if dep.converged else f"{dep.actual} → {dep.desired}"
+        return f"{text} ({dep.device})" if dep.device else text
+
+    def _each(self, request, queryset, action, verb):
+        for variant in queryset:
+            try:
+                action(variant, actor=actor_of(request))
+                self.message_user(request, f"{variant.name}: {verb}")
+            except actions.ActionRefused as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+
+    @admin.action(description="Verify files against the manifest")
+    def verify_files(self, request, queryset):
+        self._each(request, queryset, actions.do_verify, "verification queued")
+
+    @admin.action(description="Deploy (load into the engine)")
+    def deploy(self, request, queryset):
+        self._each(request, queryset, actions.do_deploy, "deploy requested")
+
+    @admin.action(description="Undeploy (unload from the engine)")
+    def undeploy(self, request, queryset):
+        self._each(request, queryset, actions.do_undeploy, "undeploy requested")
+
+    @admin.action(description="Delete variants and their stored files", permissions=["change"])
+    def delete_variants(self, request, queryset):
+        self._each(request, queryset, actions.do_delete, "deleted")
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+class ApiKeyInline(admin.TabularInline):
+    model = ApiKey
+    extra = 0
+    can_delete = False
+    fields = readonly_fields = ["prefix", "name", "created_at", "last_used_at", "revoked_at"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ["name", "created_at", "active_keys"]
+    search_fields = ["name"]
+    inlines = [ApiKeyInline]
+    actions = ["issue_key"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["name", "created_at"] if obj else ["created_at"]
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            created = actions.do_create_team(obj.name, actor=actor_of(request))
+            obj.pk = created.pk
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="active keys")
+    def active_keys(self, obj):
+        return obj.api_keys.filter(revoked_at__isnull=True).count()
+
+    @admin.action(description="Issue a new API key (shown once)")
+    def issue_key(self, request, queryset):
+        for team in queryset:
+            key, plaintext = actions.do_issue_api_key(team, actor=actor_of(request), name="console")
+            self.message_user(request, format_html(
+                "New key for team <b>{}</b> — copy it now, it is not shown again: <code>{}</code>",
+                team.name, plaintext), messages.WARNING)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ["prefix", "team", "name", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["team"]
+    readonly_fields = ["team", "prefix", "name", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke"]
+
+    def has_add_permission(self, request):
+        return False  # keys are issued from the team page, so the plaintext is shown once
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Revoke (refused from the next request on)")
+    def revoke(self, request, queryset):
+        for key in queryset.filter(revoked_at__isnull=True):
+            actions.do_revoke_api_key(key, actor=actor_of(request))
+        self.message_user(request, "revoked")

@@ -1,0 +1,33 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from appliance.actions import ActionRefused, do_deploy
+from appliance.models import ActualState, Deployment
+
+from ._common import cli_actor, get_variant, wait_for
+
+
+class Command(BaseCommand):
+    help = "Ask the web process to load a variant."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        parser.add_argument("--wait", action="store_true", help="wait until the web process has loaded it")
+        parser.add_argument("--timeout", type=float, default=300)
+
+    def handle(self, name, wait, timeout, **options):
+        try:
+            deployment = do_deploy(get_variant(name), actor=cli_actor())
+        except ActionRefused as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(f"{name}: deploy requested")
+        if not wait:
+            return
+
+        def settled():
+            d = Deployment.objects.get(pk=deployment.pk)
+            return d if d.actual in (ActualState.DEPLOYED, ActualState.FAILED) else None
+
+        deployment = wait_for(settled, timeout=timeout, what=f"the web process to load {name} (is it running?)")
+        if deployment.actual == ActualState.FAILED:
+            raise CommandError(f"{name} failed to load: {deployment.detail}")
+        self.stdout.write(f"{name} deployed on {deployment.device}")

@@ -1,0 +1,95 @@
+"""Make the engines loaded in this web process match the deployments in the registry.
+
+Runs as one background thread of the web process, the only process that puts
+weights on the GPUs. Before loading it re-hashes the files, so a variant
+tampered with after import is quarantined instead of served.
+"""
+import logging
+import threading
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import close_old_connections, transaction
+
+from audit import ledger
+from inference import serving
+from inference.engine import Engine
+
+from .importer import check_store, quarantine
+from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
+
+log = logging.getLogger(__name__)
+ACTOR = "system:web"
+_started = threading.Event()
+
+
+def reconcile_once() -> None:
+    """Load what should be deployed and is not, unload what should not be."""
+    wanted = {}
+    for dep in Deployment.objects.select_related("variant"):
+        if dep.desired == DesiredState.DEPLOYED and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED):
+            wanted[dep.variant.name] = dep
+    for name in serving.names():
+        if name not in wanted:
+            unload(name)
+    for name, dep in wanted.items():
+        if serving.get(name) is None and dep.actual != ActualState.FAILED:
+            load(dep)
+
+
+def load(dep: Deployment) -> None:
+    variant = dep.variant
+    Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.LOADING, detail="verifying files")
+    problems = check_store(variant)
+    if problems:
+        quarantine(variant.pk, problems, actor=ACTOR)
+        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail="; ".join(problems))
+        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="refused",
+                      details={"reason": "files do not match the manifest", "problems": problems[:20]})
+        return
+    started = time.monotonic()
+    try:
+        engine = Engine(Path(variant.store_path), device=settings.ENGINE_DEVICE,
+                        queue_limit=settings.ENGINE_QUEUE_LIMIT)
+    except Exception as exc:
+        log.exception("loading %s failed", variant.name)
+        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail=f"load failed: {exc}")
+        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="failed",
+                      details={"error": str(exc)[:500]})
+        return
+    serving.register(variant.name, engine)
+    with transaction.atomic():
+        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.DEPLOYED, device=engine.device, detail="")
+        ModelVariant.objects.filter(pk=variant.pk, status=VariantStatus.READY).update(status=VariantStatus.DEPLOYED)
+        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="ok", details={
+            "device": engine.device, "duration_ms": int((time.monotonic() - started) * 1000)})
+
+
+def unload(name: str) -> None:
+    engine = serving.unregister(name)
+    if engine is None:
+        return
+    engine.close()
+    with transaction.atomic():
+        Deployment.objects.filter(variant__name=name).update(actual=ActualState.UNDEPLOYED, device="")
+        ModelVariant.objects.filter(name=name, status=VariantStatus.DEPLOYED).update(status=VariantStatus.READY)
+        ledger.append("deployment.unload", actor=ACTOR, target=name, outcome="ok")
+
+
+def _loop() -> None:
+    while True:
+        try:
+            close_old_connections()
+            reconcile_once()
+        except Exception:
+            log.exception("reconcile failed; retrying")
+        time.sleep(settings.RECONCILE_INTERVAL_S)
+
+
+def start() -> None:
+    """Start the reconciler thread once per process."""
+    if _started.is_set():
+        return
+    _started.set()
+    threading.Thread(target=_loop, name="reconciler", daemon=True).start()

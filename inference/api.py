@@ -1,0 +1,227 @@
+"""The OpenAI-compatible team chat API: /v1/models and /v1/chat/completions.
+
+Views validate and answer errors; the engine generates; the ledger records
+digests of what went in and out, never the text itself.
+"""
+import asyncio
+import functools
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from pydantic import ValidationError
+
+from audit import ledger
+
+from . import serving
+from .request_state import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
+from .errors import error, error_payload
+from .gatekeeper import Caller, gatekeeper
+from .schemas import ChatCompletionRequest, describe_validation_error
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_TOKENS = 256
+# Ledger writes go through one thread, so a cancelled stream can still record
+# its event without blocking the event loop, and events keep their order.
+_ledger_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
+
+
+def _append_event(**event) -> None:
+    close_old_connections()
+    ledger.append(**event)
+
+
+async def record(**event) -> None:
+    """Append a ledger event from async code without blocking the event loop."""
+    await asyncio.get_running_loop().run_in_executor(_ledger_writer, lambda: _append_event(**event))
+
+
+def record_soon(**event) -> None:
+    """Queue a ledger event without waiting (for paths that are being cancelled)."""
+    _ledger_writer.submit(_append_event, **event)
+
+
+async def authenticate(request: HttpRequest) -> Caller | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    caller = None
+    if scheme.lower() == "bearer" and token.strip():
+        caller = await sync_to_async(gatekeeper().authenticate)(token.strip())
+    if caller is None:
+        await record(action="auth.failed", actor="anonymous", target=request.path, outcome="denied",
+                     details={"reason": "missing key" if not token.strip() else "unknown or revoked key",
+                              "key": token.strip()[:13]})
+    return caller
+
+
+def api_view(view):
+    """Make an async view CSRF-exempt and turn any unexpected exception into an OpenAI-shaped 500."""
+
+    @csrf_exempt
+    @functools.wraps(view)
+    async def wrapper(request, *args, **kwargs):
+        try:
+            return await view(request, *args, **kwargs)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error("The server had an error while processing your request.", 500)
+
+    return wrapper
+
+
+def unauthorized():
+    return error("Invalid or missing API key. Send 'Authorization: Bearer <team key>'.", 401,
+                 code="invalid_api_key")
+
+
+@api_view
+async def list_models(request: HttpRequest):
+    if request.method != "GET":
+        return error(f"Method {request.method} not allowed; use GET", 405)
+    caller = await authenticate(request)
+    if caller is None:
+        return unauthorized()
+    cards = await sync_to_async(gatekeeper().models)(caller)
+    loaded = set(serving.names())
+    data = [{"id": c.name, "object": "model", "created": c.created, "owned_by": c.owned_by,
+             "kind": c.kind, "loaded": c.name in loaded, "random_weights": c.random_weights}
+            for c in cards]
+    return JsonResponse({"object": "list", "data": data})
+
+
+@api_view
+async def chat_completions(request: HttpRequest):
+    if request.method != "POST":
+        return error(f"Method {request.method} not allowed; use POST", 405)
+    caller = await authenticate(request)
+    if caller is None:
+        return unauthorized()
+    try:
+        payload = json.loads(request.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return error(f"Request body is not valid JSON: {exc}", 400)
+    if not isinstance(payload, dict):
+        return error("Request body must be a JSON object", 400)
+    try:
+        body = ChatCompletionRequest.model_validate(payload)
+    except ValidationError as exc:
+        message, param = describe_validation_error(exc)
+        return error(message, 400, param=param)
+
+    engine = serving.get(body.model)
+    if engine is None:
+        if await sync_to_async(gatekeeper().exists)(caller, body.model):
+            return error(f"Model '{body.model}' is not loaded; deploy it first.", 503, code="model_not_loaded")
+        return error(f"The model '{body.model}' does not exist.", 404, param="model", code="model_not_found")
+
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt_ids = engine.encode_chat(messages)
+        params = SamplingParams(
+            max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, engine.context_length - len(prompt_ids))),
+            temperature=body.temperature, top_p=body.top_p, stop=body.stop_sequences, seed=body.seed)
+        handle = engine.submit(prompt_ids, params)
+    except PromptTooLong as exc:
+        return error(str(exc), 400, param="messages", code="context_length_exceeded")
+    except EngineBusy as exc:
+        return error(str(exc), 429, code="engine_busy", headers={"Retry-After": "1"})
+    except EngineClosed:
+        return error(f"Model '{body.model}' is being unloaded.", 503, code="model_not_loaded")
+
+    exchange = Exchange(caller=caller, model=body.model, prompt_text=json.dumps(messages, sort_keys=True))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        response = StreamingHttpResponse(exchange.sse(handle, include_usage), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+    return await exchange.complete(handle)
+
+
+class Exchange:
+    """One chat request in flight: turns engine chunks into OpenAI objects and records the outcome."""
+
+    def __init__(self, *, caller: Caller, model: str, prompt_text: str):
+        self.caller = caller
+        self.model = model
+        self.prompt_text = prompt_text
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.started = time.monotonic()
+        self.text: list[str] = []
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def event(self, outcome: str, finish_reason: str | None, error_message: str | None = None) -> dict:
+        details = {
+            "model": self.model, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "prompt_digest": ledger.digest(self.prompt_text), "completion_digest": ledger.digest("".join(self.text)),
+            "finish_reason": finish_reason, "duration_ms": int((time.monotonic() - self.started) * 1000),
+        }
+        if error_message:
+            details["error"] = error_message[:500]
+        return dict(action="chat.completion", actor=f"team:{self.caller.team}", target=self.model,
+                    outcome=outcome, details={"key": self.caller.key_prefix, **details})
+
+    def absorb(self, chunk) -> None:
+        self.text.append(chunk.text)
+        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+
+    async def complete(self, handle):
+        finish = None
+        async for chunk in handle:
+            self.absorb(chunk)
+            finish = chunk.finish_reason or finish
+            if chunk.finish_reason == "error":
+                await record(**self.event("failed", finish, chunk.error))
+                return error(f"Generation failed: {chunk.error}", 500)
+        await record(**self.event("ok", finish))
+        return JsonResponse({
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
+                         "finish_reason": finish, "logprobs": None}],
+            "usage": self.usage(),
+        })
+
+    def chunk_object(self, delta: dict, finish_reason: str | None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+    async def sse(self, handle, include_usage: bool):
+        finish = None
+        try:
+            yield sse(self.chunk_object({"role": "assistant", "content": ""}, None))
+            async for chunk in handle:
+                self.absorb(chunk)
+                if chunk.finish_reason == "error":
+                    await record(**self.event("failed", "error", chunk.error))
+                    yield sse(error_payload(f"Generation failed: {chunk.error}"))
+                    return
+                if chunk.text:
+                    yield sse(self.chunk_object({"content": chunk.text}, None))
+                if chunk.finish_reason:
+                    finish = chunk.finish_reason
+            yield sse(self.chunk_object({}, finish))
+            if include_usage:
+                yield sse({**self.chunk_object({}, None), "choices": [], "usage": self.usage()})
+            yield "data: [DONE]\n\n"
+            await record(**self.event("ok", finish))
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away; the engine stops this request when its
+            # iterator is closed. Record without awaiting: we are being torn down.
+            record_soon(**self.event("cancelled", "cancelled"))
+            raise
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

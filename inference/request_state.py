@@ -1,0 +1,124 @@
+"""The engine's request vocabulary: sampling parameters, streamed chunks, errors and per-request state.
+
+No torch modules and no Django here: the asyncio side, the worker thread and a future scheduler all
+speak in these types.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+class EngineBusy(Exception):
+    """The engine's queue is full; the client should retry later."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt plus max_tokens does not fit in the model's context."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed and accepts no more requests."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 → greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Reject values the sampler cannot honour, before the request reaches the queue."""
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not self.temperature >= 0:  # also rejects nan
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            raise TypeError("stop must be a tuple of strings, not a single string")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+
+
+@dataclass
+class Chunk:
+    """One piece of a streamed answer; the last one of a request has finish_reason set."""
+
+    text: str  # text delta, may be ""
+    finish_reason: str | None  # None while running; one of FINISH_REASONS at the end
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class RequestStatus(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class RequestState:
+    """Everything the engine knows about one request; status changes stamp the time (monotonic seconds)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    deliver: Callable[[Chunk], None] = field(repr=False)  # hands a chunk to the request's consumer
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    status: RequestStatus = RequestStatus.QUEUED
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    # Set from the asyncio side (client gone); read by the worker between steps.
+    cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Worker-owned decoding state, dropped when the request finishes so its KV cache memory is freed.
+    cache: Any = field(default=None, repr=False)
+    generator: Any = field(default=None, repr=False)
+    text: Any = field(default=None, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        """Return True once the request has a finish reason."""
+        return self.status is RequestStatus.FINISHED
+
+    def start(self) -> None:
+        """Mark the request as taken by the worker."""
+        self.status, self.started_at = RequestStatus.RUNNING, time.monotonic()
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """Mark the request as done and drop its decoding state."""
+        assert reason in FINISH_REASONS, reason
+        self.status, self.finish_reason, self.error = RequestStatus.FINISHED, reason, error
+        self.finished_at = time.monotonic()
+        self.cache = self.generator = self.text = None
+
+    def chunk(self, text: str) -> Chunk:
+        """Return a chunk carrying `text` and the request's current counts and finish state."""
+        return Chunk(text, self.finish_reason, len(self.prompt_ids), len(self.output_ids), self.error)
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """Return how long the request waited before the worker took it."""
+        return None if self.started_at is None else self.started_at - self.queued_at
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Return the time from arrival to the first generated token."""
+        return None if self.first_token_at is None else self.first_token_at - self.queued_at
