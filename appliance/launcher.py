@@ -127,8 +127,15 @@ def stop(procs: dict) -> None:
         say(f"{name} stopped")
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(port: int) -> None:
     started = time.monotonic()
+    # Stop cleanly on Ctrl-C and on a supervisor's SIGTERM alike.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     call_command("migrate", interactive=False, verbosity=0)
     demo_dir = Path(settings.APPLIANCE_HOME) / "demo-models"
     call_command("make_demo_models", str(demo_dir))
