@@ -118,3 +118,15 @@ def do_revoke_api_key(key: ApiKey, *, actor: str) -> None:
     with transaction.atomic():
         ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
         ledger.append("apikey.revoke", actor=actor, target=key.team.name, details={"key": key.prefix})
+
+
+def forget_loaded_state() -> None:
+    """Mark every deployment as not loaded: a process that just started holds no engines.
+
+    Without this, rows left "deployed" by a previous web process would claim
+    models are served that no process has loaded.
+    """
+    with transaction.atomic():
+        Deployment.objects.exclude(actual=ActualState.UNDEPLOYED).update(
+            actual=ActualState.UNDEPLOYED, device="", detail="")
+        ModelVariant.objects.filter(status=VariantStatus.DEPLOYED).update(status=VariantStatus.READY)

@@ -141,6 +141,9 @@ def run(port: int) -> None:
     call_command("make_demo_models", str(demo_dir))
     admin_line = ensure_admin()
     key = ensure_demo_key()
+    # Before the web process starts, so waiting for "deployed" below waits
+    # for this run's engines and not for rows a previous run left behind.
+    actions.forget_loaded_state()
     procs = start_processes(port)
     # Ctrl-C reaches every process of the terminal's group; we wait for the
     # children to finish their own shutdown instead of dying first.

@@ -16,6 +16,7 @@ from audit import ledger
 from inference import serving
 from inference.engine import Engine
 
+from . import actions
 from .importer import check_store, quarantine
 from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
 
@@ -92,4 +93,5 @@ def start() -> None:
     if _started.is_set():
         return
     _started.set()
+    actions.forget_loaded_state()
     threading.Thread(target=_loop, name="reconciler", daemon=True).start()

@@ -133,7 +133,7 @@ STATIC_ROOT = APPLIANCE_HOME / "static"
 
 # Celery: the embedded default is kombu's filesystem transport, so `make run`
 # needs no broker server. Tasks carry ids only and reload rows in the worker.
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://localhost//")
 BROKER_DIR = APPLIANCE_HOME / "broker"
 if CELERY_BROKER_URL.startswith("filesystem://"):
     for sub in ("queue", "processed"):
