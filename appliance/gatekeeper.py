@@ -1,5 +1,5 @@
 """The registry's answers to the chat API: who is calling, and which variants exist."""
-from inference.gatekeeper import Caller, ModelCard
+from inference.gatekeeper import Admission, Caller, ModelCard, UsageReport
 
 from .models import ApiKey, ModelVariant, VariantStatus, hash_api_key
 
@@ -25,3 +25,9 @@ class RegistryGatekeeper:
 
     def exists(self, caller: Caller, name: str) -> bool:
         return ModelVariant.objects.filter(name=name).exclude(status=VariantStatus.IMPORTING).exists()
+
+    def admit(self, caller: Caller, model: str) -> Admission:
+        return Admission(allowed=True)
+
+    def settle(self, caller: Caller, admission: Admission, report: UsageReport) -> None:
+        return None

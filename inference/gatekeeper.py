@@ -26,6 +26,30 @@ class ModelCard:
     random_weights: bool
 
 
+@dataclass(frozen=True)
+class Admission:
+    """The registry's answer to "may this caller send this request now?"."""
+
+    allowed: bool
+    status: int = 200  # 403 (no access) or 429 (a limit) when refused
+    message: str = ""
+    code: str | None = None
+    retry_after_s: int | None = None
+    ticket: object = None  # handed back to settle(), e.g. the ids of the counters charged
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """What one admitted request cost, reported when it ends."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: int
+    ttft_ms: int | None
+    outcome: str  # "ok" | "failed" | "cancelled" | "refused"
+
+
 class Gatekeeper(Protocol):
     def authenticate(self, bearer_token: str) -> Caller | None:
         """Return the caller a key belongs to, or None for a missing, unknown or revoked key."""
@@ -34,7 +58,13 @@ class Gatekeeper(Protocol):
         """Return the variants the caller may use that are ready or deployed."""
 
     def exists(self, caller: Caller, name: str) -> bool:
-        """Return whether name is a registered variant the caller may use."""
+        """Return whether name is a registered variant (whether or not the caller may use it)."""
+
+    def admit(self, caller: Caller, model: str) -> Admission:
+        """Check access and limits for one request to model, and count it."""
+
+    def settle(self, caller: Caller, admission: Admission, report: UsageReport) -> None:
+        """Record what an admitted request used (tokens, latency, outcome)."""
 
 
 @lru_cache(maxsize=1)
