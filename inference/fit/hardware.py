@@ -1,0 +1,198 @@
+"""Accelerator datasheet table, planning specs such as `8xH20+cpu:1024G`, and the inventory of this box."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One accelerator model's datasheet figures."""
+
+    name: str
+    memory_gb: float
+    bandwidth_tbs: float  # peak memory bandwidth, TB/s
+    bf16_tflops: float  # dense (no 2:4 sparsity) BF16 tensor throughput, TFLOP/s
+    source: str
+
+
+# Vendor datasheets; dense BF16 is half the "with sparsity" figure NVIDIA prints first. SXM parts unless named.
+ACCELERATORS = {a.name: a for a in (
+    Accelerator("H20", 96, 4.0, 148, "NVIDIA HGX H20 product brief (2023): 96 GB HBM3, 4.0 TB/s, BF16 148 TFLOPS"),
+    Accelerator("H800", 80, 3.35, 989, "NVIDIA H800 SXM5 datasheet: 80 GB HBM3, 3.35 TB/s, BF16 1,979 TFLOPS with sparsity"),
+    Accelerator("H100", 80, 3.35, 989, "NVIDIA H100 Tensor Core GPU datasheet (SXM): 80 GB, 3.35 TB/s, BF16 1,979 TFLOPS with sparsity"),
+    Accelerator("H200", 141, 4.8, 989, "NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e, 4.8 TB/s, BF16 1,979 TFLOPS with sparsity"),
+    Accelerator("A100-80G", 80, 2.039, 312, "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): 2,039 GB/s, BF16 312 TFLOPS dense"),
+    Accelerator("A100-40G", 40, 1.555, 312, "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): 1,555 GB/s, BF16 312 TFLOPS dense"),
+    Accelerator("L40S", 48, 0.864, 362, "NVIDIA L40S datasheet: 48 GB GDDR6, 864 GB/s, BF16 362.05 TFLOPS (733 with sparsity)"),
+    Accelerator("RTX4090", 24, 1.008, 165, "NVIDIA Ada Lovelace architecture whitepaper, appendix: RTX 4090 24 GB GDDR6X, "
+                                         "1,008 GB/s, peak BF16 tensor 165.2 TFLOPS (FP32 accumulate, dense)"),
+)}
+_ALIASES = {"RTX-4090": "RTX4090", "4090": "RTX4090", "A100": "A100-80G", "A100-80GB": "A100-80G", "A100-40GB": "A100-40G"}
+
+# A CPU-only planning box: two sockets of 4th-gen Xeon (Sapphire Rapids), 8 DDR5-4800 channels each.
+# Bandwidth: 4800 MT/s x 8 bytes = 38.4 GB/s per channel (JEDEC DDR5) x 16 = 0.614 TB/s peak.
+# BF16: AMX does 1,024 BF16 FLOP per cycle per core (Intel Architecture Optimization Manual, AMX chapter);
+# 2 x 56 cores (Xeon Platinum 8480+) x 1.9 GHz all-core AMX frequency ~ 218 TFLOP/s peak.
+CPU_HOST = {"bandwidth_tbs": 0.614, "bf16_tflops": 218.0,
+            "source": "2x Xeon Platinum 8480+: 16 ch DDR5-4800 (JEDEC) = 0.614 TB/s; AMX 1024 BF16 FLOP/cycle/core"}
+
+
+@dataclass
+class HardwareSpec:
+    """A box: its accelerators (possibly none) and its host memory."""
+
+    label: str
+    accelerator: Accelerator | None = None
+    count: int = 0
+    host_ram_gb: float | None = None  # None: not stated, so offload to CPU RAM cannot be checked
+    host_bandwidth_tbs: float | None = None
+    host_bf16_tflops: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device_memory_gb(self) -> float:
+        """Return the memory the weights and KV live in: all GPUs together, else host RAM."""
+        if self.accelerator:
+            return self.count * self.accelerator.memory_gb
+        return self.host_ram_gb or 0.0
+
+    @property
+    def bandwidth_tbs(self) -> float | None:
+        """Return the aggregate bandwidth the weights are read at (tensor parallel reads all GPUs at once)."""
+        return self.count * self.accelerator.bandwidth_tbs if self.accelerator else self.host_bandwidth_tbs
+
+    @property
+    def bf16_tflops(self) -> float | None:
+        """Return the aggregate dense BF16 throughput of the device side."""
+        return self.count * self.accelerator.bf16_tflops if self.accelerator else self.host_bf16_tflops
+
+    @property
+    def gpus(self) -> int:
+        """Return the number of accelerators (0 for a CPU-only box)."""
+        return self.count if self.accelerator else 0
+
+    def to_dict(self) -> dict:
+        """Return the spec as JSON-ready values."""
+        out = asdict(self)
+        out.update(device_memory_gb=self.device_memory_gb, bandwidth_tbs=self.bandwidth_tbs,
+                   bf16_tflops=self.bf16_tflops)
+        return out
+
+
+class HardwareSpecError(ValueError):
+    """A planning spec that cannot be parsed; the message names the bad part."""
+
+
+_GPU_RE = re.compile(r"^(?:(\d+)\s*[x×*]\s*)?([A-Za-z0-9][A-Za-z0-9-]*)$")
+_CPU_RE = re.compile(r"^cpu:(\d+(?:\.\d+)?)([GT])B?(?:@(\d+(?:\.\d+)?)TB/s)?$", re.IGNORECASE)
+
+
+def parse_hardware(spec: str) -> HardwareSpec:
+    """Parse '8xH20', '4xA100-80G+cpu:2048G', 'cpu:512G' or 'cpu:1024G@0.4TB/s' into a HardwareSpec."""
+    if not spec or not spec.strip():
+        raise HardwareSpecError("empty hardware spec; try 8xH20, 8xH200+cpu:2048G or cpu:1024G")
+    hw = HardwareSpec(label=spec.strip())
+    for part in (p.strip() for p in spec.split("+")):
+        if part.lower().startswith("cpu"):
+            _apply_cpu(hw, part, spec)
+        else:
+            _apply_gpu(hw, part, spec)
+    if hw.accelerator is None and hw.host_ram_gb is None:
+        raise HardwareSpecError(f"{spec!r} names no GPU and no cpu:<RAM>")
+    return hw
+
+
+def _apply_cpu(hw: HardwareSpec, part: str, spec: str) -> None:
+    """Set the host-memory side of `hw` from a 'cpu:1024G[@0.6TB/s]' part."""
+    match = _CPU_RE.match(part)
+    if not match:
+        raise HardwareSpecError(f"bad CPU part {part!r} in {spec!r}; write cpu:512G, cpu:2T or cpu:1024G@0.6TB/s")
+    size = float(match.group(1)) * (1000 if match.group(2).upper() == "T" else 1)
+    hw.host_ram_gb = size
+    hw.host_bandwidth_tbs = float(match.group(3)) if match.group(3) else CPU_HOST["bandwidth_tbs"]
+    hw.host_bf16_tflops = CPU_HOST["bf16_tflops"]
+    if not match.group(3):
+        hw.notes.append(f"host bandwidth/FLOP/s assumed: {CPU_HOST['source']}")
+
+
+def _apply_gpu(hw: HardwareSpec, part: str, spec: str) -> None:
+    """Set the accelerator side of `hw` from an 'NxNAME' part."""
+    match = _GPU_RE.match(part)
+    if not match:
+        raise HardwareSpecError(f"bad GPU part {part!r} in {spec!r}; write e.g. 8xH20 or 2xRTX4090")
+    count = int(match.group(1) or 1)
+    name = lookup_accelerator(match.group(2))
+    if name is None:
+        raise HardwareSpecError(f"unknown GPU {match.group(2)!r} in part {part!r} of {spec!r}; "
+                                f"known: {', '.join(ACCELERATORS)}")
+    if count < 1:
+        raise HardwareSpecError(f"GPU count must be at least 1 in part {part!r} of {spec!r}")
+    if hw.accelerator is not None:
+        raise HardwareSpecError(f"second GPU part {part!r} in {spec!r}; mixed GPU models are not supported")
+    hw.accelerator, hw.count = ACCELERATORS[name], count
+
+
+def lookup_accelerator(name: str) -> str | None:
+    """Return the table key for a GPU name as users or drivers spell it ('NVIDIA H20' -> 'H20')."""
+    key = name.upper().replace("NVIDIA", "").replace("GEFORCE", "").strip().replace(" ", "-")
+    key = _ALIASES.get(key, key)
+    if key in ACCELERATORS:
+        return key
+    # Driver names carry suffixes: 'H100-80GB-HBM3', 'A100-SXM4-80GB', 'RTX-4090'.
+    for candidate in sorted(ACCELERATORS, key=len, reverse=True):
+        base = candidate.split("-")[0]
+        if key.startswith(base) or key.replace("-", "").startswith(candidate.replace("-", "")):
+            if candidate.startswith("A100"):
+                return "A100-40G" if "40" in key else "A100-80G"
+            return candidate
+    return None
+
+
+def inventory(measure: bool = True) -> HardwareSpec:
+    """Return this box: GPUs from torch.cuda (names matched to the table), host RAM from psutil."""
+    ram_gb = psutil.virtual_memory().total / 1e9
+    hw = HardwareSpec(label="this box", host_ram_gb=round(ram_gb, 1))
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_properties(i).name for i in range(torch.cuda.device_count())]
+        key = lookup_accelerator(names[0])
+        if key is not None:
+            total = torch.cuda.get_device_properties(0).total_memory / 1e9
+            table = ACCELERATORS[key]
+            hw.accelerator = Accelerator(table.name, round(total, 1), table.bandwidth_tbs, table.bf16_tflops,
+                                         table.source + "; memory as reported by the driver")
+            hw.count = len(names)
+            hw.label = f"{len(names)}x{key} (this box)"
+        else:
+            hw.notes.append(f"GPU {names[0]!r} is not in the datasheet table; planning as CPU-only")
+    if hw.accelerator is None:
+        hw.label = f"cpu:{ram_gb:.0f}G (this box)"
+        if measure:
+            hw.host_bandwidth_tbs, hw.host_bf16_tflops = measure_host()
+            hw.notes.append("host bandwidth and FLOP/s measured on this box (torch copy and matmul)")
+    return hw
+
+
+def measure_host(size_mb: int = 256, repeats: int = 3) -> tuple[float, float]:
+    """Return (TB/s, TFLOP/s) of this host, measured with a large copy and a float32 matmul."""
+    src = torch.empty(size_mb * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    bandwidth = 2 * src.numel() * 4 / best / 1e12  # a copy reads and writes every byte
+    n = 1024
+    a, b = torch.ones(n, n), torch.ones(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return round(bandwidth, 4), round(2 * n**3 / best / 1e12, 4)
