@@ -130,3 +130,83 @@ def forget_loaded_state() -> None:
         Deployment.objects.exclude(actual=ActualState.UNDEPLOYED).update(
             actual=ActualState.UNDEPLOYED, device="", detail="")
         ModelVariant.objects.filter(status=VariantStatus.DEPLOYED).update(status=VariantStatus.READY)
+
+
+# --- Teams, limits and console ---
+
+def _describe(value):
+    """Return value in a form the ledger's canonical JSON accepts (no floats, no datetimes)."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def _apply_changes(row, values: dict, variants) -> dict:
+    """Set values (and the variants list when given) on row; return {field: [old, new]} for what changed."""
+    changes = {}
+    for name, new in values.items():
+        old = getattr(row, name)
+        if old != new:
+            changes[name] = [_describe(old), _describe(new)]
+            setattr(row, name, new)
+    if changes:
+        row.save(update_fields=list(changes))
+    if variants is not None:
+        old = sorted(row.variants.values_list("name", flat=True))
+        new = sorted(v.name for v in variants)
+        if old != new:
+            row.variants.set(variants)
+            changes["variants"] = [old, new]
+    return changes
+
+
+def do_update_team(team: Team, *, actor: str, values: dict, variants=None) -> dict:
+    """Change a team's access and limits in one transaction; record what changed as one ledger event."""
+    allowed = {"all_variants", *Team.LIMIT_FIELDS}
+    unknown = set(values) - allowed
+    if unknown:
+        raise ActionRefused(f"cannot change {', '.join(sorted(unknown))} of a team")
+    with transaction.atomic():
+        team = Team.objects.select_for_update().get(pk=team.pk)
+        changes = _apply_changes(team, values, variants)
+        if changes:
+            ledger.append("team.update", actor=actor, target=team.name, details={"changes": changes})
+    return changes
+
+
+def do_update_api_key(key: ApiKey, *, actor: str, values: dict, variants=None) -> dict:
+    """Change a key's name, expiry, variants and limits; record what changed as one ledger event."""
+    allowed = {"name", "expires_at", *ApiKey.LIMIT_FIELDS}
+    unknown = set(values) - allowed
+    if unknown:
+        raise ActionRefused(f"cannot change {', '.join(sorted(unknown))} of an API key")
+    with transaction.atomic():
+        key = ApiKey.objects.select_for_update().select_related("team").get(pk=key.pk)
+        changes = _apply_changes(key, values, variants)
+        if changes:
+            ledger.append("apikey.update", actor=actor, target=key.team.name,
+                          details={"key": key.prefix, "changes": changes})
+    return changes
+
+
+def do_issue_console_key(username: str, *, ttl_s: int) -> tuple[ApiKey, str]:
+    """Issue a short-lived key of the user's console team for the chat page; revoke the user's older ones."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from django.utils.text import slugify
+
+    actor = f"admin:{username}"
+    name = f"console-{slugify(username)}"[:100]
+    now = timezone.now()
+    with transaction.atomic():
+        team, created = Team.objects.get_or_create(name=name, defaults={"console_user": username})
+        if created:
+            ledger.append("team.create", actor=actor, target=name, details={"console_user": username})
+        replaced = list(team.api_keys.filter(revoked_at__isnull=True).values_list("prefix", flat=True))
+        team.api_keys.filter(revoked_at__isnull=True).update(revoked_at=now)
+        key, plaintext = ApiKey.issue(team, name="console chat", expires_at=now + timedelta(seconds=ttl_s))
+        ledger.append("apikey.create", actor=actor, target=name,
+                      details={"key": key.prefix, "name": key.name, "expires_at": key.expires_at.isoformat(),
+                               "revoked": replaced})
+    return key, plaintext

@@ -3,9 +3,11 @@ from pathlib import Path
 
 from django import forms
 from django.contrib import admin, messages
+from django.urls import reverse
 from django.utils.html import format_html
 
 from . import actions
+from .actions import do_update_api_key, do_update_team
 from .models import ApiKey, Deployment, ModelVariant, Team
 
 admin.site.site_header = "LLM appliance console"
@@ -160,33 +162,88 @@ class ApiKeyInline(admin.TabularInline):
     model = ApiKey
     extra = 0
     can_delete = False
-    fields = readonly_fields = ["prefix", "name", "created_at", "last_used_at", "revoked_at"]
+    fields = readonly_fields = ["key_link", "name", "created_at", "expires_at", "last_used_at", "revoked_at"]
 
     def has_add_permission(self, request, obj=None):
         return False
 
+    @admin.display(description="key")
+    def key_link(self, obj):
+        return format_html('<a href="{}">{}…</a>', reverse("admin:appliance_apikey_change", args=[obj.pk]), obj.prefix)
+
+
+LIMIT_HELP = "Empty means unlimited. Windows are calendar minutes, days and months in UTC."
+
+
+class LimitsAdminMixin:
+    """Send every change of access or limits through appliance.actions, so each is one ledger event."""
+
+    change_action = None  # the do_update_* function of appliance.actions
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            return self.create(request, obj, form)
+        # The form already set the fields on obj; the action re-applies them under a lock and logs the diff.
+        values = {f: form.cleaned_data[f] for f in self.editable_values if f in form.cleaned_data}
+        fresh = type(obj).objects.get(pk=obj.pk)
+        type(self).change_action(fresh, actor=actor_of(request), values=values,
+                                 variants=form.cleaned_data.get("variants"))
+
+    def save_related(self, request, form, formsets, change):
+        # Variants were set by the action (or by create()), so the form's own m2m save is skipped;
+        # the inline rows are read-only, and saving their formsets changes nothing.
+        for formset in formsets:
+            self.save_formset(request, form, formset, change=change)
+
+    def limits_summary(self, obj):
+        parts = [f"{v:,} {label}" for v, label in (
+            (obj.requests_per_minute, "req/min"), (obj.tokens_per_minute, "tok/min"),
+            (obj.tokens_per_day, "tok/day"), (obj.tokens_per_month, "tok/month")) if v is not None]
+        return ", ".join(parts) or "unlimited"
+    limits_summary.short_description = "limits"
+
 
 @admin.register(Team)
-class TeamAdmin(admin.ModelAdmin):
-    list_display = ["name", "created_at", "active_keys"]
+class TeamAdmin(LimitsAdminMixin, admin.ModelAdmin):
+    list_display = ["name", "access", "limits_summary", "active_keys", "usage_link", "created_at"]
     search_fields = ["name"]
     inlines = [ApiKeyInline]
     actions = ["issue_key"]
+    filter_horizontal = ["variants"]
+    editable_values = ["all_variants", *Team.LIMIT_FIELDS]
+    change_action = do_update_team
+    fieldsets = [
+        (None, {"fields": ["name", "created_at"]}),
+        ("Access", {"fields": ["all_variants", "variants"]}),
+        ("Limits", {"fields": list(Team.LIMIT_FIELDS), "description": LIMIT_HELP}),
+    ]
 
     def get_readonly_fields(self, request, obj=None):
         return ["name", "created_at"] if obj else ["created_at"]
 
-    def save_model(self, request, obj, form, change):
-        if not change:
-            created = actions.do_create_team(obj.name, actor=actor_of(request))
-            obj.pk = created.pk
+    def create(self, request, obj, form):
+        created = actions.do_create_team(obj.name, actor=actor_of(request))
+        values = {f: form.cleaned_data[f] for f in self.editable_values if f in form.cleaned_data}
+        do_update_team(created, actor=actor_of(request), values=values,
+                               variants=form.cleaned_data.get("variants"))
+        obj.pk = created.pk
 
     def has_delete_permission(self, request, obj=None):
         return False
 
+    @admin.display(description="variants")
+    def access(self, obj):
+        if obj.all_variants:
+            return "all ready variants"
+        return ", ".join(obj.variants.values_list("name", flat=True)) or "none"
+
     @admin.display(description="active keys")
     def active_keys(self, obj):
         return obj.api_keys.filter(revoked_at__isnull=True).count()
+
+    @admin.display(description="usage")
+    def usage_link(self, obj):
+        return format_html('<a href="{}">usage</a>', reverse("console-usage-team", args=[obj.name]))
 
     @admin.action(description="Issue a new API key (shown once)")
     def issue_key(self, request, queryset):
@@ -198,11 +255,19 @@ class TeamAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["prefix", "team", "name", "created_at", "last_used_at", "revoked_at"]
+class ApiKeyAdmin(LimitsAdminMixin, admin.ModelAdmin):
+    list_display = ["prefix", "team", "name", "state", "limits_summary", "created_at", "expires_at", "last_used_at"]
     list_filter = ["team"]
-    readonly_fields = ["team", "prefix", "name", "created_at", "last_used_at", "revoked_at"]
+    filter_horizontal = ["variants"]
+    editable_values = ["name", "expires_at", *ApiKey.LIMIT_FIELDS]
+    change_action = do_update_api_key
     actions = ["revoke"]
+    fieldsets = [
+        (None, {"fields": ["team", "prefix", "name", "created_at", "last_used_at", "revoked_at", "expires_at"]}),
+        ("Access", {"fields": ["variants"], "description": "Leave empty to allow whatever the team may use."}),
+        ("Limits", {"fields": list(ApiKey.LIMIT_FIELDS), "description": LIMIT_HELP}),
+    ]
+    readonly_fields = ["team", "prefix", "created_at", "last_used_at", "revoked_at"]
 
     def has_add_permission(self, request):
         return False  # keys are issued from the team page, so the plaintext is shown once
@@ -210,8 +275,18 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
+    @admin.display(description="state")
+    def state(self, obj):
+        if obj.revoked_at:
+            return "revoked"
+        return "expired" if obj.is_expired else "active"
+
     @admin.action(description="Revoke (refused from the next request on)")
     def revoke(self, request, queryset):
         for key in queryset.filter(revoked_at__isnull=True):
             actions.do_revoke_api_key(key, actor=actor_of(request))
         self.message_user(request, "revoked")
+
+
+# The console's first page is the dashboard (appliance.console.dashboard renders it).
+admin.site.index_template = "console/dashboard.html"

@@ -1,33 +1,115 @@
-"""The registry's answers to the chat API: who is calling, and which variants exist."""
+"""The registry's answers to the chat API: who is calling, what they may use, and what they used."""
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+
 from inference.gatekeeper import Admission, Caller, ModelCard, UsageReport
 
-from .models import ApiKey, ModelVariant, VariantStatus, hash_api_key
+from . import quotas, usage
+from .models import ApiKey, ModelVariant, Outcome, VariantStatus, hash_api_key
 
+log = logging.getLogger(__name__)
 SERVABLE = (VariantStatus.READY, VariantStatus.DEPLOYED)
+# last_used_at is for people reading the console; writing it on every request would cost a write each.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class RegistryCaller(Caller):
+    """A Caller that also carries the key's id, so admit() needs no second lookup by prefix."""
+
+    key_id: int = 0
+
+
+def active_keys():
+    """Return the keys that may authenticate now: neither revoked nor expired."""
+    return ApiKey.objects.filter(revoked_at__isnull=True).filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
 
 
 class RegistryGatekeeper:
     def authenticate(self, bearer_token: str) -> Caller | None:
-        # Keys are looked up by their SHA-256: the index lookup compares digests,
-        # so timing reveals nothing about the plaintext.
-        key = (ApiKey.objects.select_related("team")
-               .filter(key_hash=hash_api_key(bearer_token), revoked_at__isnull=True).first())
-        if key is None:
+        """Return the caller a key belongs to, or None for a missing, unknown, revoked or expired key."""
+        # The unique index finds the row by digest; comparing the digest again in
+        # constant time means no code path compares secrets with an early exit.
+        key = active_keys().select_related("team").filter(key_hash=hash_api_key(bearer_token)).first()
+        if key is None or not key.matches(bearer_token):
             return None
-        return Caller(team=key.team.name, key_prefix=key.prefix)
+        return RegistryCaller(team=key.team.name, key_prefix=key.prefix, key_id=key.pk)
 
     def models(self, caller: Caller) -> list[ModelCard]:
+        """Return the ready or deployed variants that the caller's team and key may both use."""
+        key = self._key(caller)
+        if key is None:
+            return []
+        variants = ModelVariant.objects.filter(status__in=SERVABLE)
+        if not key.team.all_variants:
+            variants = variants.filter(teams=key.team)
+        if key.variants.exists():
+            variants = variants.filter(api_keys=key)
         return [
             ModelCard(name=v.name, created=int(v.created_at.timestamp()), owned_by="appliance",
                       kind=v.kind, random_weights=v.random_weights)
-            for v in ModelVariant.objects.filter(status__in=SERVABLE)
+            for v in variants.distinct()
         ]
 
     def exists(self, caller: Caller, name: str) -> bool:
+        """Return whether name is a registered variant (whether or not the caller may use it)."""
         return ModelVariant.objects.filter(name=name).exclude(status=VariantStatus.IMPORTING).exists()
 
     def admit(self, caller: Caller, model: str) -> Admission:
-        return Admission(allowed=True)
+        """Check access and limits for one request to model, and count it."""
+        key = self._key(caller)
+        if key is None:
+            return Admission(False, 403, "This API key was revoked or has expired.", "key_inactive")
+        variant = ModelVariant.objects.filter(name=model).exclude(status=VariantStatus.IMPORTING).first()
+        if variant is None:
+            # Not charged: the API answers 404 for an unknown model, as OpenAI does.
+            return Admission(True)
+        if not key.may_use(variant):
+            who = "this API key" if key.team.may_use(variant) else f"team '{key.team.name}'"
+            refusal = Admission(False, 403, f"The model '{model}' is not available to {who}; "
+                                            "ask an administrator of this box for access.", "model_not_permitted")
+            self._record_refusal(key, model)
+            return refusal
+        now = timezone.now()
+        try:
+            counter_ids = quotas.charge(key, now)
+        except quotas.LimitReached as exc:
+            first = exc.exceeded[0]
+            retry = max(1, int((first.resets_at - now).total_seconds() + 0.999))
+            self._record_refusal(key, model)
+            return Admission(False, 429, first.message(now), "rate_limit_exceeded" if "minute" in first.limit
+                             else "insufficient_quota", retry_after_s=retry)
+        if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+            ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        return Admission(True, ticket=quotas.Ticket(key.team.name, key.prefix, model, counter_ids))
 
     def settle(self, caller: Caller, admission: Admission, report: UsageReport) -> None:
-        return None
+        """Record what an admitted request used (tokens, latency, outcome) and charge its tokens."""
+        ticket = admission.ticket
+        if not admission.allowed or not isinstance(ticket, quotas.Ticket):
+            return  # refusals were recorded by admit(); unknown models are not accounted
+        outcome = report.outcome if report.outcome in Outcome.values else Outcome.FAILED
+        try:
+            quotas.add_tokens(ticket.counter_ids, report.prompt_tokens + report.completion_tokens)
+            usage.record(team=ticket.team, key_prefix=ticket.key_prefix, variant=ticket.variant,
+                         prompt_tokens=report.prompt_tokens, completion_tokens=report.completion_tokens,
+                         latency_ms=report.latency_ms, ttft_ms=report.ttft_ms, outcome=outcome)
+        except Exception:
+            # The answer has already gone out; losing one usage row must not turn it into an error.
+            log.exception("could not record usage of %s on %s", ticket.team, ticket.variant)
+
+    def _key(self, caller: Caller) -> ApiKey | None:
+        """Return the caller's key if it is still active (revocation takes effect on the next request)."""
+        keys = active_keys().select_related("team")
+        if isinstance(caller, RegistryCaller) and caller.key_id:
+            return keys.filter(pk=caller.key_id).first()
+        return keys.filter(prefix=caller.key_prefix, team__name=caller.team).first()
+
+    def _record_refusal(self, key: ApiKey, model: str) -> None:
+        usage.record(team=key.team.name, key_prefix=key.prefix, variant=model, prompt_tokens=0,
+                     completion_tokens=0, latency_ms=0, ttft_ms=None, outcome=Outcome.REFUSED)

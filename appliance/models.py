@@ -1,5 +1,6 @@
 """The registry: model variants, their deployments, and the teams that use them."""
 import hashlib
+import hmac
 import secrets
 
 from django.db import models
@@ -124,12 +125,45 @@ class Deployment(models.Model):
         return self.desired == self.actual
 
 
-class Team(models.Model):
+class Limits(models.Model):
+    """Rate limits and token budgets; empty means unlimited. Windows are calendar ones in UTC."""
+
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_day = models.PositiveBigIntegerField(null=True, blank=True)
+    tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True)
+
+    LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month")
+
+    class Meta:
+        abstract = True
+
+    def limits(self) -> dict:
+        """Return {field: value} for every limit, None meaning unlimited."""
+        return {name: getattr(self, name) for name in self.LIMIT_FIELDS}
+
+
+class Team(Limits):
     name = models.SlugField(max_length=100, unique=True)
+    # Default: every ready variant, including ones imported later.
+    all_variants = models.BooleanField(
+        default=True, help_text="May use every ready variant, including ones imported later.")
+    variants = models.ManyToManyField(
+        ModelVariant, blank=True, related_name="teams",
+        help_text="Used only when 'all variants' is off: the variants this team may use.")
+    # The per-user team behind the console's chat page (see appliance.console.chat).
+    console_user = models.CharField(max_length=150, blank=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
 
     def __str__(self) -> str:
         return self.name
+
+    def may_use(self, variant: ModelVariant) -> bool:
+        """Return whether the team's access list includes variant."""
+        return self.all_variants or self.variants.filter(pk=variant.pk).exists()
 
 
 API_KEY_PREFIX = "sk-box-"
@@ -140,7 +174,7 @@ def hash_api_key(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode()).hexdigest()
 
 
-class ApiKey(models.Model):
+class ApiKey(Limits):
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="api_keys")
     name = models.CharField(max_length=100, blank=True)
     # The first characters of the key, kept so administrators can tell keys apart.
@@ -149,19 +183,134 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
+    variants = models.ManyToManyField(
+        ModelVariant, blank=True, related_name="api_keys",
+        help_text="Empty: whatever the team may use. Otherwise only these (and only if the team may too).")
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.team.name})"
 
     @property
     def is_active(self) -> bool:
-        return self.revoked_at is None
+        return self.revoked_at is None and not self.is_expired
+
+    @property
+    def is_expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()
+
+    def matches(self, plaintext: str) -> bool:
+        """Return whether plaintext is this key, comparing digests in constant time."""
+        return hmac.compare_digest(self.key_hash, hash_api_key(plaintext))
+
+    def may_use(self, variant: ModelVariant) -> bool:
+        """Return whether both the key's and its team's access lists include variant."""
+        if not self.team.may_use(variant):
+            return False
+        narrowed = self.variants.all()
+        return not narrowed.exists() or narrowed.filter(pk=variant.pk).exists()
 
     @classmethod
-    def issue(cls, team: Team, name: str = "") -> tuple["ApiKey", str]:
+    def issue(cls, team: Team, name: str = "", expires_at=None) -> tuple["ApiKey", str]:
         """Create a key for team; return it with its plaintext, which is never stored."""
         plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
         key = cls.objects.create(
-            team=team, name=name, prefix=plaintext[: len(API_KEY_PREFIX) + 6], key_hash=hash_api_key(plaintext)
-        )
+            team=team, name=name, prefix=plaintext[: len(API_KEY_PREFIX) + 6], key_hash=hash_api_key(plaintext),
+            expires_at=expires_at)
         return key, plaintext
+
+
+class Window(models.TextChoices):
+    MINUTE = "minute", "Minute"
+    DAY = "day", "Day"
+    MONTH = "month", "Month"
+
+
+class UsageCounter(models.Model):
+    """Requests and tokens one team or key used in one calendar window: the state rate limits read.
+
+    Kept in the database, not in process memory, so every web process of the
+    box (and every box sharing the database) charges the same counters.
+    """
+
+    scope = models.CharField(max_length=8)  # "team" or "key"
+    scope_id = models.BigIntegerField()
+    window = models.CharField(max_length=8, choices=Window.choices)
+    window_start = models.DateTimeField()
+    requests = models.PositiveBigIntegerField(default=0)
+    tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope", "scope_id", "window", "window_start"],
+                                               name="usage_counter_one_per_window")]
+        # The roll-up task prunes finished windows by age.
+        indexes = [models.Index(fields=["window", "window_start"])]
+
+
+class Outcome(models.TextChoices):
+    OK = "ok", "OK"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+    REFUSED = "refused", "Refused"
+
+
+class UsageRecord(models.Model):
+    """One request as the chat API reported it; rolled up per hour and day, then pruned."""
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # Names, not foreign keys: usage outlives deleted variants and must not change when rows do.
+    team = models.CharField(max_length=100)
+    key_prefix = models.CharField(max_length=20, blank=True)
+    variant = models.CharField(max_length=100)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.PositiveIntegerField(default=0)
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+
+
+class Period(models.TextChoices):
+    HOUR = "hour", "Hour"
+    DAY = "day", "Day"
+
+
+class UsageRollup(models.Model):
+    """Usage of one team on one variant in one hour or day, computed from the raw records."""
+
+    period = models.CharField(max_length=8, choices=Period.choices)
+    start = models.DateTimeField()
+    team = models.CharField(max_length=100)
+    variant = models.CharField(max_length=100)
+    requests = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    cancelled = models.PositiveIntegerField(default=0)
+    refused = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    latency_sum_ms = models.PositiveBigIntegerField(default=0)
+    # Percentiles over the successful requests of the bucket; None when there were none.
+    latency_p50_ms = models.PositiveIntegerField(null=True, blank=True)
+    latency_p95_ms = models.PositiveIntegerField(null=True, blank=True)
+    ttft_p50_ms = models.PositiveIntegerField(null=True, blank=True)
+    # Counts per bound of appliance.usage.LATENCY_BUCKETS_MS, so /metrics can serve a histogram.
+    latency_buckets = models.JSONField(default=list)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["period", "start", "team", "variant"],
+                                               name="usage_rollup_one_per_bucket")]
+        indexes = [models.Index(fields=["period", "start"])]
+
+
+class ConsolePassword(models.Model):
+    """When a console user last chose their own password (production mode forces this once)."""
+
+    user = models.OneToOneField("auth.User", on_delete=models.CASCADE, related_name="console_password")
+    changed_at = models.DateTimeField(default=timezone.now)
+
+
+class LoginFailure(models.Model):
+    """One failed console sign-in; recent ones throttle further attempts across web processes."""
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    username = models.CharField(max_length=150, db_index=True)
+    address = models.CharField(max_length=64, db_index=True)

@@ -175,3 +175,41 @@ CELERY_TASK_DEFAULT_QUEUE = env_str("APPLIANCE_QUEUE", "appliance")
 CELERY_BEAT_SCHEDULE = {
     "verify-model-store": {"task": "appliance.tasks.verify_all_variants", "schedule": 24 * 3600.0},
 }
+
+# --- Teams, limits and console ---
+# Production mode (APPLIANCE_PRODUCTION=1): HTTPS-only cookies, HSTS, no DEBUG, and staff
+# must replace any password they did not choose in the console (such as the one `make run`
+# prints) before they can use it. `manage.py check --deploy` passes in this mode.
+APPLIANCE_PRODUCTION = env_bool("APPLIANCE_PRODUCTION", False)
+if APPLIANCE_PRODUCTION:
+    DEBUG = False
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_bool("APPLIANCE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = env_int("APPLIANCE_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("APPLIANCE_HSTS_SUBDOMAINS", True)
+    # A box on a company network is never on the browsers' public HSTS preload list.
+    SILENCED_SYSTEM_CHECKS = ["security.W021"]
+    if env_bool("APPLIANCE_BEHIND_PROXY", False):
+        # Only behind a TLS-terminating proxy that sets this header and strips it from clients.
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS").split(",") if o]
+SESSION_COOKIE_AGE = env_int("APPLIANCE_SESSION_AGE_S", 8 * 3600)
+MIDDLEWARE.append("appliance.console.security.PasswordChangeRequiredMiddleware")
+
+# Console sign-in throttling, counted in the database so every web process shares it.
+CONSOLE_LOGIN_MAX_FAILURES = env_int("APPLIANCE_LOGIN_MAX_FAILURES", 5)  # per user name
+CONSOLE_LOGIN_MAX_FAILURES_PER_ADDRESS = env_int("APPLIANCE_LOGIN_MAX_FAILURES_PER_ADDRESS", 20)
+CONSOLE_LOGIN_WINDOW_S = env_int("APPLIANCE_LOGIN_WINDOW_S", 900)
+
+# The staff chat page's keys: short-lived, one live key per user.
+CONSOLE_CHAT_KEY_TTL_S = env_int("APPLIANCE_CONSOLE_KEY_TTL_S", 900)
+
+# /metrics: open to these networks, or to anyone presenting the token as a bearer.
+METRICS_ALLOW = [n.strip() for n in env_str("APPLIANCE_METRICS_ALLOW", "127.0.0.1/32,::1/128").split(",")
+                 if n.strip()]
+METRICS_TOKEN = env_secret("APPLIANCE_METRICS_TOKEN")
+
+# Raw usage records roll up per hour and day; finished days are pruned after their roll-up.
+CELERY_BEAT_SCHEDULE.update({
+    "roll-up-usage": {"task": "appliance.tasks.roll_up_usage", "schedule": 300.0},
+})

@@ -23,3 +23,21 @@ def verify_all_variants() -> None:
             status__in=[VariantStatus.READY, VariantStatus.DEPLOYED, VariantStatus.QUARANTINED]
     ).values_list("pk", flat=True):
         verify_variant.delay(pk)
+
+
+@shared_task
+def roll_up_usage() -> dict:
+    """Roll raw usage records up per hour and day, prune finished ones, and old counters and sign-in failures."""
+    from datetime import timedelta
+
+    from django.conf import settings
+    from django.utils import timezone
+
+    from . import quotas, usage
+    from .models import LoginFailure
+
+    result = usage.roll_up()
+    result["counters_pruned"] = quotas.prune_counters()
+    cutoff = timezone.now() - timedelta(seconds=settings.CONSOLE_LOGIN_WINDOW_S)
+    result["login_failures_pruned"] = LoginFailure.objects.filter(created_at__lt=cutoff).delete()[0]
+    return result

@@ -115,3 +115,19 @@ def box(tmp_path_factory) -> Box:
                 proc.kill()
         if database:
             database.drop()
+
+
+@dataclass
+class ConsoleAdmin:
+    username: str
+    password: str
+
+
+@pytest.fixture(scope="session")
+def console_admin(box) -> ConsoleAdmin:
+    """Create a superuser on the box, as an administrator would with createsuperuser."""
+    admin = ConsoleAdmin("admin", "browser-test-" + uuid.uuid4().hex)
+    box.manage("shell", "--no-imports", "-c",
+               "from django.contrib.auth import get_user_model\n"
+               f"get_user_model().objects.create_superuser({admin.username!r}, password={admin.password!r})")
+    return admin

@@ -1,0 +1,126 @@
+"""The OpenAPI 3.1 schema of the chat API, served at /v1/openapi.json.
+
+Responses are written here; the request body schema is taken from the
+pydantic model the API validates with, so it follows the code.
+"""
+import copy
+
+from django.http import JsonResponse
+
+from inference.schemas import ChatCompletionRequest
+
+from ..models import ModelVariant, VariantStatus
+
+ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+USAGE = {
+    "type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens",
+                                                                   "total_tokens")},
+}
+CHAT_COMPLETION = {
+    "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {
+            "type": "object", "required": ["index", "message", "finish_reason"],
+            "properties": {
+                "index": {"type": "integer"},
+                "message": {"type": "object", "required": ["role", "content"],
+                            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
+                "finish_reason": {"enum": ["stop", "length", "cancelled", "error", None]},
+                "logprobs": {"type": "null"}}}},
+        "usage": {"$ref": "#/components/schemas/Usage"},
+    },
+}
+# One event of a streamed answer: `data` holds a chat.completion.chunk as JSON, an error, or "[DONE]".
+SSE_EVENT = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}},
+}
+MODEL_LIST = {
+    "type": "object", "required": ["object", "data"],
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+        "type": "object", "required": ["id", "object", "created", "owned_by"],
+        "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                       "owned_by": {"type": "string"}, "kind": {"type": "string"}, "loaded": {"type": "boolean"},
+                       "random_weights": {"type": "boolean"}}}}},
+}
+
+
+def _error(description: str, retry_after: bool = False) -> dict:
+    response = {"description": description,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if retry_after:
+        response["headers"] = {"Retry-After": {"description": "Seconds until the limit resets.",
+                                               "schema": {"type": "string"}}}
+    return response
+
+
+ERRORS = {
+    "400": _error("The body is not valid JSON or breaks the schema; `param` names the field."),
+    "401": _error("Missing, unknown, revoked or expired API key."),
+    "403": _error("The key's team (or the key itself) may not use this model."),
+    "404": _error("No such model."),
+    "429": _error("A rate limit or token budget is reached, or the engine's queue is full.", retry_after=True),
+    "503": _error("The model exists but is not loaded (deploy it), or is being unloaded."),
+}
+
+
+def request_schema() -> tuple[dict, dict]:
+    """Return the request body schema and the definitions it refers to, from the pydantic model."""
+    schema = copy.deepcopy(ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}"))
+    definitions = schema.pop("$defs", {})
+    return schema, definitions
+
+
+def build(model_examples: list[str]) -> dict:
+    """Return the OpenAPI document; model_examples name the variants that are loaded now."""
+    body, definitions = request_schema()
+    example = {"model": model_examples[0] if model_examples else "demo-dense",
+               "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+    if model_examples:
+        body.setdefault("properties", {}).setdefault("model", {})["examples"] = model_examples
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "LLM appliance chat API", "version": "1",
+                 "description": "OpenAI-compatible chat API of the appliance. Every request needs a team key."},
+        "servers": [{"url": "/v1"}],
+        "security": [{"teamKey": []}],
+        "paths": {
+            "/models": {"get": {
+                "operationId": "listModels", "summary": "List the variants this key may use.",
+                "responses": {"200": {"description": "The variants the caller may use.",
+                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}},
+                              "401": ERRORS["401"]}}},
+            "/chat/completions": {"post": {
+                "operationId": "createChatCompletion", "summary": "Generate a chat answer, whole or streamed.",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}, "example": example}}},
+                "responses": {
+                    "200": {"description": "The answer; with `stream: true`, server-sent events of chunks.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+                                        "text/event-stream": {"schema": {"$ref": "#/components/schemas/ServerSentEvent"}}}},
+                    **ERRORS}}},
+        },
+        "components": {
+            "securitySchemes": {"teamKey": {"type": "http", "scheme": "bearer",
+                                            "description": "A team's API key, `sk-box-…`."}},
+            "schemas": {**definitions, "ChatCompletionRequest": body, "ChatCompletion": CHAT_COMPLETION,
+                        "Usage": USAGE, "ModelList": MODEL_LIST, "Error": ERROR, "ServerSentEvent": SSE_EVENT},
+        },
+    }
+
+
+def openapi(request):
+    """Serve the schema (no key needed: it describes the API, it does not use it)."""
+    loaded = list(ModelVariant.objects.filter(status=VariantStatus.DEPLOYED).order_by("name")
+                  .values_list("name", flat=True))
+    return JsonResponse(build(loaded), json_dumps_params={"indent": 1})

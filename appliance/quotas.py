@@ -1,0 +1,142 @@
+"""Rate limits and token budgets, charged to counters in the database so every web process shares them.
+
+Admission charges one request to the current minute, day and month counter of
+the team and of the key, all in one transaction, after checking every limit;
+settlement adds the tokens the request used. Token limits are checked before a
+request (its size is unknown until it ends), so the last admitted request may
+overshoot a budget by its own size.
+"""
+import calendar
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone as dt_timezone
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from .models import ApiKey, UsageCounter, Window
+
+# Which counter each limit reads, and what it counts there.
+LIMITS = {
+    "requests_per_minute": (Window.MINUTE, "requests", "requests per minute"),
+    "tokens_per_minute": (Window.MINUTE, "tokens", "tokens per minute"),
+    "tokens_per_day": (Window.DAY, "tokens", "tokens per day"),
+    "tokens_per_month": (Window.MONTH, "tokens", "tokens per month"),
+}
+SCOPES = ("team", "key")
+WINDOWS = (Window.MINUTE, Window.DAY, Window.MONTH)
+
+
+def window_bounds(window: str, now: datetime) -> tuple[datetime, datetime]:
+    """Return the start and end (UTC) of the calendar window that holds now."""
+    now = now.astimezone(dt_timezone.utc)
+    if window == Window.MINUTE:
+        start = now.replace(second=0, microsecond=0)
+        return start, start + timedelta(minutes=1)
+    if window == Window.DAY:
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    days = calendar.monthrange(start.year, start.month)[1]
+    return start, start + timedelta(days=days)
+
+
+@dataclass(frozen=True)
+class Exceeded:
+    """One limit a request would break."""
+
+    scope: str  # "team" or "key"
+    owner: str  # the team's name or the key's prefix
+    limit: str  # a key of LIMITS
+    value: int
+    resets_at: datetime
+
+    def message(self, now: datetime) -> str:
+        """Return the sentence a client sees: which limit, and when it resets."""
+        what = f"Team '{self.owner}'" if self.scope == "team" else f"API key {self.owner}…"
+        wait = max(1, int((self.resets_at - now).total_seconds() + 0.999))
+        return (f"{what} has reached its limit of {self.value:,} {LIMITS[self.limit][2]}; "
+                f"it resets at {self.resets_at:%Y-%m-%d %H:%M:%S} UTC (in {wait} s).")
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What admission charged, handed back to settle() to add the tokens."""
+
+    team: str
+    key_prefix: str
+    variant: str
+    counter_ids: tuple[int, ...] = field(default=())
+
+
+class LimitReached(Exception):
+    def __init__(self, exceeded: list[Exceeded]):
+        super().__init__(exceeded)
+        self.exceeded = exceeded
+
+
+def charge(key: ApiKey, now: datetime | None = None) -> tuple[int, ...]:
+    """Count one request against every window of key and its team; raise LimitReached instead if over."""
+    now = now or timezone.now()
+    owners = {"team": key.team, "key": key}
+    wanted = [(scope, owners[scope].pk, window, window_bounds(window, now)[0])
+              for scope in SCOPES for window in WINDOWS]
+    with transaction.atomic():
+        # Create missing rows first; a concurrent creator wins and we use its row.
+        UsageCounter.objects.bulk_create(
+            [UsageCounter(scope=s, scope_id=i, window=w, window_start=t) for s, i, w, t in wanted],
+            ignore_conflicts=True)
+        wanted_set = set(wanted)
+        # Lock in one fixed order (by primary key) so two admissions never deadlock on PostgreSQL;
+        # on SQLite the transaction already holds the database's write lock (BEGIN IMMEDIATE).
+        locked = UsageCounter.objects.select_for_update().filter(
+            scope__in=SCOPES, scope_id__in={key.pk, key.team.pk}, window_start__in={t for *_, t in wanted},
+        ).order_by("pk")
+        rows = {(r.scope, r.window): r for r in locked if (r.scope, r.scope_id, r.window, r.window_start) in wanted_set}
+        exceeded = over_limits(owners, rows, now)
+        if exceeded:
+            raise LimitReached(exceeded)
+        ids = tuple(row.pk for row in rows.values())
+        UsageCounter.objects.filter(pk__in=ids).update(requests=F("requests") + 1)
+    return ids
+
+
+def over_limits(owners: dict, rows: dict, now: datetime) -> list[Exceeded]:
+    """Return every limit that one more request would break, latest reset first."""
+    found = []
+    for scope, owner in owners.items():
+        for limit, value in owner.limits().items():
+            if value is None:
+                continue
+            window, column, _ = LIMITS[limit]
+            used = getattr(rows[scope, window], column)
+            # Requests: this one would be number used+1. Tokens: refused once the budget is spent.
+            if used + (1 if column == "requests" else 0) > value or (column == "tokens" and used >= value):
+                name = owner.name if scope == "team" else owner.prefix
+                found.append(Exceeded(scope, name, limit, value, window_bounds(window, now)[1]))
+    return sorted(found, key=lambda e: e.resets_at, reverse=True)
+
+
+def add_tokens(counter_ids: tuple[int, ...], tokens: int) -> None:
+    """Add a settled request's tokens to the counters its admission charged."""
+    if tokens and counter_ids:
+        UsageCounter.objects.filter(pk__in=counter_ids).update(tokens=F("tokens") + tokens)
+
+
+def prune_counters(now: datetime | None = None) -> int:
+    """Delete counters of windows that ended long enough ago that no limit reads them."""
+    now = now or timezone.now()
+    deleted = 0
+    for window, keep in ((Window.MINUTE, timedelta(hours=1)), (Window.DAY, timedelta(days=2)),
+                         (Window.MONTH, timedelta(days=62))):
+        deleted += UsageCounter.objects.filter(window=window, window_start__lt=now - keep).delete()[0]
+    return deleted
+
+
+def current_usage(scope: str, scope_id: int, now: datetime | None = None) -> dict:
+    """Return {limit name: amount used in its current window} for one team or key (for the console)."""
+    now = now or timezone.now()
+    starts = {w: window_bounds(w, now)[0] for w in WINDOWS}
+    rows = {r.window: r for r in UsageCounter.objects.filter(scope=scope, scope_id=scope_id)
+            if starts.get(r.window) == r.window_start}
+    return {limit: getattr(rows[w], column) if w in rows else 0 for limit, (w, column, _) in LIMITS.items()}
