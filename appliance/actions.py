@@ -57,6 +57,15 @@ def do_verify(variant: ModelVariant, *, actor: str) -> None:
         transaction.on_commit(lambda: verify_variant.delay(variant.pk))
 
 
+def do_analyse_fit(variant: ModelVariant, *, actor: str) -> None:
+    """Enqueue the fit advisor's analysis of the variant for this box."""
+    from .tasks import analyse_fit
+
+    with transaction.atomic():
+        ledger.append("variant.fit", actor=actor, target=variant.name, outcome="queued")
+        transaction.on_commit(lambda: analyse_fit.delay(variant.pk))
+
+
 def do_deploy(variant: ModelVariant, *, actor: str) -> Deployment:
     """Ask the web process to load the variant."""
     with transaction.atomic():

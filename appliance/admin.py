@@ -1,12 +1,17 @@
 """The console: the Django admin, with lifecycle actions that go through appliance.actions."""
+import base64
 from pathlib import Path
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
-from django.urls import reverse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils.html import format_html
 
-from . import actions
+from . import actions, fitting
+from .templatetags.humanize_fit import count
 from .actions import do_update_api_key, do_update_team
 from .models import ApiKey, Deployment, ModelVariant, Team
 
@@ -49,17 +54,41 @@ class DeploymentInline(admin.StackedInline):
 @admin.register(ModelVariant)
 class ModelVariantAdmin(admin.ModelAdmin):
     list_display = ["name", "kind_label", "architecture", "params", "size", "status_badge", "progress_bar",
-                    "serving"]
+                    "serving", "fit_verdict"]
     list_filter = ["kind", "status", "random_weights"]
     search_fields = ["name", "architecture"]
-    actions = ["verify_files", "deploy", "undeploy", "delete_variants"]
+    actions = ["verify_files", "analyse_fit", "deploy", "undeploy", "delete_variants"]
     inlines = [DeploymentInline]
     readonly_fields = ["name", "kind", "architecture", "model_type", "params_total", "params_active", "dtype",
                        "context_length", "source_path", "store_path", "size_bytes", "status", "status_detail",
                        "progress", "random_weights", "metadata", "manifest", "created_at", "updated_at"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).select_related("deployment")
+        return super().get_queryset(request).select_related("deployment", "fit")
+
+    def get_urls(self):
+        fit = path("<path:object_id>/fit/", self.admin_site.admin_view(self.fit_view),
+                   name="appliance_modelvariant_fit")
+        return [fit, *super().get_urls()]
+
+    def fit_view(self, request, object_id):
+        """Show the fit advisor's report, predicted against measured, and a recommendation."""
+        variant = get_object_or_404(self.get_queryset(request), pk=object_id)
+        users = positive_int(request.GET.get("users"), 8)
+        context = positive_int(request.GET.get("context"), settings.FIT_CONTEXT)
+        charts = fitting.charts_dir(variant)
+        return TemplateResponse(request, "admin/appliance/modelvariant/fit.html", {
+            **self.admin_site.each_context(request), "title": f"Fit of {variant.name}", "variant": variant,
+            "fit": getattr(variant, "fit", None), "comparison": fitting.predicted_vs_measured(variant),
+            "memory_chart": png_base64(charts / "memory.png"), "expert_chart": png_base64(charts / "experts.png"),
+            "users": users, "context": context, "recommendation": fitting.recommendation(users, context),
+        })
+
+    @admin.display(description="fit on this box", ordering="fit__verdict")
+    def fit_verdict(self, obj):
+        fit = getattr(obj, "fit", None)
+        label = f"{fit.verdict} ({fit.margin_gb:+.1f} GB)" if fit else "not analysed"
+        return format_html('<a href="{}">{}</a>', reverse("admin:appliance_modelvariant_fit", args=[obj.pk]), label)
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
@@ -102,8 +131,8 @@ class ModelVariantAdmin(admin.ModelAdmin):
         if obj.params_total is None:
             return "–"
         if obj.params_active and obj.params_active != obj.params_total:
-            return f"{human_count(obj.params_total)} / {human_count(obj.params_active)}"
-        return human_count(obj.params_total)
+            return f"{count(obj.params_total)} / {count(obj.params_active)}"
+        return count(obj.params_total)
 
     @admin.display(description="size", ordering="size_bytes")
     def size(self, obj):
@@ -138,6 +167,10 @@ class ModelVariantAdmin(admin.ModelAdmin):
     def verify_files(self, request, queryset):
         self._each(request, queryset, actions.do_verify, "verification queued")
 
+    @admin.action(description="Analyse fit for this box")
+    def analyse_fit(self, request, queryset):
+        self._each(request, queryset, actions.do_analyse_fit, "fit analysis queued")
+
     @admin.action(description="Deploy (load into the engine)")
     def deploy(self, request, queryset):
         self._each(request, queryset, actions.do_deploy, "deploy requested")
@@ -151,11 +184,16 @@ class ModelVariantAdmin(admin.ModelAdmin):
         self._each(request, queryset, actions.do_delete, "deleted")
 
 
-def human_count(n: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
+def positive_int(raw, default: int) -> int:
+    try:
+        return max(1, int(raw))
+    except (TypeError, ValueError):
+        return default
+
+
+def png_base64(path: Path) -> str:
+    """Return a chart file inlined for an <img src="data:…">, or "" when it does not exist."""
+    return base64.b64encode(path.read_bytes()).decode() if path.is_file() else ""
 
 
 class ApiKeyInline(admin.TabularInline):

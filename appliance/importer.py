@@ -71,6 +71,10 @@ def run_import(variant_id: int) -> None:
             "files": len(manifest), "size_bytes": variant.size_bytes, "params_total": summary.params_total,
             "duration_ms": int((time.monotonic() - started) * 1000),
         })
+        # The advisor's verdict belongs with every ready variant; it needs config.json only.
+        from .tasks import analyse_fit  # tasks imports this module
+
+        transaction.on_commit(lambda: analyse_fit.delay(variant_id))
 
 
 def _progress_reporter(variant_id: int):

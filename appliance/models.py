@@ -115,6 +115,9 @@ class Deployment(models.Model):
     actual = models.CharField(max_length=16, choices=ActualState.choices, default=ActualState.UNDEPLOYED)
     device = models.CharField(max_length=100, blank=True)
     detail = models.TextField(blank=True)
+    # What the loaded engine really allocated (appliance.fitting.measure_deployment),
+    # shown next to the fit advisor's prediction.
+    measured = models.JSONField(default=dict, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     def __str__(self) -> str:
@@ -123,6 +126,23 @@ class Deployment(models.Model):
     @property
     def converged(self) -> bool:
         return self.desired == self.actual
+
+
+class FitAnalysis(models.Model):
+    """The fit advisor's report on a variant for this box (or APPLIANCE_FIT_HARDWARE), from config.json alone."""
+
+    variant = models.OneToOneField(ModelVariant, on_delete=models.CASCADE, related_name="fit")
+    hardware = models.CharField(max_length=200)
+    context = models.PositiveIntegerField()
+    # "fits" | "fits only with expert offload" | "does not fit", as inference.fit says it.
+    verdict = models.CharField(max_length=60)
+    margin_gb = models.FloatField()
+    max_concurrent = models.PositiveIntegerField(default=0)
+    report = models.JSONField(default=dict)  # inference.fit.FitReport.to_dict()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.variant.name} on {self.hardware}: {self.verdict}"
 
 
 class Limits(models.Model):

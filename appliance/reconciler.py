@@ -16,7 +16,7 @@ from audit import ledger
 from inference import serving
 from inference.engine import Engine
 
-from . import actions
+from . import actions, fitting
 from .importer import check_store, quarantine
 from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
 
@@ -65,6 +65,11 @@ def load(dep: Deployment) -> None:
         ModelVariant.objects.filter(pk=variant.pk, status=VariantStatus.READY).update(status=VariantStatus.DEPLOYED)
         ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="ok", details={
             "device": engine.device, "duration_ms": int((time.monotonic() - started) * 1000)})
+    try:
+        fitting.measure_deployment(dep.pk, engine)
+    except Exception:
+        # A measurement is evidence for the console, never a reason to stop serving.
+        log.exception("measuring %s failed", variant.name)
 
 
 def unload(name: str) -> None:

@@ -169,6 +169,11 @@ LOGGING = {
 # The chat API (inference/) asks the registry about keys and variants through this.
 INFERENCE_GATEKEEPER = "appliance.gatekeeper.RegistryGatekeeper"
 
+# The fit advisor analyses each imported variant for this box's own inventory, or for a
+# planning spec such as "8xH20" or "cpu:512G", at this context length.
+FIT_HARDWARE = env_str("APPLIANCE_FIT_HARDWARE")
+FIT_CONTEXT = env_int("APPLIANCE_FIT_CONTEXT", 4096)
+
 # Each box (node) consumes its own queue, so several boxes can share a broker.
 CELERY_TASK_DEFAULT_QUEUE = env_str("APPLIANCE_QUEUE", "appliance")
 

@@ -14,6 +14,13 @@ def verify_variant(variant_id: int) -> None:
     importer.run_verify(variant_id)
 
 
+@shared_task(acks_late=True)
+def analyse_fit(variant_id: int) -> None:
+    from . import fitting
+
+    fitting.run_fit(variant_id)
+
+
 @shared_task
 def verify_all_variants() -> None:
     """Queue a re-hash of every stored variant (beat runs this daily)."""

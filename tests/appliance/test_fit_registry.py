@@ -1,0 +1,53 @@
+"""The fit advisor in the registry: analysed after import, measured after load, shown in the console."""
+from pathlib import Path
+
+import pytest
+from django.urls import reverse
+
+from appliance import fitting, importer
+from appliance.actions import do_deploy, do_start_import
+from appliance.models import Deployment, FitAnalysis
+from inference.engine import Engine
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def moe(demo_dir, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False):
+        variant = do_start_import(name="demo-moe", kind="moe", source_path=str(demo_dir / "demo-moe"), actor="test")
+    with django_capture_on_commit_callbacks(execute=False) as after_import:
+        importer.run_import(variant.pk)
+    assert len(after_import) == 1  # the import enqueues the fit analysis
+    fitting.run_fit(variant.pk)
+    variant.refresh_from_db()
+    return variant
+
+
+def test_an_imported_variant_gets_a_verdict_for_this_box(moe):
+    fit = FitAnalysis.objects.get(variant=moe)
+    assert fit.verdict == "fits"
+    assert fit.report["parameters"]["total"] == moe.params_total
+    assert fit.report["experts"]["experts"] == 16
+    assert (fitting.charts_dir(moe) / "memory.png").read_bytes().startswith(b"\x89PNG")
+    assert (fitting.charts_dir(moe) / "experts.png").exists()
+
+
+def test_measured_allocation_matches_the_prediction(moe):
+    deployment = do_deploy(moe, actor="test")
+    with Engine(Path(moe.store_path), device="cpu") as engine:
+        fitting.measure_deployment(deployment.pk, engine)
+    moe.deployment = Deployment.objects.get(pk=deployment.pk)
+    rows = {row["figure"].split(" (")[0]: row for row in fitting.predicted_vs_measured(moe)}
+    assert rows["parameters"]["difference"] == 0
+    assert rows["weight bytes"]["within"], rows["weight bytes"]
+    assert rows["KV bytes per token"]["within"], rows["KV bytes per token"]
+
+
+def test_the_console_shows_the_fit_page(moe, admin_client):
+    page = admin_client.get(reverse("admin:appliance_modelvariant_fit", args=[moe.pk]) + "?users=4").content.decode()
+    assert "Idle experts" in page
+    assert "data:image/png;base64," in page
+    assert "Recommended: <b>demo-moe</b>" in page
+    listing = admin_client.get(reverse("admin:appliance_modelvariant_changelist")).content.decode()
+    assert "fits (+" in listing
