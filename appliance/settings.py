@@ -183,6 +183,33 @@ CELERY_BEAT_SCHEDULE = {
     "verify-model-store": {"task": "appliance.tasks.verify_all_variants", "schedule": 24 * 3600.0},
 }
 
+# --- Audit and evidence ---
+import socket  # noqa: E402  (kept inside this section, which audit/ owns)
+
+# The key-encryption key (32 bytes, base64) that protects the checkpoint signing key, keys the
+# ledger's text digests and wraps the teams' transcript keys. Without it, a 0600 file under
+# APPLIANCE_HOME is created on first use; boxes sharing a database must share the KEK.
+AUDIT_KEK = env_secret("APPLIANCE_AUDIT_KEK")
+AUDIT_KEK_FILE = APPLIANCE_HOME / "audit_kek"
+# Fingerprints of the keys this box created: live verification trusts this file, not the database.
+AUDIT_PUBKEY_PIN_FILE = APPLIANCE_HOME / "audit_pubkey_fingerprints"
+# The first line of every checkpoint; fixed into the signing key when it is created.
+AUDIT_ORIGIN = env_str("APPLIANCE_AUDIT_ORIGIN", f"{socket.gethostname()}/llm-appliance/audit")
+# Beat signs a checkpoint this often even when nothing happened, so a cut-off tail shows as a
+# missing heartbeat; verifiers allow AUDIT_MAX_GAP_S between checkpoints (downtime shows too).
+AUDIT_HEARTBEAT_S = env_int("APPLIANCE_AUDIT_HEARTBEAT", 300)
+AUDIT_MAX_GAP_S = env_int("APPLIANCE_AUDIT_MAX_GAP", 3 * AUDIT_HEARTBEAT_S)
+AUDIT_ATTESTATION_S = env_int("APPLIANCE_AUDIT_ATTESTATION", 900)
+AUDIT_TRANSCRIPT_RETENTION_DAYS = env_int("APPLIANCE_TRANSCRIPT_RETENTION_DAYS", 30)
+AUDIT_EXPORT_DIR = EXPORT_DIR
+CELERY_BEAT_SCHEDULE.update({
+    "audit-heartbeat-checkpoint": {"task": "audit.tasks.heartbeat_checkpoint",
+                                   "schedule": float(AUDIT_HEARTBEAT_S)},
+    "audit-network-attestation": {"task": "audit.tasks.network_attestation",
+                                  "schedule": float(AUDIT_ATTESTATION_S)},
+    "audit-transcript-retention": {"task": "audit.tasks.purge_expired_transcripts", "schedule": 3600.0},
+})
+
 # --- Teams, limits and console ---
 # Production mode (APPLIANCE_PRODUCTION=1): HTTPS-only cookies, HSTS, no DEBUG, and staff
 # must replace any password they did not choose in the console (such as the one `make run`

@@ -1,5 +1,6 @@
 """Append events to the hash-chained audit ledger, and verify the chain."""
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,8 +28,21 @@ class VerifyResult:
 
 
 def digest(text: str) -> str:
-    """Return "sha256:" and the hex SHA-256 of text, to store instead of the text itself."""
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """Return "hmac-sha256:" and the hex HMAC of text under the box's digest key, to store instead of text."""
+    # Keyed, so that nobody holding the ledger can confirm a guess of a short prompt ("yes",
+    # a name, a number) by hashing candidates; only the box, asked with the text, can compare.
+    from audit.kek import derived_key
+
+    return "hmac-sha256:" + hmac.new(derived_key("digest"), text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def digest_matches(text: str, stored: str) -> bool:
+    """Return whether stored (an "hmac-sha256:" or older "sha256:" digest) is the digest of text."""
+    if stored.startswith("sha256:"):  # events recorded before digests were keyed
+        candidate = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    else:
+        candidate = digest(text)
+    return hmac.compare_digest(candidate, stored)
 
 
 def append(
@@ -48,7 +62,7 @@ def append(
     # below (on SQLite: the database write lock) is held until the outer
     # transaction ends, so callers should keep such blocks short.
     with transaction.atomic(using=using):
-        _lock_ledger(using)
+        lock(using)
         head = AuditEvent.objects.using(using).order_by("-seq").values_list("seq", "hash").first()
         event.seq, event.prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
         # Read the clock under the lock, so times never go backwards along seq
@@ -60,8 +74,8 @@ def append(
     return event
 
 
-def _lock_ledger(using: str) -> None:
-    """Hold the ledger's append lock until the current transaction ends."""
+def lock(using: str) -> None:
+    """Hold the ledger's append lock until the current transaction ends (call inside atomic)."""
     connection = connections[using]
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:

@@ -84,3 +84,132 @@ class AuditEvent(models.Model):
     def delete(self, *args, **kwargs):
         """Refuse to delete the event."""
         raise AppendOnlyError(f"audit event {self.seq} cannot be deleted")
+
+
+class SigningKey(models.Model):
+    """An Ed25519 key that signs checkpoints; the newest row is the active one."""
+
+    created_at = models.DateTimeField()
+    # Fixed at creation and kept across rotations: checkpoints name it on their first line.
+    origin = models.CharField(max_length=200)
+    fingerprint = models.CharField(max_length=64, unique=True)
+    public_key = models.BinaryField()
+    # AES-256-GCM under a key derived from the KEK: nonce (12 bytes) + ciphertext + tag.
+    private_key_encrypted = models.BinaryField()
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.fingerprint[:16]}… ({self.origin})"
+
+
+class CheckpointQuerySet(AuditEventQuerySet):
+    """Checkpoints only grow, like the events they sign."""
+
+    def bulk_create(self, objs, *args, **kwargs):
+        """Refuse inserts that bypass audit.checkpoints.make_checkpoint."""
+        raise AppendOnlyError("checkpoints are added with audit.checkpoints.make_checkpoint()")
+
+
+class Checkpoint(models.Model):
+    """A signed tree head over the first tree_size events, in C2SP signed-note form."""
+
+    KINDS = ["heartbeat", "export", "manual", "rotation"]
+
+    created_at = models.DateTimeField()
+    kind = models.CharField(max_length=16)
+    tree_size = models.PositiveBigIntegerField()
+    root_hash = models.CharField(max_length=64)
+    # hash of event tree_size: a later checkpoint extends this one only if that event is unchanged.
+    head_hash = models.CharField(max_length=64)
+    # The subtree roots of the tree at tree_size (hex), so the next checkpoint hashes only new
+    # events; they are unsigned, so make_checkpoint folds them and compares with root_hash first.
+    frontier = models.JSONField(default=list)
+    key_fingerprint = models.CharField(max_length=64)
+    note = models.TextField()
+
+    objects = CheckpointQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["created_at"], name="audit_checkpoint_time")]
+
+    def __str__(self) -> str:
+        return f"checkpoint of {self.tree_size} events at {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+    def save(self, *args, **kwargs):
+        """Insert a new checkpoint; refuse to overwrite one."""
+        if not self._state.adding or kwargs.get("force_update") or kwargs.get("update_fields"):
+            raise AppendOnlyError("checkpoints cannot change")
+        kwargs["force_insert"] = True
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        """Refuse to delete the checkpoint."""
+        raise AppendOnlyError("checkpoints cannot be deleted")
+
+
+class NetworkAttestationManager(models.Manager):
+    """Only the network.attestation events of the ledger."""
+
+    def get_queryset(self):
+        """Return the attestation events, newest first."""
+        return super().get_queryset().filter(action="network.attestation").order_by("-seq")
+
+
+class NetworkAttestation(AuditEvent):
+    """The ledger's network.attestation events, for their own console page."""
+
+    objects = NetworkAttestationManager()
+
+    class Meta:
+        proxy = True
+        ordering = ["-seq"]
+
+
+class TranscriptPolicy(models.Model):
+    """Whether a team's chat transcripts are kept, and for how long."""
+
+    # A team's name: audit imports nothing from the registry app, so teams are keyed by name.
+    team = models.CharField(max_length=100, unique=True)
+    keep_transcripts = models.BooleanField(default=False)
+    retention_days = models.PositiveIntegerField(default=30)
+
+    class Meta:
+        verbose_name_plural = "transcript policies"
+
+    def __str__(self) -> str:
+        state = f"kept {self.retention_days} days" if self.keep_transcripts else "not kept"
+        return f"{self.team}: {state}"
+
+
+class TeamDataKey(models.Model):
+    """A team's AES-256 data key, wrapped by the box key; deleting it shreds the team's transcripts."""
+
+    team = models.CharField(max_length=100, unique=True)
+    created_at = models.DateTimeField()
+    wrapped_key = models.BinaryField()  # RFC 3394 AES key wrap under the box's transcript key
+
+    def __str__(self) -> str:
+        return f"data key #{self.pk} of {self.team}"
+
+
+class Transcript(models.Model):
+    """One chat exchange, encrypted with its team's data key."""
+
+    team = models.CharField(max_length=100, db_index=True)
+    # Not a foreign key: the key row is deleted to shred, and the ciphertext must stay behind
+    # (until purged) as evidence that it is unreadable, not silently vanish with it.
+    data_key_id = models.BigIntegerField()
+    created_at = models.DateTimeField(db_index=True)
+    model = models.CharField(max_length=200, blank=True)
+    nonce = models.BinaryField()
+    ciphertext = models.BinaryField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("read_transcript", "Can read decrypted chat transcripts")]
+
+    def __str__(self) -> str:
+        return f"transcript #{self.pk} of {self.team}"

@@ -24,3 +24,22 @@ def append_many(database_name: str, count: int, actor: str, start) -> None:
             append("test.concurrent", actor=actor, details={"index": index, "pid": os.getpid()})
     finally:
         connections.close_all()
+
+
+def append_until_killed(database_name: str, started) -> None:
+    """Set up Django on database_name and append events as fast as possible until killed."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "appliance.settings")
+    import django
+
+    django.setup()
+    from django.db import connections
+
+    connections["default"].settings_dict["NAME"] = database_name
+    from audit.ledger import append
+
+    index = 0
+    while True:
+        append("test.crash", actor="test:victim", details={"index": index, "pad": "x" * 2000})
+        index += 1
+        if index == 20:
+            started.set()

@@ -6,7 +6,7 @@ from datetime import datetime
 from django.db import connection
 
 from audit.canonical import canonical_bytes
-from audit.models import AuditEvent
+from audit.models import AuditEvent, Checkpoint
 
 TABLE = connection.ops.quote_name(AuditEvent._meta.db_table)
 
@@ -18,21 +18,22 @@ def run_sql(sql: str, params: list | tuple = ()) -> None:
 
 
 @contextmanager
-def triggers_disabled():
-    """Lift the append-only triggers for the block and put them back afterwards."""
+def triggers_disabled(model=AuditEvent):
+    """Lift the append-only triggers of model's table for the block and put them back afterwards."""
+    table = connection.ops.quote_name(model._meta.db_table)
     if connection.vendor == "postgresql":
         # Allowed to the table's owner, which the test user is.
-        run_sql(f"ALTER TABLE {TABLE} DISABLE TRIGGER USER")
+        run_sql(f"ALTER TABLE {table} DISABLE TRIGGER USER")
         try:
             yield
         finally:
-            run_sql(f"ALTER TABLE {TABLE} ENABLE TRIGGER USER")
+            run_sql(f"ALTER TABLE {table} ENABLE TRIGGER USER")
         return
     # SQLite cannot disable a trigger; drop it and recreate it from its stored SQL.
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s",
-            [AuditEvent._meta.db_table],
+            [model._meta.db_table],
         )
         triggers = cursor.fetchall()
     for name, _ in triggers:
@@ -97,6 +98,30 @@ def insert(event: AuditEvent) -> None:
 
 
 def wipe_ledger() -> None:
-    """Delete every event, so that Django's flush after a transactional test can run."""
+    """Delete every event and checkpoint, so that Django's flush after a transactional test can run."""
     with triggers_disabled():
         run_sql(f"DELETE FROM {TABLE}")
+    with triggers_disabled(Checkpoint):
+        run_sql(f"DELETE FROM {CHECKPOINTS}")
+
+
+CHECKPOINTS = connection.ops.quote_name(Checkpoint._meta.db_table)
+
+
+def delete_checkpoints_from(checkpoint_id: int) -> None:
+    """Remove the checkpoint with this id and every later one, triggers lifted."""
+    with triggers_disabled(Checkpoint):
+        run_sql(f"DELETE FROM {CHECKPOINTS} WHERE id >= %s", [checkpoint_id])
+
+
+def edit_checkpoint(checkpoint_id: int, **columns) -> None:
+    """Overwrite columns of one checkpoint in place, triggers lifted."""
+    assignments = ", ".join(f"{connection.ops.quote_name(name)} = %s" for name in columns)
+    with triggers_disabled(Checkpoint):
+        run_sql(f"UPDATE {CHECKPOINTS} SET {assignments} WHERE id = %s", [*columns.values(), checkpoint_id])
+
+
+def delete_checkpoint(checkpoint_id: int) -> None:
+    """Remove one checkpoint, triggers lifted."""
+    with triggers_disabled(Checkpoint):
+        run_sql(f"DELETE FROM {CHECKPOINTS} WHERE id = %s", [checkpoint_id])

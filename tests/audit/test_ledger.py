@@ -1,11 +1,13 @@
 import hashlib
+import hmac
 import json
 
 import pytest
 from django.db import transaction
 
 from audit.canonical import canonical_bytes
-from audit.ledger import append, digest
+from audit.kek import derived_key
+from audit.ledger import append, digest, digest_matches
 from audit.models import GENESIS_HASH, AuditEvent
 
 pytestmark = pytest.mark.django_db
@@ -89,6 +91,16 @@ def test_an_append_rolled_back_with_its_caller_leaves_no_gap():
     assert event.prev_hash == AuditEvent.objects.get(seq=1).hash
 
 
-def test_digest_is_the_prefixed_sha256_of_the_utf8_text():
-    assert digest("héllo") == "sha256:" + hashlib.sha256("héllo".encode()).hexdigest()
-    assert digest("") == "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+def test_digest_is_an_hmac_under_the_box_key_not_a_plain_hash():
+    value = digest("héllo")
+    key = derived_key("digest")
+    assert value == "hmac-sha256:" + hmac.new(key, "héllo".encode(), hashlib.sha256).hexdigest()
+    # Guessing "yes" by hashing it, as one could with a plain SHA-256, finds nothing.
+    assert digest("yes").removeprefix("hmac-sha256:") != hashlib.sha256(b"yes").hexdigest()
+
+
+def test_digest_matches_accepts_the_text_and_refuses_any_other():
+    assert digest_matches("the plan", digest("the plan"))
+    assert not digest_matches("the plan.", digest("the plan"))
+    # Events recorded before digests were keyed still answer.
+    assert digest_matches("old", "sha256:" + hashlib.sha256(b"old").hexdigest())
