@@ -14,6 +14,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
+from audit.checkpoints import make_checkpoint
+
 from . import actions
 from .models import ActualState, Deployment, ModelVariant, Team, VariantStatus
 
@@ -137,6 +139,9 @@ def run(port: int) -> None:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     call_command("migrate", interactive=False, verbosity=0)
+    # A signed checkpoint at every start: the ledger's state before this run adds to it
+    # (beat then signs a heartbeat every few minutes).
+    make_checkpoint("heartbeat")
     demo_dir = Path(settings.APPLIANCE_HOME) / "demo-models"
     call_command("make_demo_models", str(demo_dir))
     admin_line = ensure_admin()

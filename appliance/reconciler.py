@@ -12,7 +12,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import close_old_connections, transaction
 
-from audit import ledger
+from audit import egress, ledger
 from inference import serving
 from inference.engine import Engine
 
@@ -99,4 +99,7 @@ def start() -> None:
         return
     _started.set()
     actions.forget_loaded_state()
+    # Evidence for the auditor: the guard's allowlist and the offline values the
+    # Hugging Face libraries (imported by the engine above) actually read.
+    ledger.append("process.start", actor=ACTOR, details=egress.startup_report())
     threading.Thread(target=_loop, name="reconciler", daemon=True).start()
