@@ -9,6 +9,7 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
+from django.utils.safestring import mark_safe
 
 from . import actions, fitting
 from .templatetags.humanize_fit import count
@@ -77,7 +78,10 @@ class ModelVariantAdmin(admin.ModelAdmin):
         users = positive_int(request.GET.get("users"), 8)
         context = positive_int(request.GET.get("context"), settings.FIT_CONTEXT)
         charts = fitting.charts_dir(variant)
+        live = fitting.live_telemetry(variant) or {}
         return TemplateResponse(request, "admin/appliance/modelvariant/fit.html", {
+            "expert_hits": live.get("expert_hits"), "telemetry": live.get("snapshot"),
+            "telemetry_svg": mark_safe(live.get("chart_svg", "")),
             **self.admin_site.each_context(request), "title": f"Fit of {variant.name}", "variant": variant,
             "fit": getattr(variant, "fit", None), "comparison": fitting.predicted_vs_measured(variant),
             "memory_chart": png_base64(charts / "memory.png"), "expert_chart": png_base64(charts / "experts.png"),

@@ -98,3 +98,26 @@ def recommendation(users: int, context: int):
         for f in FitAnalysis.objects.select_related("variant")
     ]
     return recommend(reports, users) if reports else None
+
+
+def live_telemetry(variant: ModelVariant) -> dict | None:
+    """Return the loaded engine's router telemetry with the uniform-routing prediction beside it."""
+    from inference import serving
+    from inference.fit import experts_hit
+    from inference.telemetry import render_expert_chart_svg, snapshot
+
+    engine = serving.get(variant.name)
+    if engine is None:
+        return None
+    snap = snapshot(engine)
+    if not snap.get("moe"):
+        return None
+    experts, k = snap["num_experts"], snap["experts_per_token"]
+    by_tokens: dict[int, list[float]] = {}
+    for step in snap["recent"]:
+        if step["idle_fraction"] is not None:
+            by_tokens.setdefault(step["tokens"], []).append(experts * (1 - step["idle_fraction"]))
+    hits = [{"tokens": tokens, "measured": sum(v) / len(v), "predicted": experts_hit(experts, k, tokens),
+             "calls": len(v)} for tokens, v in sorted(by_tokens.items())]
+    return {"snapshot": snap, "expert_hits": hits, "chart_svg": render_expert_chart_svg(snap)}
+

@@ -157,6 +157,10 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(APPLIANCE_HOME / "celerybeat-schedule")
 ENGINE_DEVICE = env_str("APPLIANCE_DEVICE", "auto")
 RECONCILE_INTERVAL_S = float(env_str("APPLIANCE_RECONCILE_INTERVAL", "1.0"))
 ENGINE_QUEUE_LIMIT = env_int("APPLIANCE_QUEUE_LIMIT", 64)
+# KV-cache memory each deployment may hold; requests wait for room rather than run the box
+# out of memory. Unset: a quarter of free RAM on CPU, 85% of free GPU memory.
+_kv_budget_mb = env_int("APPLIANCE_KV_BUDGET_MB", 0)
+ENGINE_KV_BUDGET_BYTES = _kv_budget_mb * 1024 * 1024 or None
 
 LOGGING = {
     "version": 1,

@@ -17,16 +17,17 @@ from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import ValidationError
 
-from audit import ledger
+from audit import ledger, transcripts
 
 from . import serving
 from .request_state import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
 from .errors import error, error_payload
-from .gatekeeper import Caller, gatekeeper
+from .gatekeeper import Admission, Caller, UsageReport, gatekeeper
 from .schemas import ChatCompletionRequest, describe_validation_error
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
+RETRY_AFTER_S = 1  # a full queue drains within about a second of decode steps on the demo models
 # Ledger writes go through one thread, so a cancelled stream can still record
 # its event without blocking the event loop, and events keep their order.
 _ledger_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
@@ -45,6 +46,20 @@ async def record(**event) -> None:
 def record_soon(**event) -> None:
     """Queue a ledger event without waiting (for paths that are being cancelled)."""
     _ledger_writer.submit(_append_event, **event)
+
+
+def _settle(caller: Caller, admission: Admission, report: UsageReport) -> None:
+    close_old_connections()
+    gatekeeper().settle(caller, admission, report)
+
+
+def settle_soon(caller: Caller, admission: Admission, report: UsageReport) -> None:
+    """Queue the usage report of an admitted request on the ledger's thread, in order with its events."""
+    _ledger_writer.submit(_settle, caller, admission, report)
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
 
 
 async def authenticate(request: HttpRequest) -> Caller | None:
@@ -114,27 +129,51 @@ async def chat_completions(request: HttpRequest):
         message, param = describe_validation_error(exc)
         return error(message, 400, param=param)
 
+    # Access and limits are checked (and the request counted) before the engine is looked up, so a caller
+    # without access learns nothing about what is loaded.
+    admission = await sync_to_async(gatekeeper().admit)(caller, body.model)
+    if not admission.allowed:
+        await record(action="chat.refused", actor=f"team:{caller.team}", target=body.model, outcome="denied",
+                     details={"key": caller.key_prefix, "status": admission.status, "code": admission.code,
+                              "reason": admission.message})
+        headers = {"Retry-After": str(admission.retry_after_s)} if admission.retry_after_s else None
+        return error(admission.message, admission.status, code=admission.code, headers=headers)
+    started = time.monotonic()
+
+    def refused() -> None:
+        settle_soon(caller, admission, UsageReport(body.model, 0, 0, _ms_since(started), None, "refused"))
+
     engine = serving.get(body.model)
     if engine is None:
+        refused()
         if await sync_to_async(gatekeeper().exists)(caller, body.model):
             return error(f"Model '{body.model}' is not loaded; deploy it first.", 503, code="model_not_loaded")
         return error(f"The model '{body.model}' does not exist.", 404, param="model", code="model_not_found")
 
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt_ids: list[int] = []
     try:
         prompt_ids = engine.encode_chat(messages)
+        room = engine.max_request_tokens() - len(prompt_ids)
         params = SamplingParams(
-            max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, engine.context_length - len(prompt_ids))),
-            temperature=body.temperature, top_p=body.top_p, stop=body.stop_sequences, seed=body.seed)
+            max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, room)),
+            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k_cut, stop=body.stop_sequences,
+            seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
         handle = engine.submit(prompt_ids, params)
     except PromptTooLong as exc:
-        return error(str(exc), 400, param="messages", code="context_length_exceeded")
+        refused()
+        # Name the prompt when it alone is too long, else the token limit that pushed it over.
+        param = "messages" if len(prompt_ids) >= engine.max_request_tokens() or not body.token_limit else (
+            "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        return error(str(exc), 400, param=param, code="context_length_exceeded")
     except EngineBusy as exc:
-        return error(str(exc), 429, code="engine_busy", headers={"Retry-After": "1"})
+        refused()
+        return error(str(exc), 429, code="engine_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
     except EngineClosed:
+        refused()
         return error(f"Model '{body.model}' is being unloaded.", 503, code="model_not_loaded")
 
-    exchange = Exchange(caller=caller, model=body.model, prompt_text=json.dumps(messages, sort_keys=True))
+    exchange = Exchange(caller=caller, model=body.model, messages=messages, admission=admission)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         response = StreamingHttpResponse(exchange.sse(handle, include_usage), content_type="text/event-stream")
@@ -147,10 +186,13 @@ async def chat_completions(request: HttpRequest):
 class Exchange:
     """One chat request in flight: turns engine chunks into OpenAI objects and records the outcome."""
 
-    def __init__(self, *, caller: Caller, model: str, prompt_text: str):
+    def __init__(self, *, caller: Caller, model: str, messages: list[dict], admission: Admission | None = None):
         self.caller = caller
         self.model = model
-        self.prompt_text = prompt_text
+        self.messages = messages
+        self.prompt_text = json.dumps(messages, sort_keys=True)
+        self.admission = admission
+        self.first_text_at: float | None = None
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.started = time.monotonic()
@@ -173,7 +215,24 @@ class Exchange:
         return dict(action="chat.completion", actor=f"team:{self.caller.team}", target=self.model,
                     outcome=outcome, details={"key": self.caller.key_prefix, **details})
 
+    def settle(self, outcome: str) -> None:
+        """Report what this request used to the registry (quotas, usage), without waiting for it."""
+        if self.admission is not None:
+            ttft = None if self.first_text_at is None else int((self.first_text_at - self.started) * 1000)
+            settle_soon(self.caller, self.admission, UsageReport(
+                self.model, self.prompt_tokens, self.completion_tokens, _ms_since(self.started), ttft, outcome))
+
+    def keep_transcript(self) -> None:
+        """Store the exchange encrypted when the team's policy keeps transcripts (a no-op otherwise)."""
+        _ledger_writer.submit(self._store_transcript)
+
+    def _store_transcript(self) -> None:
+        close_old_connections()
+        transcripts.store(self.caller.team, self.model, self.messages, "".join(self.text))
+
     def absorb(self, chunk) -> None:
+        if chunk.text and self.first_text_at is None:
+            self.first_text_at = time.monotonic()
         self.text.append(chunk.text)
         self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
 
@@ -183,8 +242,11 @@ class Exchange:
             self.absorb(chunk)
             finish = chunk.finish_reason or finish
             if chunk.finish_reason == "error":
+                self.settle("failed")
                 await record(**self.event("failed", finish, chunk.error))
                 return error(f"Generation failed: {chunk.error}", 500)
+        self.settle("ok")
+        self.keep_transcript()
         await record(**self.event("ok", finish))
         return JsonResponse({
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -204,6 +266,7 @@ class Exchange:
             async for chunk in handle:
                 self.absorb(chunk)
                 if chunk.finish_reason == "error":
+                    self.settle("failed")
                     await record(**self.event("failed", "error", chunk.error))
                     yield sse(error_payload(f"Generation failed: {chunk.error}"))
                     return
@@ -215,10 +278,13 @@ class Exchange:
             if include_usage:
                 yield sse({**self.chunk_object({}, None), "choices": [], "usage": self.usage()})
             yield "data: [DONE]\n\n"
+            self.settle("ok")
+            self.keep_transcript()
             await record(**self.event("ok", finish))
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away; the engine stops this request when its
             # iterator is closed. Record without awaiting: we are being torn down.
+            self.settle("cancelled")
             record_soon(**self.event("cancelled", "cancelled"))
             raise
 

@@ -1,29 +1,34 @@
-"""The in-process inference engine: one worker thread owns the model and serves a bounded FIFO queue.
+"""The in-process inference engine: one worker thread owns the model and runs continuous batching.
 
-The asyncio side submits requests and iterates their chunks; the worker runs prefill, then one decode
-step at a time with the model's KV cache, samples, detokenizes and hands chunks back through a
-per-request asyncio.Queue. This version serves one request at a time; `_step` advances a single request
-by one token so that continuous batching can later run it over a batch of running requests.
+The asyncio side submits requests and iterates their chunks. The worker loops over one narrow step:
+the scheduler picks the batch (running requests decode a token, newly admitted ones prefill their prompt,
+all in one forward), the model runs once, every request samples its token, and postprocessing detokenizes,
+checks stops and retires finished requests, whose KV reservation goes back to the budget. Chunks go back
+through a per-request asyncio.Queue, one thread hop per event loop per step.
 No Django here: the engine takes a model directory and requests, and yields tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import gc
-import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
-from transformers.utils import is_accelerate_available
+from transformers import AutoTokenizer
 
 from inference.detokenize import TextStream
+from inference.engine_cache import GROWTH_TOKENS, KVStore
+from inference.engine_config import EngineConfig
+from inference.engine_router import OutputRouter, RequestHandle, deliver_now
+from inference.engine_runner import Runner, load_model, resolve_device
+from inference.engine_scheduler import SCHEDULERS, StepPlan
+from inference.engine_stats import EngineStats, auto_kv_budget, eos_token_ids
 from inference.request_state import (
     Chunk,
     EngineBusy,
@@ -33,171 +38,57 @@ from inference.request_state import (
     RequestStatus,
     SamplingParams,
 )
-from inference.sampling import make_generator, sample
+from inference.sampling import make_generator, sample_rows
+from inference.telemetry import ExpertProbe
 
 __all__ = [
-    "Chunk",
-    "Engine",
-    "EngineBusy",
-    "EngineClosed",
-    "PromptTooLong",
-    "RequestHandle",
-    "RequestState",
-    "RequestStatus",
-    "SamplingParams",
+    "Chunk", "Engine", "EngineBusy", "EngineClosed", "EngineConfig", "PromptTooLong", "RequestHandle",
+    "RequestState", "RequestStatus", "SamplingParams", "resolve_device",
 ]
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> str:
-    """Return "cuda" or "cpu" for a requested device of "auto", "cuda" or "cpu"."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f'device must be "auto", "cuda" or "cpu", got {device!r}')
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch sees no GPU")
-    return device
-
-
-def load_model(model_dir: Path, device: str) -> PreTrainedModel:
-    """Load a causal LM from a local directory only: safetensors weights, no hub, no remote code."""
-    kwargs = dict(local_files_only=True, trust_remote_code=False, use_safetensors=True)
-    if device == "cpu":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
-    elif is_accelerate_available():
-        # bf16 halves memory and is the GPUs' native matmul type; "auto" spreads layers over every visible GPU.
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="auto", **kwargs)
-    else:
-        # transformers needs `accelerate` for any device_map; without it one GPU still works.
-        log.warning("accelerate is not installed: loading %s onto one GPU only", model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kwargs).to("cuda")
-    return model.eval()
-
-
-def eos_token_ids(model: PreTrainedModel, tokenizer) -> set[int]:
-    """Return every id that ends an answer: the generation config's EOS list plus the tokenizer's EOS."""
-    ids: set[int] = set()
-    generation_config = getattr(model, "generation_config", None)
-    for value in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    return ids
-
-
-class _WaitingQueue:
-    """Bounded FIFO of queued requests, shared by the event loop (put, discard) and the worker (get)."""
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"queue_limit must be at least 1, got {limit}")
-        self.limit = limit
-        self._items: collections.deque[RequestState] = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def put(self, state: RequestState) -> None:
-        """Append a request, or raise EngineBusy when `limit` requests are already waiting."""
-        with self._cond:
-            if self._closed:
-                raise EngineClosed("the engine is closed")
-            if len(self._items) >= self.limit:
-                raise EngineBusy(f"the engine's queue is full ({self.limit} requests waiting); retry later")
-            self._items.append(state)
-            self._cond.notify()
-
-    def get(self) -> RequestState | None:
-        """Block until a request is waiting and return it, or return None once the queue is closed."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._items or self._closed)
-            return None if self._closed else self._items.popleft()
-
-    def discard(self, state: RequestState) -> bool:
-        """Remove a still-waiting request; return False when the worker already took it."""
-        with self._cond:
-            try:
-                self._items.remove(state)
-            except ValueError:
-                return False
-            return True
-
-    def close(self) -> list[RequestState]:
-        """Refuse new requests, wake the worker, and return the requests that never started."""
-        with self._cond:
-            self._closed = True
-            drained = list(self._items)
-            self._items.clear()
-            self._cond.notify_all()
-            return drained
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class RequestHandle:
-    """A submitted request: `async for` yields its Chunks; stopping early cancels the request."""
-
-    def __init__(self, state: RequestState, chunks: asyncio.Queue[Chunk], engine: Engine) -> None:
-        self.state = state
-        self._chunks = chunks
-        self._engine = engine
-        self._iterated = False
-
-    @property
-    def request_id(self) -> str:
-        return self.state.request_id
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request; a final "cancelled" chunk follows unless it already finished."""
-        self._engine._cancel(self.state)
-
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        if self._iterated:
-            raise RuntimeError("a request's chunks can be iterated only once")
-        self._iterated = True
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Chunk]:
-        """Yield chunks until the final one; on early exit (break, task cancelled) cancel the request."""
-        finished = False
-        try:
-            while not finished:
-                chunk = await self._chunks.get()
-                finished = chunk.finish_reason is not None
-                yield chunk
-        finally:
-            if not finished:
-                self.cancel()
-
-
 class Engine:
-    """Serve one local model: a worker thread owns it and works through a bounded request queue."""
+    """Serve one local model: a worker thread owns it and runs every admitted request in each step."""
 
-    def __init__(self, model_dir: str | Path, *, device: str = "auto", queue_limit: int = 64) -> None:
-        self._waiting = _WaitingQueue(queue_limit)  # first, so a bad limit fails before a slow load
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **settings) -> None:
+        if config is not None and settings:
+            raise TypeError("pass either an EngineConfig or keyword settings, not both")
+        self.config = config or EngineConfig.from_kwargs(**settings)
+        cfg = self.config
+        SCHEDULERS[cfg.scheduler]  # an unknown scheduler fails before a slow load
         self.model_dir = Path(model_dir)
-        self.device = resolve_device(device)
+        self.device = resolve_device(cfg.device)
+        threads = cfg.threads or (max(1, (os.cpu_count() or 2) // 2) if self.device == "cpu" else None)
+        if threads:
+            torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True, trust_remote_code=False)
-        self.model: PreTrainedModel | None = load_model(self.model_dir, self.device)
-        config = self.model.config
-        self.context_length = int(getattr(config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
+        self.model = load_model(self.model_dir, self.device)
+        model_config = self.model.config
+        self.context_length = int(getattr(model_config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
-        embeddings = self.model.get_input_embeddings()
-        self.vocab_size = embeddings.num_embeddings
-        self._input_device = embeddings.weight.device  # with device_map="auto" the first layer's GPU
-        forward_params = inspect.signature(self.model.forward).parameters
-        # transformers 5.24 calls the KV cache argument `cache` (`past_key_values` is deprecated until 5.40);
-        # releases from before the rename only know the old name.
-        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
-        # Computing logits for the last position only saves a [T, V] matmul on every prefill.
-        self._logits_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        self.exact = cfg.exact if cfg.exact is not None else self.device == "cpu"
+        self.runner = Runner.prepare(self.model, exact=self.exact)
+        self.probe = ExpertProbe(self.model) if cfg.telemetry else None
+        self.kv_bytes_per_token = self.runner.kv_bytes_per_token()
+        if self.probe is not None:
+            self.probe.discard_step()
+        budget = cfg.kv_budget_bytes or auto_kv_budget(self.device)
+        self.scheduler = SCHEDULERS[cfg.scheduler](
+            queue_limit=cfg.queue_limit, kv_budget_bytes=budget, kv_bytes_per_token=self.kv_bytes_per_token,
+            max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
+        )
+        self.stats = EngineStats()
+        self.router = OutputRouter(cfg.stream_interval_s)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"engine:{self.model_dir.name}", daemon=True)
         self._thread.start()
         log.info(
-            "engine ready: %s on %s (%s), context %d tokens",
-            self.model_dir, self.device, self.model.dtype, self.context_length,
+            "engine ready: %s on %s (%s, %s), context %d tokens, KV budget %.0f MiB (%d bytes/token)",
+            self.model_dir, self.device, self.model.dtype, "exact" if self.exact else "fast", self.context_length,
+            budget / 2**20, self.kv_bytes_per_token,
         )
 
     # ---- asyncio side -------------------------------------------------------------------------
@@ -207,6 +98,10 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # The template writes its own special tokens (BOS, turn markers); adding them again would double BOS.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def max_request_tokens(self) -> int:
+        """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""
+        return min(self.context_length, self.scheduler.max_tokens_per_request())
 
     def submit(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
         """Validate and queue a request from inside a running event loop; raise at once if it cannot run."""
@@ -219,19 +114,21 @@ class Engine:
         outside = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if outside is not None:
             raise ValueError(f"token id {outside} is outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt_ids) + params.max_tokens > self.context_length:
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.context_length:
             raise PromptTooLong(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"the model's context length of {self.context_length} tokens"
             )
+        if total > self.scheduler.max_tokens_per_request():
+            raise PromptTooLong(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this "
+                f"deployment's KV-cache budget of {self.scheduler.max_tokens_per_request()} tokens"
+            )
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Chunk] = asyncio.Queue()
-
-        def deliver(chunk: Chunk) -> None:
-            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
-
-        state = RequestState(prompt_ids, params, deliver)
-        self._waiting.put(state)
+        state = RequestState(prompt_ids, params, chunks.put_nowait, loop=loop)
+        self.scheduler.add(state)
         return RequestHandle(state, chunks, self)
 
     async def stream(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams()) -> AsyncIterator[Chunk]:
@@ -244,100 +141,186 @@ class Engine:
             handle.cancel()  # a no-op when the request already finished
 
     def _cancel(self, state: RequestState) -> None:
-        """Cancel a request: drop it from the queue, or flag it for the worker if it is running."""
+        """Cancel a request: drop it from the queue, or flag it so the next step retires it."""
         if state.finished:
             return
         state.cancel_requested.set()
-        if self._waiting.discard(state):  # it never started, so the worker will never see it
-            self._end(state, "cancelled")
+        if self.scheduler.discard(state):  # it never started, so the worker will never see it
+            self._end_now(state, "cancelled")
 
-    # ---- worker thread --------------------------------------------------------------------------
+    # ---- worker thread: the step loop -------------------------------------------------------------
 
     def _run(self) -> None:
-        """Serve queued requests in arrival order until the engine closes."""
+        """Run steps until the engine closes, then fail whatever was still running."""
         with torch.inference_mode():
-            while (state := self._waiting.get()) is not None:
-                state.start()
-                while not state.finished:
-                    self._step(state)
+            while (plan := self.scheduler.schedule()) is not None:
+                try:
+                    self._step(plan)
+                except Exception as exc:  # a bug outside the per-request guards must not kill the worker
+                    log.exception("engine step failed")
+                    for state in plan.requests:
+                        if not state.finished:
+                            self._retire(state, "error", f"{type(exc).__name__}: {exc}")
+                    self.router.flush(force=True)
+            for state in list(self.scheduler.running):
+                self._retire(state, "error", "the engine was closed while the request was running")
+            self.router.flush(force=True)
 
-    def _step(self, state: RequestState) -> None:
-        """Advance one request by one token: run the model, sample, postprocess; errors end only this request."""
-        if self._closed.is_set():
-            return self._end(state, "error", "the engine was closed while the request was running")
+    def _step(self, plan: StepPlan) -> None:
+        """Schedule → run → sample → postprocess, for every request of one step."""
+        started = time.monotonic()
+        batch = [s for s in plan.requests if not self._retire_if_cancelled(s)]
+        for state in plan.prefill:
+            if state in batch:
+                self._admit(state)
+        if batch:
+            new_tokens = [s.prompt_ids if s.cache.length == 0 else [s.output_ids[-1]] for s in batch]
+            rows = self._run_model(batch, new_tokens)
+            self._sample_and_postprocess(batch, rows)
+            self.stats.record_step(len(batch), sum(len(t) for t in new_tokens), time.monotonic() - started)
+        self._flush()
+
+    def _retire_if_cancelled(self, state: RequestState) -> bool:
         if state.cancel_requested.is_set():
-            return self._end(state, "cancelled")
-        params = state.params
+            self._retire(state, "cancelled")
+            return True
+        return False
+
+    def _admit(self, state: RequestState) -> None:
+        """Give a newly admitted request its KV store, detokenizer and sampling state."""
+        state.start()
+        prompt, params = len(state.prompt_ids), state.params
+        state.cache = KVStore(prompt + min(params.max_tokens, GROWTH_TOKENS), prompt + params.max_tokens)
+        state.text = TextStream(self.tokenizer, state.prompt_ids, params.stop)
+        if not params.greedy:
+            state.generator = make_generator(params.seed, self.runner.output_device)
+        if params.penalised:
+            state.token_counts = torch.zeros(self.vocab_size, device=self.runner.output_device)
+
+    def _run_model(self, batch: list[RequestState], new_tokens: list[list[int]]) -> list[torch.Tensor | Exception]:
+        """Return each request's next-token logits [V], or the exception that request alone raised."""
         try:
-            logits = self._prefill(state) if state.cache is None else self._decode_one_token(state)  # [1, V]
-            if state.generator is None and params.temperature > 0:
-                state.generator = make_generator(params.seed, logits.device)
-            token = int(sample(logits, params.temperature, params.top_p, state.generator)[0])
-            self._postprocess(state, token)
-        except Exception as exc:  # one failing request must not take the engine down with it
-            log.exception("request %s failed", state.request_id)
-            self._end(state, "error", f"{type(exc).__name__}: {exc}")
-            if self.device == "cuda":
-                torch.cuda.empty_cache()  # after an OOM, give the freed KV cache back before the next request
+            logits = self.runner.step([s.cache for s in batch], new_tokens)  # [R, V]
+            if self.probe is not None:
+                self.probe.end_step()
+            return list(logits)
+        except Exception as exc:
+            if self.probe is not None:
+                self.probe.discard_step()
+            if len(batch) == 1:
+                return [exc]
+            self._after_failure()
+        # The batch failed: run each request alone (uncommitted KV writes are simply overwritten) so that
+        # only the request that fails on its own is failed. Exact batching makes the rows the same anyway.
+        rows: list[torch.Tensor | Exception] = []
+        for state, tokens in zip(batch, new_tokens):
+            try:
+                rows.append(self.runner.step([state.cache], [tokens])[0])
+            except Exception as exc:
+                rows.append(exc)
+        if self.probe is not None:
+            self.probe.discard_step()
+        return rows
 
-    def _forward(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Run input_ids [1, T] through the model, extending `cache`; return last-position logits [1, V]."""
-        out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache}, **self._logits_kwargs)
-        # float32 before sampling, as generate() does, so greedy picks the same argmax.
-        return out.logits[:, -1].float()  # [1, V]
-
-    def _prefill(self, state: RequestState) -> torch.Tensor:
-        """Run the whole prompt once, filling a fresh KV cache; return logits [1, V] for the first new token."""
-        state.cache = DynamicCache(config=self.model.config)
-        state.text = TextStream(self.tokenizer, state.prompt_ids, state.params.stop)
-        input_ids = torch.tensor([state.prompt_ids], device=self._input_device)  # [1, T]
-        return self._forward(input_ids, state.cache)
-
-    def _decode_one_token(self, state: RequestState) -> torch.Tensor:
-        """Feed back the last sampled token against the KV cache; return logits [1, V] for the next one."""
-        input_ids = torch.tensor([[state.output_ids[-1]]], device=self._input_device)  # [1, 1]
-        return self._forward(input_ids, state.cache)
+    def _sample_and_postprocess(self, batch: list[RequestState], rows: list[torch.Tensor | Exception]) -> None:
+        ok = [(s, r) for s, r in zip(batch, rows) if not isinstance(r, Exception)]
+        for state, row in zip(batch, rows):
+            if isinstance(row, Exception):
+                log.error("request %s failed: %s", state.request_id, row, exc_info=row)
+                self._retire(state, "error", f"{type(row).__name__}: {row}")
+        if not ok:
+            return self._after_failure()
+        states = [s for s, _ in ok]
+        try:
+            tokens = sample_rows(torch.stack([r for _, r in ok]), [s.params for s in states],
+                                 [s.generator for s in states], [s.token_counts for s in states])
+        except Exception:  # one row's sampler failed (nan logits, say): sample the rows one by one
+            tokens = []
+            for state, row in ok:
+                try:
+                    tokens.append(sample_rows(row[None], [state.params], [state.generator], [state.token_counts])[0])
+                except Exception as exc:
+                    log.exception("sampling for request %s failed", state.request_id)
+                    tokens.append(exc)
+        for state, token in zip(states, tokens):
+            if isinstance(token, Exception):
+                self._retire(state, "error", f"{type(token).__name__}: {token}")
+                continue
+            try:
+                self._postprocess(state, token)
+            except Exception as exc:  # a detokenizer failure ends this request only
+                log.exception("postprocessing request %s failed", state.request_id)
+                self._retire(state, "error", f"{type(exc).__name__}: {exc}")
 
     def _postprocess(self, state: RequestState, token: int) -> None:
         """Record a sampled token, decide whether the request is done, and emit any new text."""
         state.output_ids.append(token)
+        if state.token_counts is not None:
+            state.token_counts[token] += 1
         if state.first_token_at is None:
             state.first_token_at = time.monotonic()
         if token in self.eos_token_ids:
             text, _ = state.text.finish()  # the EOS token itself has no text; only held-back text remains
-            return self._end(state, "stop", text=text)
+            return self._retire(state, "stop", text=text)
         text, stopped = state.text.push(token)
         if stopped:
-            return self._end(state, "stop", text=text)
+            return self._retire(state, "stop", text=text)
         if len(state.output_ids) >= state.params.max_tokens:
             rest, stopped = state.text.finish()
-            return self._end(state, "stop" if stopped else "length", text=text + rest)
+            return self._retire(state, "stop" if stopped else "length", text=text + rest)
         if text:
             self._emit(state, state.chunk(text))
 
-    def _end(self, state: RequestState, reason: str, error: str | None = None, *, text: str = "") -> None:
-        """Finish a request and send its final chunk."""
+    def _retire(self, state: RequestState, reason: str, error: str | None = None, *, text: str = "") -> None:
+        """Finish a running request on the worker: free its KV reservation and queue its final chunk."""
+        self.scheduler.finish(state)
         state.finish(reason, error)
+        self.stats.record_finish(state)
         self._emit(state, state.chunk(text))
 
-    def _emit(self, state: RequestState, chunk: Chunk) -> None:
-        """Hand a chunk to the request's event loop, cancelling the request if that loop is gone."""
-        try:
-            state.deliver(chunk)
-        except RuntimeError:  # the consumer's event loop is closed: nobody will read this answer
-            state.cancel_requested.set()
+    def _after_failure(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.empty_cache()  # after an OOM, give the freed KV cache back before the next step
 
-    # ---- lifecycle ------------------------------------------------------------------------------
+    # ---- results ------------------------------------------------------------------------------------
+
+    def _emit(self, state: RequestState, chunk: Chunk) -> None:
+        self.router.emit(state, chunk)
+
+    def _flush(self) -> None:
+        self.router.flush()
+
+    def _end_now(self, state: RequestState, reason: str, error: str | None = None) -> None:
+        """Finish a request that never ran (from any thread) and deliver its final chunk."""
+        state.finish(reason, error)
+        self.stats.record_finish(state)
+        deliver_now(state, state.chunk(""))
+
+    # ---- lifecycle and figures ----------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        """Return the deployment's live figures: batch, queue, KV budget, counters."""
+        return {
+            "model": self.model_dir.name,
+            "device": self.device,
+            "exact": self.exact,
+            "running": len(self.scheduler.running),
+            "waiting": self.scheduler.waiting_count,
+            "kv_budget_bytes": self.scheduler.kv_budget_bytes,
+            "kv_reserved_bytes": self.scheduler.kv_reserved_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            **self.stats.as_dict(),
+        }
 
     def close(self) -> None:
         """Stop the worker thread, fail requests still queued, and free the model and GPU memory."""
         if self._closed.is_set():
             return
         self._closed.set()
-        for state in self._waiting.close():
-            self._end(state, "error", "the engine was closed before the request started")
+        for state in self.scheduler.close():
+            self._end_now(state, "error", "the engine was closed before the request started")
         self._thread.join()
-        self.model = None
+        self.model = self.runner = None
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
@@ -347,3 +330,4 @@ class Engine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+

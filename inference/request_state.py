@@ -1,7 +1,7 @@
 """The engine's request vocabulary: sampling parameters, streamed chunks, errors and per-request state.
 
-No torch modules and no Django here: the asyncio side, the worker thread and a future scheduler all
-speak in these types.
+No torch modules and no Django here: the asyncio side, the worker thread and the scheduler all speak in
+these types.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class EngineBusy(Exception):
 
 
 class PromptTooLong(ValueError):
-    """The prompt plus max_tokens does not fit in the model's context."""
+    """The prompt plus max_tokens does not fit in the model's context (or in the deployment's KV budget)."""
 
 
 class EngineClosed(RuntimeError):
@@ -36,8 +36,11 @@ class SamplingParams:
     max_tokens: int = 256
     temperature: float = 1.0  # 0 → greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0 → no top-k cut
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a generated token
 
     def __post_init__(self) -> None:
         """Reject values the sampler cannot honour, before the request reaches the queue."""
@@ -47,10 +50,24 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if isinstance(self.stop, str):
             raise TypeError("stop must be a tuple of strings, not a single string")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def greedy(self) -> bool:
+        """Return True when the next token is the argmax of the (penalised) logits."""
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 @dataclass
@@ -65,8 +82,8 @@ class Chunk:
 
 
 class RequestStatus(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
+    QUEUED = "queued"  # waiting for admission (queue slot taken, no KV cache yet)
+    RUNNING = "running"  # admitted: holds a KV reservation and is in every step until it finishes
     FINISHED = "finished"
 
 
@@ -76,7 +93,8 @@ class RequestState:
 
     prompt_ids: list[int]
     params: SamplingParams
-    deliver: Callable[[Chunk], None] = field(repr=False)  # hands a chunk to the request's consumer
+    deliver: Callable[[Chunk], None] = field(repr=False)  # hands a chunk to the consumer (on its event loop)
+    loop: Any = field(default=None, repr=False)  # the consumer's event loop; None → call `deliver` directly
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: RequestStatus = RequestStatus.QUEUED
     output_ids: list[int] = field(default_factory=list)
@@ -89,9 +107,16 @@ class RequestState:
     # Set from the asyncio side (client gone); read by the worker between steps.
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
     # Worker-owned decoding state, dropped when the request finishes so its KV cache memory is freed.
-    cache: Any = field(default=None, repr=False)
+    cache: Any = field(default=None, repr=False)  # the request's KVStore
     generator: Any = field(default=None, repr=False)
     text: Any = field(default=None, repr=False)
+    token_counts: Any = field(default=None, repr=False)  # [V] occurrences of generated tokens, for penalties
+    kv_reserved: int = 0  # bytes of the deployment's KV budget held for this request while it runs
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Return the most tokens this request can ever hold in its KV cache."""
+        return len(self.prompt_ids) + self.params.max_tokens
 
     @property
     def finished(self) -> bool:
@@ -107,7 +132,7 @@ class RequestState:
         assert reason in FINISH_REASONS, reason
         self.status, self.finish_reason, self.error = RequestStatus.FINISHED, reason, error
         self.finished_at = time.monotonic()
-        self.cache = self.generator = self.text = None
+        self.cache = self.generator = self.text = self.token_counts = None
 
     def chunk(self, text: str) -> Chunk:
         """Return a chunk carrying `text` and the request's current counts and finish state."""

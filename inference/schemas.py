@@ -1,7 +1,7 @@
 """Request bodies of the chat API, validated by pydantic, and how their errors read."""
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class TextPart(BaseModel):
@@ -44,6 +44,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # An extension (as in vLLM): keep only the k most likely tokens; 0 or -1 turns it off.
+    top_k: int | None = Field(default=None, ge=-1)
 
     @field_validator("stop")
     @classmethod
@@ -55,13 +57,6 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
-    @model_validator(mode="after")
-    def penalties_not_yet_supported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise PenaltyNotSupported(name)
-        return self
-
     @property
     def stop_sequences(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
@@ -70,11 +65,10 @@ class ChatCompletionRequest(BaseModel):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-
-class PenaltyNotSupported(ValueError):
-    def __init__(self, param: str):
-        super().__init__(f"{param} is not supported by this engine yet; send 0 or leave it out")
-        self.param = param
+    @property
+    def top_k_cut(self) -> int:
+        """Return top_k as the sampler takes it: 0 when off."""
+        return max(0, self.top_k or 0)
 
 
 def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
@@ -82,9 +76,6 @@ def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
     first = exc.errors(include_url=False)[0]
     loc = [str(part) for part in first.get("loc", ())]
     param = loc[0] if loc else None
-    ctx_error = first.get("ctx", {}).get("error")
-    if isinstance(ctx_error, PenaltyNotSupported):
-        return str(ctx_error), ctx_error.param
     where = ".".join(loc) or "body"
     message = first.get("msg", "invalid value")
     if message.startswith("Value error, "):

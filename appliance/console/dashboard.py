@@ -20,21 +20,18 @@ VERIFY_CACHE_S = 60  # walking a long chain on every page load would make the pa
 
 
 def engine_stats(name: str) -> dict:
-    """Return the loaded engine's own figures (queue depth, KV-cache use, memory), if it offers any.
-
-    The hook for inference/: an engine with a `stats()` method returning a dict
-    (keys such as queue_depth, running, kv_cache_used_ratio, memory_bytes) is
-    shown here and on /metrics; an engine without one shows dashes.
-    """
+    """Return the loaded engine's live figures (queue depth, running, KV-cache use), or {} when not loaded."""
     engine = serving.get(name)
-    stats = getattr(engine, "stats", None)
-    if not callable(stats):
+    if engine is None:
         return {}
     try:
-        return dict(stats())
+        live = engine.describe()
     except Exception:
-        log.exception("stats() of engine %s failed", name)
+        log.exception("describe() of engine %s failed", name)
         return {}
+    budget = live.get("kv_budget_bytes") or 0
+    return {"queue_depth": live["waiting"], "running": live["running"],
+            "kv_cache_used_ratio": live["kv_reserved_bytes"] / budget if budget else 0.0}
 
 
 def gpus() -> list[dict]:

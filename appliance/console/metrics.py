@@ -14,6 +14,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from inference import metrics as engine_metrics
+
 from .. import usage
 from ..models import ModelVariant
 from . import dashboard
@@ -103,5 +105,6 @@ def metrics(request):
     if not allowed(request):
         return HttpResponse("metrics are served to the allowlist or with the metrics token\n", status=403,
                             content_type="text/plain")
-    body = generate_latest(_registry) + generate_latest(REGISTRY)
+    # The registry's figures, the engines' own (batch, KV, MoE expert telemetry), and the process defaults.
+    body = generate_latest(_registry) + generate_latest(engine_metrics.REGISTRY) + generate_latest(REGISTRY)
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

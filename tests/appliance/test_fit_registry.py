@@ -51,3 +51,27 @@ def test_the_console_shows_the_fit_page(moe, admin_client):
     assert "Recommended: <b>demo-moe</b>" in page
     listing = admin_client.get(reverse("admin:appliance_modelvariant_changelist")).content.decode()
     assert "fits (+" in listing
+
+
+def test_the_fit_page_sets_measured_expert_hits_beside_the_prediction(moe, admin_client):
+    import asyncio
+
+    from inference import serving
+    from inference.engine import SamplingParams
+
+    async def generate(engine):
+        handle = engine.submit(engine.encode_chat([{"role": "user", "content": "hello"}]),
+                               SamplingParams(max_tokens=8, temperature=0))
+        async for _ in handle:
+            pass
+
+    with Engine(Path(moe.store_path), device="cpu") as engine:
+        serving.register(moe.name, engine)
+        try:
+            asyncio.run(generate(engine))
+            page = admin_client.get(reverse("admin:appliance_modelvariant_fit", args=[moe.pk])).content.decode()
+        finally:
+            serving.unregister(moe.name)
+    assert "measured on the loaded engine" in page
+    assert "experts hit (measured)" in page
+    assert "<svg" in page

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,3 +29,13 @@ def engines(demo_dir: Path) -> Iterator[dict[str, Engine]]:
 def dense(engines: dict[str, Engine]) -> Engine:
     """Return the shared engine for the Llama-architecture demo model."""
     return engines["demo-dense"]
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine to completion on a fresh event loop in its own thread.
+
+    A thread of its own because other test packages (the browser tests' sync Playwright) may leave an event
+    loop running in the main thread, where asyncio.run() refuses to start.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -23,6 +23,7 @@ from inference.engine import (
     SamplingParams,
     resolve_device,
 )
+from tests.inference.conftest import run
 
 CHAT = [{"role": "user", "content": "How many experts are active for each token?"}]
 GREEDY = SamplingParams(max_tokens=48, temperature=0)
@@ -37,7 +38,7 @@ async def _collect(engine: Engine, prompt_ids: list[int], params: SamplingParams
 
 def collect(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tuple[list[Chunk], RequestState]:
     """Run one request to the end and return its chunks and final state."""
-    return asyncio.run(_collect(engine, prompt_ids, params))
+    return run(_collect(engine, prompt_ids, params))
 
 
 def text_of(chunks: list[Chunk]) -> str:
@@ -81,10 +82,10 @@ def test_greedy_matches_generate(engines: dict[str, Engine], demo_dir: Path, nam
 def test_stream_ends_with_one_final_chunk_carrying_the_counts(dense: Engine) -> None:
     prompt = dense.encode_chat(CHAT)
 
-    async def run() -> list[Chunk]:
+    async def go() -> list[Chunk]:
         return [chunk async for chunk in dense.stream(prompt, SamplingParams(max_tokens=16, temperature=0))]
 
-    chunks = asyncio.run(run())
+    chunks = run(go())
     assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert chunks[-1].finish_reason == "length"
     assert (chunks[-1].prompt_tokens, chunks[-1].completion_tokens) == (len(prompt), 16)
@@ -146,7 +147,7 @@ def test_cancelled_request_frees_the_engine(endless: Engine) -> None:
         nxt = [chunk async for chunk in endless.stream(prompt, SamplingParams(max_tokens=4, temperature=0))]
         return handle.state, nxt
 
-    cancelled, nxt = asyncio.run(scenario())
+    cancelled, nxt = run(scenario())
     assert cancelled.finish_reason == "cancelled"
     assert cancelled.status is RequestStatus.FINISHED
     assert len(cancelled.output_ids) < ENDLESS.max_tokens
@@ -164,7 +165,7 @@ def test_breaking_out_of_a_stream_cancels_the_request(endless: Engine) -> None:
         await wait_until_finished(handle.state)
         return handle.state
 
-    state = asyncio.run(scenario())
+    state = run(scenario())
     assert state.finish_reason == "cancelled"
     assert len(state.output_ids) < ENDLESS.max_tokens
 
@@ -185,7 +186,7 @@ def test_queue_full_raises_engine_busy(endless: Engine) -> None:
         await chunks.aclose()
         await wait_until_finished(running.state)
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_prompt_too_long_names_the_limit(dense: Engine) -> None:
@@ -193,7 +194,7 @@ def test_prompt_too_long_names_the_limit(dense: Engine) -> None:
         dense.submit([5] * 2000, SamplingParams(max_tokens=100))
 
     with pytest.raises(PromptTooLong, match="context length of 2048 tokens"):
-        asyncio.run(scenario())
+        run(scenario())
     assert issubclass(PromptTooLong, ValueError)
 
 
@@ -207,39 +208,45 @@ def test_token_outside_the_vocabulary_is_rejected(dense: Engine) -> None:
         dense.submit([dense.vocab_size], SamplingParams())
 
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        asyncio.run(scenario())
+        run(scenario())
 
 
 @pytest.mark.parametrize(
-    "bad", [{"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"seed": -1}]
+    "bad",
+    [{"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"seed": -1}, {"top_k": -1},
+     {"presence_penalty": 2.5}, {"frequency_penalty": -3}],
 )
 def test_invalid_sampling_params_are_rejected(bad: dict) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**bad)
 
 
-class FaultyEngine(Engine):
-    """An engine whose model step fails, as a device fault would, for prompts containing POISON."""
+POISON = 7
 
-    POISON = 7
 
-    def _forward(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        if bool((input_ids == self.POISON).any()):
+def poison_engine(engine: Engine) -> None:
+    """Make the model fail, as a device fault would, on any forward whose input contains POISON."""
+
+    def fault(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None and bool((input_ids == POISON).any()):
             raise RuntimeError("simulated device fault")
-        return super()._forward(input_ids, cache)
+
+    engine.model.get_input_embeddings().register_forward_pre_hook(fault, with_kwargs=True)
 
 
 def test_error_in_one_request_does_not_stop_the_engine(demo_dir: Path) -> None:
-    with FaultyEngine(demo_dir / "demo-moe", device="cpu") as engine:
+    with Engine(demo_dir / "demo-moe", device="cpu") as engine:
+        poison_engine(engine)
         prompt = engine.encode_chat(CHAT)
-        assert FaultyEngine.POISON not in prompt
+        assert POISON not in prompt
 
         async def scenario() -> tuple[list[Chunk], list[Chunk]]:
-            failing = engine.submit([FaultyEngine.POISON, *prompt], SamplingParams(max_tokens=8))
-            healthy = engine.submit(prompt, SamplingParams(max_tokens=8, temperature=0))  # queued behind it
+            failing = engine.submit([POISON, *prompt], SamplingParams(max_tokens=8))
+            healthy = engine.submit(prompt, SamplingParams(max_tokens=8, temperature=0))  # same step or the next
             return [c async for c in failing], [c async for c in healthy]
 
-        failed, served = asyncio.run(scenario())
+        failed, served = run(scenario())
     assert failed[-1].finish_reason == "error"
     assert failed[-1].error == "RuntimeError: simulated device fault"
     assert served[-1].finish_reason == "length"
@@ -260,7 +267,7 @@ def test_close_fails_queued_requests_and_refuses_new_ones(demo_dir: Path) -> Non
             engine.submit(prompt, ENDLESS)
         return [c async for c in chunks], [c async for c in queued]
 
-    running_rest, queued = asyncio.run(scenario())
+    running_rest, queued = run(scenario())
     assert running_rest[-1].finish_reason == "error" and "closed" in running_rest[-1].error
     assert queued == [Chunk("", "error", len(prompt), 0, "the engine was closed before the request started")]
     assert engine.model is None
@@ -282,6 +289,7 @@ def test_request_state_records_its_timeline(dense: Engine) -> None:
     assert state.queued_at <= state.started_at <= state.first_token_at <= state.finished_at
     assert state.queue_seconds >= 0 and state.time_to_first_token > 0
     assert state.cache is None  # the KV cache is released with the request
+    assert state.kv_reserved == 0 and dense.scheduler.kv_reserved_bytes == 0
 
 
 def test_engine_describes_its_model(engines: dict[str, Engine]) -> None:

@@ -1,0 +1,150 @@
+"""Start and stop the servers that bench/serve.py measures: the appliance's web process and `transformers serve`.
+
+The appliance is set up as tests/e2e/conftest.py does it, in a throwaway APPLIANCE_HOME: migrate, write the
+demo models, start a Celery worker and the web process, import and deploy through management commands,
+issue a key. Only processes started here are ever stopped, by their own pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = {"demo-moe": "moe", "demo-distilled": "distilled", "demo-dense": "dense"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Wait until `url` answers, failing early when the process behind it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.TransportError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop one process this module started."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Appliance:
+    """A running appliance (web + worker) with demo models deployed and a team key."""
+
+    home: Path
+    url: str = ""
+    key: str = ""
+    env: dict = field(default_factory=dict)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.home / "demo-models"
+
+    def manage(self, *args: str, timeout: float = 600) -> str:
+        result = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+        return result.stdout
+
+    def start(self, models: list[str]) -> Appliance:
+        """Migrate, write the demo models, start worker and web, deploy `models`, issue a key."""
+        self.env = {**os.environ, **OFFLINE, "APPLIANCE_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
+                    "APPLIANCE_QUEUE": f"bench-{uuid.uuid4().hex[:8]}", "APPLIANCE_RECONCILE_INTERVAL": "0.3"}
+        self.env.pop("DATABASE_URL", None)  # the embedded SQLite of this throwaway home
+        self.env.pop("CELERY_BROKER_URL", None)
+        self.manage("migrate", "--verbosity", "0")
+        self.manage("make_demo_models", str(self.demo_dir))
+        logs = self.home / "logs"
+        logs.mkdir(exist_ok=True)
+        worker_log = logs / "worker.log"
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "appliance", "worker", "-Q", self.env["APPLIANCE_QUEUE"], "-c", "1",
+             "-l", "WARNING", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+            cwd=ROOT, env=self.env, stdout=worker_log.open("wb"), stderr=subprocess.STDOUT))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        web_log = logs / "web.log"
+        web = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+             "--lifespan", "off", "--log-level", "warning", "--no-access-log"],
+            cwd=ROOT, env=self.env, stdout=web_log.open("wb"), stderr=subprocess.STDOUT)
+        self.procs.append(web)
+        wait_http(f"{self.url}/v1/models", web, web_log)
+        for name in models:
+            self.manage("import_model", str(self.demo_dir / name), "--name", name, "--kind", KINDS[name], "--wait")
+            self.manage("deploy", name, "--wait")
+        self.key = self.manage("create_api_key", "--team", "bench").strip().splitlines()[-1]
+        return self
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+        self.procs.clear()
+
+
+@dataclass
+class TransformersServe:
+    """`transformers serve` on one local model directory, with or without continuous batching."""
+
+    model_dir: Path
+    continuous_batching: bool
+    log: Path
+    url: str = ""
+    proc: subprocess.Popen | None = None
+
+    @property
+    def model(self) -> str:
+        return str(self.model_dir)
+
+    def start(self) -> TransformersServe:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
+        cmd = [exe, "serve", str(self.model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+               "--log-level", "warning"]
+        if self.continuous_batching:
+            cmd.append("--continuous-batching")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **OFFLINE}, stdout=self.log.open("wb"),
+                                     stderr=subprocess.STDOUT)
+        wait_http(f"{self.url}/health", self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+def temp_home() -> Path:
+    return Path(tempfile.mkdtemp(prefix="bench-serve-"))

@@ -1,0 +1,71 @@
+"""Attention for a flat batch of requests: each request attends to its own keys only, as if alone.
+
+Registered with transformers as the attention implementation "appliance_rows". The model hands it the
+queries of every request in the step [1, h, N, d]; it runs scaled-dot-product attention once per request
+with exactly the arguments `sdpa_attention_forward` would use for that request alone (no mask, causal only
+for a prompt), so the result matches `generate` bit for bit and no padding is ever computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from inference.engine_exact import current_layout
+
+ATTENTION_NAME = "appliance_rows"
+
+
+def rows_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attend each request's queries to its own history; return [1, N, h, d_v] and no weights."""
+    layout = current_layout()
+    groups = getattr(module, "num_key_value_groups", 1)
+    if layout is None or (groups > 1 and not key.shape[-1] == value.shape[-1] <= 256):
+        # Outside the engine (a test's generate), or rare head shapes that transformers handles by repeating
+        # or packing heads: its own function, request by request.
+        return _stock_rows(layout, module, query, key, value, attention_mask, scaling, **kwargs)
+    # The call sdpa_attention_forward makes for one unpadded request: no mask, grouped heads natively,
+    # causal for a prompt (more than one query).
+    extra = {"enable_gqa": True} if groups > 1 else {}
+    causal = getattr(module, "is_causal", True)
+    outputs = []
+    for q, k, v in _per_request(layout, module, query, key, value):
+        outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=scaling,
+                                                      is_causal=causal and q.shape[2] > 1, **extra))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # [1, h, N, d_v]
+    return out.transpose(1, 2).contiguous(), None  # [1, N, h, d_v]
+
+
+def _per_request(layout, module, query, key, value):
+    """Yield each request's queries [1, h, T_i, d] with its keys and values [1, h_kv, L_i, d]."""
+    # A cache that returns only the new tokens keeps each history in its store; otherwise the keys passed
+    # here are all histories concatenated [1, h, ΣL, d].
+    stored = layout.cache.history(module.layer_idx) if key.shape[2] != layout.n_history else None
+    for i, (t0, n) in enumerate(zip(layout.token_starts, layout.token_lengths)):
+        if stored is not None:
+            k, v = stored[i]  # views into the request's store
+        else:
+            h0, length = layout.history_starts[i], layout.history_lengths[i]
+            k, v = key[:, :, h0 : h0 + length], value[:, :, h0 : h0 + length]
+        yield query[:, :, t0 : t0 + n], k, v
+
+
+def _stock_rows(layout, module, query, key, value, attention_mask, scaling, **kwargs) -> tuple[torch.Tensor, None]:
+    if layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    outputs = [sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=scaling)[0]
+               for q, k, v in _per_request(layout, module, query, key, value)]
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+
+
+AttentionInterface.register(ATTENTION_NAME, rows_attention)

@@ -1,0 +1,57 @@
+"""/metrics: engine and MoE figures in Prometheus text format."""
+
+from __future__ import annotations
+
+
+import pytest
+from django.test import RequestFactory
+from prometheus_client.parser import text_string_to_metric_families
+
+from inference import serving
+from inference.engine import Engine, SamplingParams
+from inference.metrics import metrics_view
+from tests.inference.conftest import run
+
+
+@pytest.fixture
+def served(engines: dict[str, Engine]):
+    """Register the shared demo-moe and demo-dense engines under test names for the view to find."""
+    names = {"metrics-moe": engines["demo-moe"], "metrics-dense": engines["demo-dense"]}
+    for name, engine in names.items():
+        serving.register(name, engine)
+    yield names
+    for name in names:
+        serving.unregister(name)
+
+
+def scrape() -> dict[str, list]:
+    response = metrics_view(RequestFactory().get("/metrics"))
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    return {f.name: f.samples for f in text_string_to_metric_families(response.content.decode())}
+
+
+def test_metrics_show_each_engine_and_the_moe_idle_experts(served) -> None:
+    engine = served["metrics-moe"]
+
+    async def one() -> None:
+        handle = engine.submit(engine.encode_chat([{"role": "user", "content": "hi"}]), SamplingParams(max_tokens=3))
+        [c async for c in handle]
+
+    run(one())
+    families = scrape()
+    budget = {s.labels["model"]: s.value for s in families["appliance_engine_kv_budget_bytes"]}
+    assert budget["metrics-moe"] == engine.scheduler.kv_budget_bytes
+    generated = {s.labels["model"]: s.value for s in families["appliance_engine_generated_tokens"]
+                 if s.name.endswith("_total")}
+    assert generated["metrics-moe"] >= 3
+    idle = [s for s in families["appliance_moe_idle_expert_fraction"] if s.labels["model"] == "metrics-moe"]
+    assert [s.labels["layer"] for s in idle] == ["1", "2"] and all(0 <= s.value <= 1 for s in idle)
+    assert not [s for s in idle if s.labels["model"] == "metrics-dense"]
+    experts = [s for s in families["appliance_moe_expert_tokens"] if s.labels["model"] == "metrics-moe"
+               and s.name.endswith("_total")]
+    assert len(experts) == 2 * 16
+
+
+def test_metrics_refuse_writes() -> None:
+    assert metrics_view(RequestFactory().post("/metrics")).status_code == 405
