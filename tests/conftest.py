@@ -12,3 +12,19 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("demo-models")
     make_demo_models(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_ledger_writer_connections(django_db_setup, django_db_blocker):
+    """Close the chat API's ledger-writer thread's connections before the test database is dropped.
+
+    PostgreSQL refuses to drop a database that a session still uses, and that
+    thread keeps its own connection for the life of the process.
+    """
+    yield
+    from django.db import connections
+
+    from inference import api
+
+    with django_db_blocker.unblock():
+        api._ledger_writer.submit(connections.close_all).result()
