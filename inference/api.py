@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
@@ -33,29 +33,29 @@ RETRY_AFTER_S = 1  # a full queue drains within about a second of decode steps o
 _ledger_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
 
 
-def _append_event(**event) -> None:
+def _run_on_writer(fn, *args, **kwargs) -> None:
     close_old_connections()
-    ledger.append(**event)
+    fn(*args, **kwargs)
+
+
+def write_soon(fn, *args, **kwargs) -> Future:
+    """Queue bookkeeping (ledger, usage, transcripts) on the writer thread, in order, without waiting."""
+    return _ledger_writer.submit(_run_on_writer, fn, *args, **kwargs)
 
 
 async def record(**event) -> None:
     """Append a ledger event from async code without blocking the event loop."""
-    await asyncio.get_running_loop().run_in_executor(_ledger_writer, lambda: _append_event(**event))
+    await asyncio.wrap_future(write_soon(ledger.append, **event))
 
 
 def record_soon(**event) -> None:
     """Queue a ledger event without waiting (for paths that are being cancelled)."""
-    _ledger_writer.submit(_append_event, **event)
-
-
-def _settle(caller: Caller, admission: Admission, report: UsageReport) -> None:
-    close_old_connections()
-    gatekeeper().settle(caller, admission, report)
+    write_soon(ledger.append, **event)
 
 
 def settle_soon(caller: Caller, admission: Admission, report: UsageReport) -> None:
-    """Queue the usage report of an admitted request on the ledger's thread, in order with its events."""
-    _ledger_writer.submit(_settle, caller, admission, report)
+    """Queue the usage report of an admitted request on the writer thread, in order with its events."""
+    write_soon(gatekeeper().settle, caller, admission, report)
 
 
 def _ms_since(started: float) -> int:
@@ -224,11 +224,7 @@ class Exchange:
 
     def keep_transcript(self) -> None:
         """Store the exchange encrypted when the team's policy keeps transcripts (a no-op otherwise)."""
-        _ledger_writer.submit(self._store_transcript)
-
-    def _store_transcript(self) -> None:
-        close_old_connections()
-        transcripts.store(self.caller.team, self.model, self.messages, "".join(self.text))
+        write_soon(transcripts.store, self.caller.team, self.model, self.messages, "".join(self.text))
 
     def absorb(self, chunk) -> None:
         if chunk.text and self.first_text_at is None:

@@ -1,7 +1,7 @@
 """/metrics: the engines' figures in Prometheus text format (batch, queue, KV budget, MoE idle experts).
 
-Read-only and free of prompts and answers; counts only. Mount it at the root, e.g.
-`path("metrics", inference.metrics.metrics_view)`.
+Read-only and free of prompts and answers; counts only. The box's /metrics
+(appliance/console/metrics.py) serves REGISTRY next to the registry's own figures.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import serving
-from .telemetry import snapshot
 
 
 class EngineCollector:
@@ -61,7 +60,7 @@ class EngineCollector:
                 family.add_metric([name], figures[key])
             for reason, count in figures["finished"].items():
                 finished.add_metric([name, reason], count)
-            moe = snapshot(engine)
+            moe = telemetry_snapshot(engine)
             for layer in moe.get("layers", []):
                 labels = [name, str(layer["layer"])]
                 if layer["idle_fraction"] is not None:
@@ -72,6 +71,13 @@ class EngineCollector:
         yield from gauges.values()
         yield from counters.values()
         yield from (finished, idle, per_active, expert_tokens)
+
+
+def telemetry_snapshot(engine) -> dict:
+    """Return an engine's MoE telemetry; imported here so URL loading (every manage.py command) skips torch."""
+    from .telemetry import snapshot
+
+    return snapshot(engine)
 
 
 REGISTRY = CollectorRegistry(auto_describe=False)
