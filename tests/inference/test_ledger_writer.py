@@ -1,0 +1,53 @@
+"""The chat API's writer thread: one kept database connection, replaced when it dies, no event lost."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from audit.models import AuditEvent
+from inference import api
+from tests.audit.tamper import wipe_ledger
+
+
+@pytest.fixture
+def ledger_db(transactional_db):
+    """A committed database the writer thread sees; the ledger is wiped after, since its triggers refuse a flush."""
+    yield
+    wipe_ledger()
+
+
+def _writer_connection():
+    return api._ledger_writer.submit(lambda: connection.connection).result()
+
+
+def test_the_writer_keeps_its_connection_between_jobs(ledger_db) -> None:
+    api.write_soon(AuditEvent.objects.count).result()  # opens the writer's connection
+    first = _writer_connection()
+    api.record_soon(action="test.writer", actor="tests", target="kept", outcome="ok")
+    api.write_soon(AuditEvent.objects.count).result()
+    assert first is not None
+    assert _writer_connection() is first
+
+
+def test_an_event_queued_after_the_connection_died_is_still_written(ledger_db) -> None:
+    api.write_soon(AuditEvent.objects.count).result()
+    # Close the DB-API connection under Django's feet, as a database restart would.
+    api._ledger_writer.submit(lambda: connection.connection.close()).result()
+    api.write_soon(api.ledger.append, action="test.writer", actor="tests", target="after-restart",
+                   outcome="ok").result()
+    assert AuditEvent.objects.filter(target="after-restart").count() == 1
+    assert _writer_connection() is not None
+
+
+def test_an_error_on_a_working_connection_is_not_retried(ledger_db) -> None:
+    calls = []
+
+    def failing() -> None:
+        calls.append(1)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT * FROM no_such_table")
+
+    future = api.write_soon(failing)
+    assert isinstance(future.exception(), Exception)
+    assert len(calls) == 1
