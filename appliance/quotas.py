@@ -75,30 +75,58 @@ class LimitReached(Exception):
         self.exceeded = exceeded
 
 
+# Row ids of counters already created: (scope, owner id, window, window start) → id. A row of a current window
+# is never deleted (pruning takes ended ones), so a known id saves the insert-if-missing on every request.
+_known_counters: dict[tuple, int] = {}
+_KNOWN_COUNTERS_MAX = 10_000
+
+
 def charge(key: ApiKey, now: datetime | None = None) -> tuple[int, ...]:
     """Count one request against every window of key and its team; raise LimitReached instead if over."""
     now = now or timezone.now()
     owners = {"team": key.team, "key": key}
     wanted = [(scope, owners[scope].pk, window, window_bounds(window, now)[0])
               for scope in SCOPES for window in WINDOWS]
+    limited = any(value is not None for owner in owners.values() for value in owner.limits().values())
     with transaction.atomic():
-        # Create missing rows first; a concurrent creator wins and we use its row.
-        UsageCounter.objects.bulk_create(
-            [UsageCounter(scope=s, scope_id=i, window=w, window_start=t) for s, i, w, t in wanted],
-            ignore_conflicts=True)
-        wanted_set = set(wanted)
-        # Lock in one fixed order (by primary key) so two admissions never deadlock on PostgreSQL;
-        # on SQLite the transaction already holds the database's write lock (BEGIN IMMEDIATE).
-        locked = UsageCounter.objects.select_for_update().filter(
-            scope__in=SCOPES, scope_id__in={key.pk, key.team.pk}, window_start__in={t for *_, t in wanted},
-        ).order_by("pk")
-        rows = {(r.scope, r.window): r for r in locked if (r.scope, r.scope_id, r.window, r.window_start) in wanted_set}
-        exceeded = over_limits(owners, rows, now)
-        if exceeded:
-            raise LimitReached(exceeded)
-        ids = tuple(row.pk for row in rows.values())
-        UsageCounter.objects.filter(pk__in=ids).update(requests=F("requests") + 1)
+        known = [_known_counters.get(w) for w in wanted]
+        if not limited and None not in known:
+            # Nothing to check: one UPDATE. Fewer rows updated means one was deleted by hand; take the long way.
+            if UsageCounter.objects.filter(pk__in=known).update(requests=F("requests") + 1) == len(known):
+                return tuple(known)
+            _known_counters.clear()
+            UsageCounter.objects.filter(pk__in=known).update(requests=F("requests") - 1)
+        return _charge_checked(owners, wanted, now)
+
+
+def _charge_checked(owners: dict, wanted: list[tuple], now: datetime) -> tuple[int, ...]:
+    """Create missing counters, lock them, check every limit and count the request (inside a transaction)."""
+    # Create missing rows first; a concurrent creator wins and we use its row.
+    UsageCounter.objects.bulk_create(
+        [UsageCounter(scope=s, scope_id=i, window=w, window_start=t) for s, i, w, t in wanted],
+        ignore_conflicts=True)
+    # Lock in one fixed order (by primary key) so two admissions never deadlock on PostgreSQL;
+    # on SQLite the transaction already holds the database's write lock (BEGIN IMMEDIATE).
+    locked = UsageCounter.objects.select_for_update().filter(
+        scope__in=SCOPES, scope_id__in={owners["key"].pk, owners["team"].pk},
+        window_start__in={t for *_, t in wanted},
+    ).order_by("pk")
+    found = {(r.scope, r.scope_id, r.window, r.window_start): r for r in locked}
+    rows = {(scope, window): found[scope, owner, window, start] for scope, owner, window, start in wanted}
+    exceeded = over_limits(owners, rows, now)
+    if exceeded:
+        raise LimitReached(exceeded)
+    ids = tuple(row.pk for row in rows.values())
+    UsageCounter.objects.filter(pk__in=ids).update(requests=F("requests") + 1)
+    transaction.on_commit(lambda: _remember_counters({w: found[w].pk for w in wanted}))
     return ids
+
+
+def _remember_counters(ids: dict[tuple, int]) -> None:
+    """Remember committed counter rows only, so a rolled-back row's id is never taken for a live one."""
+    if len(_known_counters) > _KNOWN_COUNTERS_MAX:
+        _known_counters.clear()
+    _known_counters.update(ids)
 
 
 def over_limits(owners: dict, rows: dict, now: datetime) -> list[Exceeded]:

@@ -238,3 +238,37 @@ def test_two_web_processes_share_one_limit(separate_box, tmp_path):
         for proc in procs.values():
             proc.terminate()
             proc.wait(timeout=20)
+
+
+# --- the unlimited fast path ----------------------------------------------------------------------------
+
+def test_an_unlimited_key_is_charged_with_one_update_once_its_counters_exist(general, transactional_db,
+                                                                             django_assert_max_num_queries):
+    _, api_key, key = team_with_key("unlimited")
+    caller = caller_of(key)
+    assert gk.admit(caller, "general").allowed  # creates the six counters (committed: remembered)
+    with django_assert_max_num_queries(3) as captured:  # BEGIN, UPDATE, COMMIT
+        quotas.charge(api_key)
+    assert [q["sql"].split()[0] for q in captured.captured_queries if "usagecounter" in q["sql"]] == ["UPDATE"]
+    counters = UsageCounter.objects.filter(scope_id__in=(api_key.pk, api_key.team.pk))
+    assert counters.count() == 6 and {c.requests for c in counters} == {2}
+
+
+def test_a_counter_deleted_behind_the_cache_is_recreated_and_counted_once(general, transactional_db):
+    _, api_key, key = team_with_key("unlimited")
+    quotas.charge(api_key)
+    UsageCounter.objects.filter(scope="key", window=Window.MINUTE).delete()
+    quotas.charge(api_key)
+    counters = {(c.scope, c.window): c.requests for c in UsageCounter.objects.all()}
+    assert counters[("key", Window.MINUTE)] == 1
+    assert counters[("team", Window.MINUTE)] == 2 and counters[("key", Window.DAY)] == 2
+
+
+def test_a_limit_set_after_counters_were_remembered_is_enforced(general, transactional_db):
+    team, api_key, key = team_with_key("unlimited")
+    caller = caller_of(key)
+    assert gk.admit(caller, "general").allowed
+    team.requests_per_minute = 2
+    team.save()
+    assert gk.admit(caller_of(key), "general").allowed
+    assert gk.admit(caller_of(key), "general").code == "rate_limit_exceeded"
