@@ -50,14 +50,12 @@ def _per_request(layout, module, query, key, value):
     """Yield each request's queries [1, h, T_i, d] with its keys and values [1, h_kv, L_i, d]."""
     # A cache that returns only the new tokens keeps each history in its store; otherwise the keys passed
     # here are all histories concatenated [1, h, ΣL, d].
-    stored = layout.cache.history(module.layer_idx) if key.shape[2] != layout.n_history else None
-    for i, (t0, n) in enumerate(zip(layout.token_starts, layout.token_lengths)):
-        if stored is not None:
-            k, v = stored[i]  # views into the request's store
-        else:
-            h0, length = layout.history_starts[i], layout.history_lengths[i]
-            k, v = key[:, :, h0 : h0 + length], value[:, :, h0 : h0 + length]
-        yield query[:, :, t0 : t0 + n], k, v
+    queries = query.split(layout.token_lengths, dim=2)  # one call for every request's view
+    if key.shape[2] != layout.n_history:
+        for q, (k, v) in zip(queries, layout.cache.history(module.layer_idx)):  # views into each request's store
+            yield q, k, v
+    else:
+        yield from zip(queries, key.split(layout.history_lengths, dim=2), value.split(layout.history_lengths, dim=2))
 
 
 def _stock_rows(layout, module, query, key, value, attention_mask, scaling, **kwargs) -> tuple[torch.Tensor, None]:

@@ -136,7 +136,7 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Return F.linear(x [M, K], weight [O, K], bias) with each row computed as a one-row GEMV."""
     m, k = x.shape
     if weight.numel() < SMALL_BMM:  # tiny layers (a shared-expert gate): one call per row
-        return torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(m)])  # [M, O]
+        return torch.cat([F.linear(row, weight, bias) for row in x.split(1)])  # [M, O]
     # A stride-0 batch of the same transposed weight: MKL runs each [1, K] @ [K, O] as the GEMV that a
     # one-row F.linear uses, yet it is one call for all M rows.
     out = torch.bmm(x.unsqueeze(1), weight.t().expand(m, k, weight.shape[0])).squeeze(1)  # [M, O]
@@ -148,7 +148,7 @@ def linear_runs(
 ) -> torch.Tensor:
     """Return F.linear(x [M, K]) with each prompt segment as its own product and single tokens per row."""
     parts = [
-        linear_rows(x[s : s + n], weight, bias) if singles else F.linear(x[s : s + n], weight, bias)
+        linear_rows(x.narrow(0, s, n), weight, bias) if singles else F.linear(x.narrow(0, s, n), weight, bias)
         for s, n, singles in runs
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # [M, O]
@@ -176,7 +176,7 @@ def unary_rows(op: Callable, x: torch.Tensor) -> torch.Tensor:
 
 def unary_runs(op: Callable, x: torch.Tensor, runs: list[tuple[int, int, bool]]) -> torch.Tensor:
     """Return op(x [M, D]) computed per prompt segment and, for single tokens, per row."""
-    parts = [unary_rows(op, x[s : s + n]) if singles else op(x[s : s + n]) for s, n, singles in runs]
+    parts = [unary_rows(op, x.narrow(0, s, n)) if singles else op(x.narrow(0, s, n)) for s, n, singles in runs]
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # [M, D]
 
 
