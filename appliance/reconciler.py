@@ -52,7 +52,8 @@ def load(dep: Deployment) -> None:
     started = time.monotonic()
     try:
         engine = Engine(Path(variant.store_path), device=settings.ENGINE_DEVICE,
-                        queue_limit=settings.ENGINE_QUEUE_LIMIT, kv_budget_bytes=settings.ENGINE_KV_BUDGET_BYTES)
+                        queue_limit=settings.ENGINE_QUEUE_LIMIT, kv_budget_bytes=settings.ENGINE_KV_BUDGET_BYTES,
+                        threads=settings.ENGINE_THREADS)
     except Exception as exc:
         log.exception("loading %s failed", variant.name)
         Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail=f"load failed: {exc}")
