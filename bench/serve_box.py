@@ -105,7 +105,19 @@ class Appliance:
             self.manage("import_model", str(self.demo_dir / name), "--name", name, "--kind", KINDS[name], "--wait")
             self.manage("deploy", name, "--wait")
         self.key = self.manage("create_api_key", "--team", "bench").strip().splitlines()[-1]
+        self.wait_for_fit_analyses(models)
         return self
+
+    def wait_for_fit_analyses(self, models: list[str], timeout: float = 600) -> None:
+        """Wait until the worker has finished the fit analysis each import queues: it takes most of a core for
+        several seconds, and a benchmark that starts while it runs measures the analysis as much as the server."""
+        query = ("from appliance.models import FitAnalysis; "
+                 f"print(FitAnalysis.objects.filter(variant__name__in={models!r}).count())")
+        deadline = time.monotonic() + timeout
+        while int(self.manage("shell", "--no-imports", "-c", query).split()[-1]) < len(models):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not finish the fit analyses of {models} within {timeout}s")
+            time.sleep(1)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
