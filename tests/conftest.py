@@ -16,10 +16,11 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def close_ledger_writer_connections(django_db_setup, django_db_blocker):
-    """Close the chat API's ledger-writer thread's connections before the test database is dropped.
+    """Close the chat API's database threads' connections (ledger writer, gatekeeper) before the test database
+    is dropped.
 
-    PostgreSQL refuses to drop a database that a session still uses, and that
-    thread keeps its own connection for the life of the process.
+    PostgreSQL refuses to drop a database that a session still uses, and those
+    threads keep their own connections for the life of the process.
     """
     yield
     from django.db import connections
@@ -27,4 +28,5 @@ def close_ledger_writer_connections(django_db_setup, django_db_blocker):
     from inference import api
 
     with django_db_blocker.unblock():
-        api._ledger_writer.submit(connections.close_all).result()
+        for thread in api.DATABASE_THREADS:
+            thread.submit(connections.close_all).result()

@@ -58,6 +58,14 @@ def test_models_lists_the_ready_variants(box, key, dense):
     assert dense in ids
 
 
+def test_the_chat_api_is_served_without_the_consoles_middleware(box, key):
+    api = httpx.get(f"{box.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    console = httpx.get(f"{box.url}/admin/login/")
+    assert api.status_code == 200 and "x-frame-options" not in api.headers  # no console middleware ran
+    assert console.status_code == 200 and console.headers["x-frame-options"] == "DENY"
+    assert httpx.get(f"{box.url}/v1/no-such-route").status_code == 404
+
+
 def test_missing_or_wrong_key_is_401(box, dense):
     with pytest.raises(openai.AuthenticationError):
         client(box, "sk-box-not-a-key").chat.completions.create(
