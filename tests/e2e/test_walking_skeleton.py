@@ -62,6 +62,7 @@ def test_the_chat_api_is_served_without_the_consoles_middleware(box, key):
     api = httpx.get(f"{box.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
     console = httpx.get(f"{box.url}/admin/login/")
     assert api.status_code == 200 and "x-frame-options" not in api.headers  # no console middleware ran
+    assert api.headers["x-content-type-options"] == "nosniff"  # Django's security middleware did
     assert console.status_code == 200 and console.headers["x-frame-options"] == "DENY"
     assert httpx.get(f"{box.url}/v1/no-such-route").status_code == 404
 
