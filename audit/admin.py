@@ -11,8 +11,24 @@ from audit.attestation import signature_valid
 from audit.models import AuditEvent, Checkpoint, NetworkAttestation, SigningKey, Transcript, TranscriptPolicy
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Evidence rows: shown, never added, changed or deleted from the console."""
+
+    def has_add_permission(self, request):
+        """Refuse: rows are written by the audit code only."""
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        """Refuse: evidence never changes."""
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        """Refuse: evidence is never deleted here."""
+        return False
+
+
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(ReadOnlyAdmin):
     """Show ledger events; nobody adds, changes or deletes them here."""
 
     list_display = ("seq", "created_at", "actor", "action", "target", "outcome")
@@ -27,18 +43,6 @@ class AuditEventAdmin(admin.ModelAdmin):
         "details_pretty", "prev_hash", "hash", "body_text",
     )
     readonly_fields = fields
-
-    def has_add_permission(self, request):
-        """Refuse: events are added by audit.ledger.append only."""
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        """Refuse: events never change."""
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        """Refuse: events are never deleted."""
-        return False
 
     @admin.display(description="details")
     def details_pretty(self, obj: AuditEvent) -> str:
@@ -69,22 +73,6 @@ def export_period(modeladmin, request, queryset):
 
 
 AuditEventAdmin.actions = [export_period]
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Evidence rows: shown, never added, changed or deleted from the console."""
-
-    def has_add_permission(self, request):
-        """Refuse: rows are written by the audit code only."""
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        """Refuse: evidence never changes."""
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        """Refuse: evidence is never deleted here."""
-        return False
 
 
 @admin.register(SigningKey)

@@ -30,11 +30,15 @@ from inference.engine_cache import KVStore  # noqa: E402
 from inference.engine_runner import Runner, load_model  # noqa: E402
 
 
+def chat_texts(tokenizer, rows: int) -> list[str]:
+    """Return the benchmark's first `rows` chats as prompt text, ready for the assistant's turn."""
+    return [tokenizer.apply_chat_template(chat_messages(i), add_generation_prompt=True, tokenize=False)
+            for i in range(rows)]
+
+
 def prompts(model_dir: Path, rows: int) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    texts = [tokenizer.apply_chat_template(chat_messages(i), add_generation_prompt=True, tokenize=False)
-             for i in range(rows)]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tokenizer, rows)]
 
 
 def runner_step_ms(model_dir: Path, rows: int, exact: bool, steps: int) -> float:
@@ -58,9 +62,7 @@ def generate_step_ms(model_dir: Path, rows: int, steps: int) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     tokenizer.padding_side = "left"
     model = load_model(model_dir, "cpu")
-    texts = [tokenizer.apply_chat_template(chat_messages(i), add_generation_prompt=True, tokenize=False)
-             for i in range(rows)]
-    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    batch = tokenizer(chat_texts(tokenizer, rows), add_special_tokens=False, padding=True, return_tensors="pt")
     best = float("inf")
     with torch.inference_mode():
         for _ in range(3):

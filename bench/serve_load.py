@@ -40,6 +40,17 @@ class Sample:
     gaps: list[float] = field(default_factory=list)  # seconds between content chunks
     completion_tokens: int = 0  # from usage
     error: str | None = None
+    sent: float = field(default_factory=time.perf_counter)
+    last: float = 0.0
+
+    def saw_text(self) -> None:
+        """Record that content arrived now: the first time as TTFT, after that as an inter-token gap."""
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.sent
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
 
 
 async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model: str, i: int,
@@ -48,7 +59,6 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
     body = {"model": model, "messages": chat_messages(i), "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     sample = Sample(index=i)
-    sent = last = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
             if response.status_code != 200:
@@ -64,12 +74,7 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
                 if event.get("usage"):
                     sample.completion_tokens = event["usage"]["completion_tokens"]
                 if any((c.get("delta") or {}).get("content") for c in event.get("choices") or []):
-                    now = time.perf_counter()
-                    if sample.ttft is None:
-                        sample.ttft = now - sent
-                    else:
-                        sample.gaps.append(now - last)
-                    last = now
+                    sample.saw_text()
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         sample.error = f"{type(exc).__name__}: {exc}"
     if sample.error is None and sample.completion_tokens == 0:
@@ -190,16 +195,10 @@ def engine_in_process(model_dir, levels: list[int], max_tokens: int) -> list[dic
 
     async def level(engine: Engine, clients: int) -> dict:
         async def one(i: int) -> Sample:
-            sample, sent = Sample(index=i), time.perf_counter()
-            last = sent
+            sample = Sample(index=i)
             async for chunk in engine.submit(prompt(i), SamplingParams(max_tokens=max_tokens, temperature=0)):
                 if chunk.text:
-                    now = time.perf_counter()
-                    if sample.ttft is None:
-                        sample.ttft = now - sent
-                    else:
-                        sample.gaps.append(now - last)
-                    last = now
+                    sample.saw_text()
                 sample.completion_tokens = chunk.completion_tokens
             return sample
 
