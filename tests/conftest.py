@@ -5,6 +5,33 @@ import pytest
 
 from inference.demo_models import make_demo_models
 
+# Markers of tests that start processes which use the database and the broker themselves.
+SERVICE_MARKERS = ("e2e", "browser")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--integration", action="store_true",
+        help="run only the tests that use the database or the broker: what CI repeats on PostgreSQL + Redis",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--integration"):
+        return
+    kept, dropped = [], []
+    for item in items:
+        (kept if uses_services(item) else dropped).append(item)
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
+
+
+def uses_services(item: pytest.Item) -> bool:
+    """Return True for a test that touches the database (pytest-django's marker or fixtures) or the broker."""
+    if item.get_closest_marker("django_db") or "_django_db_helper" in item.fixturenames:
+        return True
+    return any(item.get_closest_marker(name) for name in SERVICE_MARKERS)
+
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
