@@ -1,12 +1,14 @@
 """The registry's answers to the chat API: who is calling, what they may use, and what they used."""
 import logging
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db.models import Q
 from django.utils import timezone
 
-from inference.gatekeeper import Admission, Caller, ModelCard, UsageReport
+from inference.gatekeeper import Admission, Caller, Gatekeeper, ModelCard, UsageReport
 
 from . import quotas, usage
 from .models import ApiKey, ModelVariant, Outcome, VariantStatus, hash_api_key
@@ -30,15 +32,22 @@ def active_keys():
         Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
 
 
-class RegistryGatekeeper:
+class RegistryGatekeeper(Gatekeeper):
     def authenticate(self, bearer_token: str) -> Caller | None:
         """Return the caller a key belongs to, or None for a missing, unknown, revoked or expired key."""
-        # The unique index finds the row by digest; comparing the digest again in
-        # constant time means no code path compares secrets with an early exit.
-        key = active_keys().select_related("team").filter(key_hash=hash_api_key(bearer_token)).first()
-        if key is None or not key.matches(bearer_token):
-            return None
-        return RegistryCaller(team=key.team.name, key_prefix=key.prefix, key_id=key.pk)
+        key = self._key_for_token(bearer_token)
+        return None if key is None else self._caller(key)
+
+    def authenticate_and_admit(self, requests: list[tuple[str, str]]) -> list[tuple[Caller | None, Admission | None]]:
+        """Answer a burst with one read of each key and variant: a key was just read, so it is as fresh as a
+        re-read, and a burst of a key without limits is charged in one update."""
+        answers: dict[tuple[str, str], Iterator[tuple[Caller | None, Admission | None]]] = {}
+        for (token, model), count in Counter(requests).items():
+            key = self._key_for_token(token)
+            # In arrival order: with a limit, the earlier requests are the ones admitted.
+            answers[token, model] = iter([(None, None)] * count if key is None else [
+                (self._caller(key), admission) for admission in self._admit(key, model, count)])
+        return [next(answers[request]) for request in requests]
 
     def models(self, caller: Caller) -> list[ModelCard]:
         """Return the ready or deployed variants that the caller's team and key may both use."""
@@ -62,30 +71,42 @@ class RegistryGatekeeper:
 
     def admit(self, caller: Caller, model: str) -> Admission:
         """Check access and limits for one request to model, and count it."""
-        key = self._key(caller)
+        return self._admit(self._key(caller), model)[0]
+
+    def _admit(self, key: ApiKey | None, model: str, count: int = 1) -> list[Admission]:
+        """Check access and limits for `count` requests of one key to model, and count the admitted ones."""
         if key is None:
-            return Admission(False, 403, "This API key was revoked or has expired.", "key_inactive")
+            return [Admission(False, 403, "This API key was revoked or has expired.", "key_inactive")] * count
         variant = ModelVariant.objects.filter(name=model).exclude(status=VariantStatus.IMPORTING).first()
         if variant is None:
             # Not charged: the API answers 404 for an unknown model, as OpenAI does.
-            return Admission(True)
+            return [Admission(True)] * count
         if not key.may_use(variant):
             who = "this API key" if key.team.may_use(variant) else f"team '{key.team.name}'"
             refusal = Admission(False, 403, f"The model '{model}' is not available to {who}; "
                                             "ask an administrator of this box for access.", "model_not_permitted")
-            self._record_refusal(key, model)
-            return refusal
+            for _ in range(count):
+                self._record_refusal(key, model)
+            return [refusal] * count
         now = timezone.now()
+        if quotas.is_limited(key):  # each request is checked against the limits on its own
+            admissions = [self._charge(key, model, now) for _ in range(count)]
+        else:
+            admissions = [self._charge(key, model, now, count)] * count
+        if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+            ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        return admissions
+
+    def _charge(self, key: ApiKey, model: str, now, requests: int = 1) -> Admission:
+        """Count `requests` requests to the key's counters, or refuse one that a limit does not allow."""
         try:
-            counter_ids = quotas.charge(key, now)
+            counter_ids = quotas.charge(key, now, requests=requests)
         except quotas.LimitReached as exc:
             first = exc.exceeded[0]
             retry = max(1, int((first.resets_at - now).total_seconds() + 0.999))
             self._record_refusal(key, model)
             return Admission(False, 429, first.message(now), "rate_limit_exceeded" if "minute" in first.limit
                              else "insufficient_quota", retry_after_s=retry)
-        if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
-            ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
         return Admission(True, ticket=quotas.Ticket(key.team.name, key.prefix, model, counter_ids))
 
     def settle(self, caller: Caller, admission: Admission, report: UsageReport) -> None:
@@ -102,6 +123,16 @@ class RegistryGatekeeper:
         except Exception:
             # The answer has already gone out; losing one usage row must not turn it into an error.
             log.exception("could not record usage of %s on %s", ticket.team, ticket.variant)
+
+    def _key_for_token(self, bearer_token: str) -> ApiKey | None:
+        # The unique index finds the row by digest; comparing the digest again in
+        # constant time means no code path compares secrets with an early exit.
+        key = active_keys().select_related("team").filter(key_hash=hash_api_key(bearer_token)).first()
+        return key if key is not None and key.matches(bearer_token) else None
+
+    @staticmethod
+    def _caller(key: ApiKey) -> RegistryCaller:
+        return RegistryCaller(team=key.team.name, key_prefix=key.prefix, key_id=key.pk)
 
     def _key(self, caller: Caller) -> ApiKey | None:
         """Return the caller's key if it is still active (revocation takes effect on the next request)."""

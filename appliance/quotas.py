@@ -81,25 +81,36 @@ _known_counters: dict[tuple, int] = {}
 _KNOWN_COUNTERS_MAX = 10_000
 
 
-def charge(key: ApiKey, now: datetime | None = None) -> tuple[int, ...]:
-    """Count one request against every window of key and its team; raise LimitReached instead if over."""
+def is_limited(key: ApiKey) -> bool:
+    """Return whether any limit applies to key or its team."""
+    return any(value is not None for owner in (key.team, key) for value in owner.limits().values())
+
+
+def charge(key: ApiKey, now: datetime | None = None, *, requests: int = 1) -> tuple[int, ...]:
+    """Count requests against every window of key and its team; raise LimitReached instead if over.
+
+    Several requests at once only for a key without limits: a limited key's requests are each checked.
+    """
     now = now or timezone.now()
     owners = {"team": key.team, "key": key}
     wanted = [(scope, owners[scope].pk, window, window_bounds(window, now)[0])
               for scope in SCOPES for window in WINDOWS]
-    limited = any(value is not None for owner in owners.values() for value in owner.limits().values())
+    limited = is_limited(key)
+    if limited and requests != 1:
+        raise ValueError("a key with limits is charged one request at a time, so that each one is checked")
     with transaction.atomic():
         known = [_known_counters.get(w) for w in wanted]
         if not limited and None not in known:
             # Nothing to check: one UPDATE. Fewer rows updated means one was deleted by hand; take the long way.
-            if UsageCounter.objects.filter(pk__in=known).update(requests=F("requests") + 1) == len(known):
+            counted = UsageCounter.objects.filter(pk__in=known).update(requests=F("requests") + requests)
+            if counted == len(known):
                 return tuple(known)
             _known_counters.clear()
-            UsageCounter.objects.filter(pk__in=known).update(requests=F("requests") - 1)
-        return _charge_checked(owners, wanted, now)
+            UsageCounter.objects.filter(pk__in=known).update(requests=F("requests") - requests)
+        return _charge_checked(owners, wanted, now, requests)
 
 
-def _charge_checked(owners: dict, wanted: list[tuple], now: datetime) -> tuple[int, ...]:
+def _charge_checked(owners: dict, wanted: list[tuple], now: datetime, requests: int = 1) -> tuple[int, ...]:
     """Create missing counters, lock them, check every limit and count the request (inside a transaction)."""
     # Create missing rows first; a concurrent creator wins and we use its row.
     UsageCounter.objects.bulk_create(
@@ -117,7 +128,7 @@ def _charge_checked(owners: dict, wanted: list[tuple], now: datetime) -> tuple[i
     if exceeded:
         raise LimitReached(exceeded)
     ids = tuple(row.pk for row in rows.values())
-    UsageCounter.objects.filter(pk__in=ids).update(requests=F("requests") + 1)
+    UsageCounter.objects.filter(pk__in=ids).update(requests=F("requests") + requests)
     transaction.on_commit(lambda: _remember_counters({w: found[w].pk for w in wanted}))
     return ids
 

@@ -63,6 +63,18 @@ class Gatekeeper(Protocol):
     def admit(self, caller: Caller, model: str) -> Admission:
         """Check access and limits for one request to model, and count it."""
 
+    def authenticate_and_admit(self, requests: list[tuple[str, str]]) -> list[tuple[Caller | None, Admission | None]]:
+        """Answer chat requests given as (bearer token, model), in order: each one's caller and admission.
+
+        The chat API asks for a whole burst at once, so that an implementation can read each key and variant
+        once for all of its requests. A request without a valid key gets (None, None).
+        """
+        answers = []
+        for token, model in requests:
+            caller = self.authenticate(token)
+            answers.append((caller, None if caller is None else self.admit(caller, model)))
+        return answers
+
     def settle(self, caller: Caller, admission: Admission, report: UsageReport) -> None:
         """Record what an admitted request used (tokens, latency, outcome)."""
 

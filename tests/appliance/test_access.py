@@ -12,6 +12,7 @@ from django.utils import timezone
 from appliance import actions
 from appliance.gatekeeper import RegistryGatekeeper
 from appliance.models import ApiKey, VariantStatus, hash_api_key
+from appliance.quotas import current_usage
 from inference.gatekeeper import Caller
 
 from tests.audit.tamper import wipe_ledger
@@ -100,6 +101,53 @@ def test_revocation_takes_effect_on_the_next_request(cast):
     refused = gk.admit(caller, "general")  # the same caller object, one request later
     assert refused.status == 403 and refused.code == "key_inactive"
     assert gk.authenticate(cast["alice"]) is None
+
+
+BURST = [("alice", "general"), ("bob", "general"), ("alice", "sales-model"), ("stranger", "general"),
+         ("bob", "sales-model"), ("alice", "no-such-model"), ("alice", "general"), ("bob", "general")]
+
+
+def test_a_burst_gets_the_answers_of_its_requests_one_by_one(cast):
+    tokens = {**cast, "stranger": "sk-box-not-a-key"}
+    burst = gk.authenticate_and_admit([(tokens[who], model) for who, model in BURST])
+    one_by_one = []
+    for who, model in BURST:
+        caller = gk.authenticate(tokens[who])
+        one_by_one.append((caller, None if caller is None else gk.admit(caller, model)))
+
+    def summary(answer):
+        caller, admission = answer
+        return caller, admission and (admission.allowed, admission.status, admission.message, admission.code)
+
+    assert [summary(a) for a in burst] == [summary(a) for a in one_by_one]
+    assert summary(burst[3]) == (None, None)
+
+
+def test_a_burst_reads_each_key_once_and_charges_an_unlimited_key_at_once(cast, django_assert_max_num_queries):
+    gk.authenticate_and_admit([(cast["alice"], "general")])  # creates the usage counters
+    with django_assert_max_num_queries(30) as queries:
+        answers = gk.authenticate_and_admit([(cast["alice"], "general")] * 5)
+    assert all(admission.allowed for _, admission in answers)
+    sql = [q["sql"] for q in queries.captured_queries]
+    key_reads = [q for q in sql if q.startswith('SELECT "appliance_apikey"')]
+    assert len(key_reads) == 1 and "key_hash" in key_reads[0]
+    assert sum(q.startswith('UPDATE "appliance_usagecounter"') for q in sql) == 1
+    assert current_usage("key", cast["alice_key"].pk)["requests_per_minute"] == 6
+
+
+def test_a_burst_of_a_limited_key_admits_the_earliest_up_to_the_limit(cast):
+    team = cast["research"]
+    team.requests_per_minute = 3
+    team.save()
+    answers = gk.authenticate_and_admit([(cast["alice"], "general")] * 5)
+    assert [a.status for _, a in answers] == [200, 200, 200, 429, 429]
+    assert answers[3][1].retry_after_s >= 1 and "3 requests per minute" in answers[3][1].message
+    assert current_usage("team", team.pk)["requests_per_minute"] == 3
+
+
+def test_a_revoked_key_is_refused_in_a_burst(cast):
+    actions.do_revoke_api_key(cast["alice_key"], actor="admin:test")
+    assert gk.authenticate_and_admit([(cast["alice"], "general"), (cast["bob"], "sales-model")])[0] == (None, None)
 
 
 def test_an_expired_key_no_longer_authenticates(cast):

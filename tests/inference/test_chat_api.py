@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 
 import pytest
 from django.test import AsyncClient
 
 from inference import serving
+from inference.api import admit_on_gate
 from inference.engine import Engine
-from inference.gatekeeper import Admission, Caller, UsageReport, gatekeeper
+from inference.gatekeeper import Admission, Caller, Gatekeeper, UsageReport, gatekeeper
 from tests.audit.tamper import wipe_ledger
 from tests.inference.conftest import run
 
@@ -18,7 +21,7 @@ KEY = "sk-box-chat-api-test"
 AUTH = {"headers": {"Authorization": f"Bearer {KEY}"}}
 
 
-class OneKeyGatekeeper:
+class OneKeyGatekeeper(Gatekeeper):
     """Lets exactly KEY in, as team `api-tests`; every variant exists."""
 
     def authenticate(self, bearer_token: str) -> Caller | None:
@@ -33,11 +36,16 @@ class OneKeyGatekeeper:
     def admit(self, caller: Caller, model: str) -> Admission:
         return Admission(True)
 
+    def authenticate_and_admit(self, requests: list[tuple[str, str]]) -> list:
+        BURSTS.append(len(requests))
+        return super().authenticate_and_admit(requests)
+
     def settle(self, caller: Caller, admission: Admission, report: UsageReport) -> None:
         SETTLED.append(report)
 
 
 SETTLED: list[UsageReport] = []
+BURSTS: list[int] = []  # how many requests each admission call answered
 
 
 @pytest.fixture
@@ -197,3 +205,54 @@ def test_each_admitted_request_is_settled_with_its_usage(api) -> None:
     assert (ok.model, ok.completion_tokens, ok.outcome) == (api, 5, "ok")
     assert ok.prompt_tokens > 0 and ok.ttft_ms is not None and ok.latency_ms >= ok.ttft_ms
     assert (refused.completion_tokens, refused.outcome) == (0, "refused")
+
+
+def hold_the_gatekeeper() -> threading.Event:
+    """Keep the gatekeeper thread busy until the returned event is set, as a burst's first request does."""
+    from inference.api import _gate
+
+    release = threading.Event()
+    _gate.submit(release.wait, 30)
+    return release
+
+
+async def until_waiting(count: int) -> None:
+    from inference.api import _waiting_admissions
+
+    for _ in range(500):
+        if _waiting_admissions.qsize() >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} admissions never queued")
+
+
+def test_requests_that_arrive_together_are_admitted_in_one_call(api) -> None:
+    async def go():
+        release = hold_the_gatekeeper()
+        burst = [asyncio.create_task(admit_on_gate(KEY, api)) for _ in range(5)]
+        await until_waiting(5)
+        release.set()
+        return await asyncio.gather(*burst)
+
+    BURSTS.clear()
+    answers = run(go())
+    assert all(caller.team == "api-tests" and admission.allowed for caller, admission in answers)
+    assert BURSTS == [5]
+
+
+def test_a_request_whose_client_left_while_waiting_is_not_admitted(api) -> None:
+    async def go():
+        release = hold_the_gatekeeper()
+        left = asyncio.create_task(admit_on_gate(KEY, api))
+        await until_waiting(1)
+        left.cancel()
+        await asyncio.gather(left, return_exceptions=True)
+        stayed = asyncio.create_task(admit_on_gate(KEY, api))
+        await until_waiting(2)
+        release.set()
+        return await stayed
+
+    BURSTS.clear()
+    caller, admission = run(go())
+    assert admission.allowed
+    assert BURSTS == [1]  # the request that stayed, alone
