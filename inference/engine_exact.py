@@ -15,6 +15,7 @@ flip a greedy argmax. So a batched step computes every product with the row coun
 - attention runs per request on that request's own keys and values (see `engine_attention`).
 
 Everything else in the models (norms, rotary, softmax, top-k routing) works row by row and needs no help.
+A step of one request alone runs unsplit ("plain"): that is the unbatched forward itself.
 Linear layers get an exact `forward`; modules that call functional ops directly (routers, experts,
 activations) run under a TorchFunctionMode. The step's layout travels in a thread-local, so several
 engines in one process do not see each other's steps.
@@ -263,7 +264,8 @@ def _forward_under_mode(module: nn.Module) -> Callable:
     original = module.forward
 
     def forward(*args, **kwargs):
-        if current_layout() is None:
+        layout = current_layout()
+        if layout is None or layout.mode == "plain":
             return original(*args, **kwargs)
         with _intercepting():
             return original(*args, **kwargs)
@@ -276,7 +278,7 @@ def _split_experts_forward(module: nn.Module) -> Callable:
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         layout = current_layout()
-        if layout is None or hidden_states.shape[0] != layout.n_tokens:
+        if layout is None or layout.mode == "plain" or hidden_states.shape[0] != layout.n_tokens:
             return original(hidden_states, top_k_index, top_k_weights)
         parts = []
         for start, length, singles in layout.token_runs:

@@ -97,6 +97,8 @@ class Runner:
         keep = torch.tensor(last)
         cache = BatchCache(stores, token_lengths, direct=self.direct_cache)
         layout = StepLayout(token_lengths, history_lengths, cache=cache)
+        if len(stores) == 1:
+            layout.mode = "plain"  # one request alone is exactly what generate computes: nothing to split
         with step_context(layout):
             out = self.model(
                 input_ids=input_ids,

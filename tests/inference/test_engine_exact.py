@@ -126,6 +126,31 @@ def test_batched_steps_give_bit_identical_logits(model_dir: Path) -> None:
         assert torch.equal(torch.stack(logits[i]), expected_logits), f"prompt {i} drifted"
 
 
+def test_a_request_alone_runs_unsplit_and_still_equals_generate(model_dir: Path, monkeypatch) -> None:
+    import inference.engine_exact as exact
+
+    split = []
+    for name in ("linear_rows", "linear_runs", "unary_rows", "unary_runs"):
+        real = getattr(exact, name)
+        monkeypatch.setattr(exact, name, lambda *a, _real=real, _name=name: split.append(_name) or _real(*a))
+    prompt, new = [5, 17, 42, 99, 7, 300, 11], 10
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    runner = Runner.prepare(load_model(model_dir, "cpu"), exact=True)
+    with torch.inference_mode():
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        store, rows = KVStore(len(prompt) + 2, len(prompt) + new), []  # small, so that it grows as well
+        tokens = prompt
+        for _ in range(new):
+            rows.append(runner.step([store], [tokens])[0])
+            tokens = [int(rows[-1].argmax())]
+    assert torch.equal(torch.stack(rows), torch.cat(out.logits))
+    assert split == []  # no product was split: the step was the plain forward
+    with torch.inference_mode():  # two requests are split again
+        runner.step([KVStore(4, 4), KVStore(4, 4)], [[5, 17], [42]])
+    assert split
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
 def test_engine_serves_other_moe_architectures_exactly(moe_arch_dirs: dict[str, Path], name: str) -> None:
     from inference.telemetry import snapshot
