@@ -39,6 +39,13 @@ def reconcile_once() -> None:
             load(dep)
 
 
+def engine_options() -> dict:
+    """Return the Engine settings this box's configuration asks for (see the README's table)."""
+    return dict(device=settings.ENGINE_DEVICE, queue_limit=settings.ENGINE_QUEUE_LIMIT,
+                kv_budget_bytes=settings.ENGINE_KV_BUDGET_BYTES, threads=settings.ENGINE_THREADS,
+                exact=settings.ENGINE_EXACT)
+
+
 def load(dep: Deployment) -> None:
     variant = dep.variant
     Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.LOADING, detail="verifying files")
@@ -51,9 +58,7 @@ def load(dep: Deployment) -> None:
         return
     started = time.monotonic()
     try:
-        engine = Engine(Path(variant.store_path), device=settings.ENGINE_DEVICE,
-                        queue_limit=settings.ENGINE_QUEUE_LIMIT, kv_budget_bytes=settings.ENGINE_KV_BUDGET_BYTES,
-                        threads=settings.ENGINE_THREADS)
+        engine = Engine(Path(variant.store_path), **engine_options())
     except Exception as exc:
         log.exception("loading %s failed", variant.name)
         Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail=f"load failed: {exc}")

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py                       # all three demo models, 1/4/16/64 clients
     .venv/bin/python bench/serve.py --models demo-dense --levels 1 16
+    .venv/bin/python bench/serve.py --servers appliance --exact off   # plain batched products on CPU
 
 For each demo model: the static-batch ceiling (one `generate` over 16 prompts), the sequential figure
 (the same prompts one `generate` after another) and the appliance's engine driven in process without
@@ -45,13 +46,17 @@ def measure(url: str, headers: dict, model: str, levels: list[int], max_tokens: 
     return results
 
 
-def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, servers: list[str]) -> dict:
+EXACT = {"auto": None, "on": True, "off": False}  # --exact → Engine(exact=...), as APPLIANCE_ENGINE_EXACT
+
+
+def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, servers: list[str],
+        exact: str = "auto") -> dict:
     home = temp_home()
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "max_tokens": max_tokens, "levels": levels,
-                    "rounds": rounds,
+                    "rounds": rounds, "exact": exact,
                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "load_before": os.getloadavg()}, "models": {}}
-    box = Appliance(home)
+    box = Appliance(home, exact=exact)
     try:
         print("writing demo models and starting the appliance ...", flush=True)
         box.start(models if "appliance" in servers else [])
@@ -59,8 +64,10 @@ def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, serv
             print(f"{name}: in-process baselines (16 prompts x {max_tokens} tokens)", flush=True)
             report["models"][name] = {"kind": KINDS[name], **in_process_baselines(box.demo_dir / name, max_tokens)}
             for key in ("static_batch", "sequential"):
-                print(f"    {key:>12}: {report['models'][name][key]['tokens_per_s']:8.1f} tok/s", flush=True)
-            report["models"][name]["engine-no-http"] = engine_in_process(box.demo_dir / name, levels, max_tokens)
+                print(f"    {key:>12}: {report['models'][name][key]['tokens_per_s']:8.1f} tok/s "
+                      f"({report['models'][name]['threads']} torch threads)", flush=True)
+            report["models"][name]["engine-no-http"] = engine_in_process(
+                box.demo_dir / name, levels, max_tokens, EXACT[exact])
         if "appliance" in servers:
             for name in models:
                 print(f"{name}: appliance", flush=True)
@@ -170,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    parser.add_argument("--exact", choices=list(EXACT), default="auto",
+                        help="the appliance's APPLIANCE_ENGINE_EXACT (auto: bit-exact batching on CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = run(args.models, args.levels, args.max_tokens, args.rounds, args.servers)
+    report = run(args.models, args.levels, args.max_tokens, args.rounds, args.servers, args.exact)
     print_table(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"serve-{stamp}.json").write_text(json.dumps(report, indent=2))

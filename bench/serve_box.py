@@ -61,6 +61,7 @@ class Appliance:
     """A running appliance (web + worker) with demo models deployed and a team key."""
 
     home: Path
+    exact: str = "auto"  # APPLIANCE_ENGINE_EXACT of the web process
     url: str = ""
     key: str = ""
     env: dict = field(default_factory=dict)
@@ -80,7 +81,8 @@ class Appliance:
     def start(self, models: list[str]) -> Appliance:
         """Migrate, write the demo models, start worker and web, deploy `models`, issue a key."""
         self.env = {**os.environ, **OFFLINE, "APPLIANCE_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
-                    "APPLIANCE_QUEUE": f"bench-{uuid.uuid4().hex[:8]}", "APPLIANCE_RECONCILE_INTERVAL": "0.3"}
+                    "APPLIANCE_QUEUE": f"bench-{uuid.uuid4().hex[:8]}", "APPLIANCE_RECONCILE_INTERVAL": "0.3",
+                    "APPLIANCE_ENGINE_EXACT": self.exact}
         self.env.pop("DATABASE_URL", None)  # the embedded SQLite of this throwaway home
         self.env.pop("CELERY_BROKER_URL", None)
         self.manage("migrate", "--verbosity", "0")

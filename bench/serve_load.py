@@ -18,6 +18,9 @@ import httpx
 import torch
 
 MIN_REQUESTS = 8
+# torch's own thread count, taken before any Engine in this process sets its own (half the cores): the
+# baselines of every model run with it, whichever model's engine ran before.
+DEFAULT_THREADS = torch.get_num_threads()
 TOPICS = [
     "the audit ledger", "expert routing", "the egress guard", "signed checkpoints", "team quotas",
     "the model store", "KV caches", "distilled models", "the reconciler", "network attestations",
@@ -159,6 +162,7 @@ def in_process_baselines(model_dir, max_tokens: int, prompts: int = 16, repeats:
 
     # Best of `repeats`: a ceiling should not be lowered by another process's burst on a shared box.
     static_s = seq_s = float("inf")
+    torch.set_num_threads(DEFAULT_THREADS)
     with torch.inference_mode():
         model.generate(**batch, max_new_tokens=8, do_sample=False)  # warm-up
         for _ in range(repeats):
@@ -174,6 +178,7 @@ def in_process_baselines(model_dir, max_tokens: int, prompts: int = 16, repeats:
                 seq_tokens += generated(out[:, ids["input_ids"].shape[1]:])
             seq_s = min(seq_s, time.perf_counter() - started)
     return {
+        "threads": DEFAULT_THREADS,
         "static_batch": {"prompts": prompts, "completion_tokens": static_tokens, "seconds": static_s,
                          "tokens_per_s": static_tokens / static_s},
         "sequential": {"prompts": prompts, "completion_tokens": seq_tokens, "seconds": seq_s,
@@ -181,7 +186,7 @@ def in_process_baselines(model_dir, max_tokens: int, prompts: int = 16, repeats:
     }
 
 
-def engine_in_process(model_dir, levels: list[int], max_tokens: int) -> list[dict]:
+def engine_in_process(model_dir, levels: list[int], max_tokens: int, exact: bool | None = None) -> list[dict]:
     """Return tokens/s and TTFT of the appliance's engine alone (no HTTP), at each concurrency level."""
     from transformers import AutoTokenizer
 
@@ -206,6 +211,6 @@ def engine_in_process(model_dir, levels: list[int], max_tokens: int) -> list[dic
         samples = await asyncio.gather(*(one(i) for i in range(clients)))
         return summarize(list(samples), time.perf_counter() - started, clients)
 
-    with Engine(model_dir, device="cpu", stream_interval_s=0.0) as engine:
+    with Engine(model_dir, device="cpu", stream_interval_s=0.0, exact=exact) as engine:
         asyncio.run(level(engine, 4))  # warm-up
         return [asyncio.run(level(engine, clients)) for clients in levels]

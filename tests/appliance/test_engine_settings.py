@@ -1,0 +1,42 @@
+"""The engine settings of the environment reach the engines the reconciler loads."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from appliance.reconciler import engine_options
+from inference.engine import Engine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def settings_value(name: str, **env: str) -> subprocess.CompletedProcess:
+    """Import the settings in a fresh interpreter with `env` and print one of them."""
+    code = f"from appliance import settings; print(repr(settings.{name}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "None"), ("on", "True"), ("OFF", "False")])
+def test_engine_exact_is_read_from_the_environment(value: str, expected: str) -> None:
+    result = settings_value("ENGINE_EXACT", APPLIANCE_ENGINE_EXACT=value)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_a_bad_engine_exact_names_the_variable() -> None:
+    result = settings_value("ENGINE_EXACT", APPLIANCE_ENGINE_EXACT="maybe")
+    assert result.returncode != 0
+    assert "APPLIANCE_ENGINE_EXACT must be auto, on or off, not 'maybe'" in result.stderr
+
+
+def test_the_reconciler_builds_engines_with_the_configured_exactness(settings, demo_dir) -> None:
+    settings.ENGINE_DEVICE, settings.ENGINE_EXACT = "cpu", False
+    options = engine_options()
+    assert options["exact"] is False
+    with Engine(demo_dir / "demo-distilled", **options) as engine:
+        assert engine.exact is False
+    settings.ENGINE_EXACT = None
+    with Engine(demo_dir / "demo-distilled", **engine_options()) as engine:
+        assert engine.exact is True  # auto: exact on CPU
