@@ -332,6 +332,18 @@ class Exchange:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
 
+    @functools.cached_property
+    def _content_frame(self) -> tuple[str, str]:
+        # A stream's content events differ only in their text: frame them once, encode only the text per event.
+        marker = f"\x00{self.id}\x00"
+        before, after = sse(self.chunk_object({"content": marker}, None)).split(json.dumps(marker))
+        return before, after
+
+    def content_event(self, text: str) -> bytes:
+        """Return the SSE event that carries `text`, as sse(chunk_object(...)) would, ready to send."""
+        before, after = self._content_frame
+        return f"{before}{json.dumps(text)}{after}".encode()
+
     async def sse(self, handle, include_usage: bool):
         finish = None
         try:
@@ -344,7 +356,7 @@ class Exchange:
                     yield sse(error_payload(f"Generation failed: {chunk.error}"))
                     return
                 if chunk.text:
-                    yield sse(self.chunk_object({"content": chunk.text}, None))
+                    yield self.content_event(chunk.text)
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
             yield sse(self.chunk_object({}, finish))

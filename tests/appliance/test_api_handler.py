@@ -1,5 +1,6 @@
 """The chat API's lean handler: no console middleware, but Django's security checks and headers still apply."""
 import asyncio
+import threading
 
 import pytest
 
@@ -53,3 +54,21 @@ def test_production_https_redirect_covers_the_api(committed, settings):
     settings.SECURE_HSTS_SECONDS = 3600
     status, headers, _ = call("/v1/models", scheme="https")
     assert headers["strict-transport-security"].startswith("max-age=3600")
+
+
+def test_the_api_runs_its_sync_work_on_one_kept_thread(committed):
+    # Django's own handler would start (and stop) a thread for each request's signals.
+    from django.core.signals import request_started
+
+    threads = []
+
+    def where(**kwargs):
+        threads.append(threading.current_thread().name)
+
+    request_started.connect(where)
+    try:
+        for _ in range(3):
+            assert call("/v1/models")[0] == 401
+    finally:
+        request_started.disconnect(where)
+    assert threads == ["api-sync_0"] * 3

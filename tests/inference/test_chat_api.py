@@ -11,7 +11,7 @@ import pytest
 from django.test import AsyncClient
 
 from inference import serving
-from inference.api import admit_on_gate
+from inference.api import Exchange, admit_on_gate, sse
 from inference.engine import Engine
 from inference.gatekeeper import Admission, Caller, Gatekeeper, UsageReport, gatekeeper
 from tests.audit.tamper import wipe_ledger
@@ -77,6 +77,16 @@ def post(body: dict) -> tuple[int, dict, object]:
 
 def chat(model: str, **params) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "Describe the audit ledger."}], **params}
+
+
+@pytest.mark.parametrize("text", ["plain", 'quote " and \\ backslash', "line\nbreak\ttab", "ünïcödé 中文 🙂",
+                                  "\x00", "", "data: [DONE]\n\n"])
+def test_a_content_event_is_the_chunk_object_as_sse(text: str) -> None:
+    exchange = Exchange(caller=Caller(team="t", key_prefix="sk-box-abc"), model='odd "model"', messages=[])
+    expected = sse(exchange.chunk_object({"content": text}, None))
+    assert exchange.content_event(text) == expected.encode()
+    assert json.loads(exchange.content_event(text).decode()[len("data: "):])["choices"][0]["delta"] == {
+        "content": text}
 
 
 def test_penalties_and_top_k_are_served(api) -> None:
