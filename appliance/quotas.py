@@ -2,7 +2,8 @@
 
 Admission charges one request to the current minute, day and month counter of
 the team and of the key, all in one transaction, after checking every limit;
-settlement adds the tokens the request used. Token limits are checked before a
+settlement adds the tokens the request used. A burst of requests of a key that no
+limit applies to is counted in one go. Token limits are checked before a
 request (its size is unknown until it ends), so the last admitted request may
 overshoot a budget by its own size.
 """
