@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -111,18 +112,39 @@ class RegistryGatekeeper(Gatekeeper):
 
     def settle(self, caller: Caller, admission: Admission, report: UsageReport) -> None:
         """Record what an admitted request used (tokens, latency, outcome) and charge its tokens."""
-        ticket = admission.ticket
-        if not admission.allowed or not isinstance(ticket, quotas.Ticket):
-            return  # refusals were recorded by admit(); unknown models are not accounted
-        outcome = report.outcome if report.outcome in Outcome.values else Outcome.FAILED
+        self.settle_many([(caller, admission, report)])
+
+    def settle_many(self, reports: list[tuple[Caller, Admission, UsageReport]]) -> None:
+        """Settle finished requests together: one insert of their usage rows, one token update per counter set."""
+        # Refusals were recorded by admit(); unknown models are not accounted.
+        settled = [(admission.ticket, report) for _, admission, report in reports
+                   if admission.allowed and isinstance(admission.ticket, quotas.Ticket)]
+        if settled and not self._record_usage(settled) and len(settled) > 1:
+            for one in settled:  # so that one bad report costs its own row only
+                self._record_usage([one])
+
+    @staticmethod
+    def _record_usage(settled: list[tuple[quotas.Ticket, UsageReport]]) -> bool:
+        """Charge the tokens and store the usage rows of settled requests in one transaction; False if it failed."""
+        tokens: Counter[tuple[int, ...]] = Counter()
+        for ticket, report in settled:
+            tokens[ticket.counter_ids] += report.prompt_tokens + report.completion_tokens
         try:
-            quotas.add_tokens(ticket.counter_ids, report.prompt_tokens + report.completion_tokens)
-            usage.record(team=ticket.team, key_prefix=ticket.key_prefix, variant=ticket.variant,
-                         prompt_tokens=report.prompt_tokens, completion_tokens=report.completion_tokens,
-                         latency_ms=report.latency_ms, ttft_ms=report.ttft_ms, outcome=outcome)
+            with transaction.atomic():
+                for counter_ids, count in tokens.items():
+                    quotas.add_tokens(counter_ids, count)
+                usage.record_many([usage.usage_row(
+                    team=ticket.team, key_prefix=ticket.key_prefix, variant=ticket.variant,
+                    prompt_tokens=report.prompt_tokens, completion_tokens=report.completion_tokens,
+                    latency_ms=report.latency_ms, ttft_ms=report.ttft_ms,
+                    outcome=report.outcome if report.outcome in Outcome.values else Outcome.FAILED)
+                    for ticket, report in settled])
+            return True
         except Exception:
-            # The answer has already gone out; losing one usage row must not turn it into an error.
-            log.exception("could not record usage of %s on %s", ticket.team, ticket.variant)
+            # The answers have already gone out; losing usage rows must not turn them into errors.
+            log.exception("could not record usage of %d requests (first: %s on %s)", len(settled),
+                          settled[0][0].team, settled[0][0].variant)
+            return False
 
     def _key_for_token(self, bearer_token: str) -> ApiKey | None:
         # The unique index finds the row by digest; comparing the digest again in

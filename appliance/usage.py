@@ -101,10 +101,22 @@ class Bucket:
         return self.requests - self.failed - self.cancelled - self.refused
 
 
-def record(*, team: str, key_prefix: str, variant: str, prompt_tokens: int, completion_tokens: int,
-           latency_ms: int, ttft_ms: int | None, outcome: str) -> UsageRecord:
-    """Store the raw record of one request."""
-    return UsageRecord.objects.create(
+def record(**fields) -> UsageRecord:
+    """Store the raw record of one request (the fields of `usage_row`)."""
+    row = usage_row(**fields)
+    row.save()
+    return row
+
+
+def record_many(rows: list[UsageRecord]) -> None:
+    """Store the raw records of several requests (built by `usage_row`) in one insert."""
+    UsageRecord.objects.bulk_create(rows)
+
+
+def usage_row(*, team: str, key_prefix: str, variant: str, prompt_tokens: int, completion_tokens: int,
+              latency_ms: int, ttft_ms: int | None, outcome: str) -> UsageRecord:
+    """Return the unsaved record of one request, with negative figures (clock steps) clamped to 0."""
+    return UsageRecord(
         team=team, key_prefix=key_prefix, variant=variant, prompt_tokens=max(0, prompt_tokens),
         completion_tokens=max(0, completion_tokens), latency_ms=max(0, latency_ms),
         ttft_ms=None if ttft_ms is None else max(0, ttft_ms), outcome=outcome)

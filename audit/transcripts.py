@@ -39,8 +39,18 @@ def set_policy(team: str, *, keep: bool, retention_days: int | None = None, acto
 
 def store(team: str, model: str, messages: list, completion: str) -> Transcript | None:
     """Encrypt and keep one exchange if team keeps transcripts; return it, or None when not kept."""
-    if not TranscriptPolicy.objects.filter(team=team, keep_transcripts=True).exists():
-        return None
+    return store_many([(team, model, messages, completion)])[0]
+
+
+def store_many(exchanges: list[tuple[str, str, list, str]]) -> list[Transcript | None]:
+    """Keep each (team, model, messages, completion) whose team keeps transcripts; one policy read for all."""
+    teams = {team for team, *_ in exchanges}
+    keeping = set(TranscriptPolicy.objects.filter(team__in=teams, keep_transcripts=True)
+                  .values_list("team", flat=True))
+    return [_encrypt_and_store(*exchange) if exchange[0] in keeping else None for exchange in exchanges]
+
+
+def _encrypt_and_store(team: str, model: str, messages: list, completion: str) -> Transcript:
     key_row, key = _data_key(team)
     nonce = secrets.token_bytes(12)
     now = datetime.now(timezone.utc)

@@ -37,44 +37,74 @@ _gate = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gatekeeper")
 DATABASE_THREADS = (_ledger_writer, _gate)
 
 
-# Chat requests waiting for admission, as (bearer token, model, Future): a burst is answered in one gatekeeper
-# call, so that it reads its key and variant once instead of queueing behind as many full checks.
-_waiting_admissions: queue.SimpleQueue = queue.SimpleQueue()
-
-
 async def on_gate(fn, *args):
     """Run a gatekeeper call (database reads, the quota charge) on the gatekeeper thread and await it."""
     return await asyncio.wrap_future(_gate.submit(_with_kept_connection, fn, *args))
 
 
+class Batched:
+    """Items queued from any thread and handed to `call_many` in one call on an executor's one thread.
+
+    Whatever queued up while that thread was busy goes in the next call: in a burst, N requests cost one
+    read of their key and one insert of N usage rows, instead of N of each in a row. `call_many` returns one
+    result per item (or None); an item whose waiter gave up before the call is left out.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor, call_many) -> None:
+        self._executor = executor
+        self._call_many = call_many
+        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
+
+    def queued(self) -> int:
+        """Return how many items wait for the next call."""
+        return self._waiting.qsize()
+
+    def submit(self, item) -> Future:
+        answer: Future = Future()
+        self._waiting.put((item, answer))
+        self._executor.submit(self._run_waiting)
+        return answer
+
+    def _run_waiting(self) -> None:
+        waiting = []
+        while True:
+            try:
+                item, answer = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if answer.set_running_or_notify_cancel():
+                waiting.append((item, answer))
+        if not waiting:
+            return  # an earlier call took them
+        try:
+            results = _with_kept_connection(self._call_many, [item for item, _ in waiting])
+        except Exception as exc:
+            log.exception("%s failed for %d items", self._call_many.__name__, len(waiting))
+            for _, answer in waiting:
+                answer.set_exception(exc)
+            return
+        for (_, answer), result in zip(waiting, results or [None] * len(waiting)):
+            answer.set_result(result)
+
+
+def _authenticate_and_admit(requests: list[tuple[str, str]]) -> list:
+    return gatekeeper().authenticate_and_admit(requests)
+
+
+def _settle_many(reports: list[tuple]) -> None:
+    gatekeeper().settle_many(reports)
+
+
+# Admission on the gatekeeper thread (a request whose client left while waiting is neither checked nor counted);
+# usage and transcripts on the writer thread, after the answer.
+_admissions = Batched(_gate, _authenticate_and_admit)
+_settlements = Batched(_ledger_writer, _settle_many)
+_transcripts = Batched(_ledger_writer, transcripts.store_many)
+
+
 async def admit_on_gate(token: str, model: str) -> tuple[Caller | None, Admission | None]:
     """Authenticate a chat request and admit it to model, together with whatever else is waiting."""
-    answer: Future = Future()
-    _waiting_admissions.put((token, model, answer))
-    _gate.submit(_admit_waiting)
-    return await asyncio.wrap_future(answer)
-
-
-def _admit_waiting() -> None:
-    """Answer every waiting admission in one gatekeeper call (on the gatekeeper thread)."""
-    waiting = []
-    while True:
-        try:
-            token, model, answer = _waiting_admissions.get_nowait()
-        except queue.Empty:
-            break
-        if answer.set_running_or_notify_cancel():  # a request whose client left is neither checked nor counted
-            waiting.append((token, model, answer))
-    if not waiting:
-        return  # an earlier call took them
-    try:
-        answers = _with_kept_connection(gatekeeper().authenticate_and_admit, [(t, m) for t, m, _ in waiting])
-    except Exception as exc:
-        for *_, answer in waiting:
-            answer.set_exception(exc)
-        return
-    for (*_, answer), result in zip(waiting, answers):
-        answer.set_result(result)
+    return await asyncio.wrap_future(_admissions.submit((token, model)))
 
 
 def _with_kept_connection(fn, *args, **kwargs):
@@ -117,8 +147,8 @@ def record_soon(**event) -> None:
 
 
 def settle_soon(caller: Caller, admission: Admission, report: UsageReport) -> None:
-    """Queue the usage report of an admitted request on the writer thread, in order with its events."""
-    write_soon(gatekeeper().settle, caller, admission, report)
+    """Queue the usage report of an admitted request on the writer thread, settled with whatever else ended."""
+    _settlements.submit((caller, admission, report))
 
 
 def _ms_since(started: float) -> int:
@@ -301,7 +331,7 @@ class Exchange:
 
     def keep_transcript(self) -> None:
         """Store the exchange encrypted when the team's policy keeps transcripts (a no-op otherwise)."""
-        write_soon(transcripts.store, self.caller.team, self.model, self.messages, "".join(self.text))
+        _transcripts.submit((self.caller.team, self.model, self.messages, "".join(self.text)))
 
     def absorb(self, chunk) -> None:
         if chunk.text and self.first_text_at is None:

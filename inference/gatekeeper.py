@@ -78,6 +78,11 @@ class Gatekeeper(Protocol):
     def settle(self, caller: Caller, admission: Admission, report: UsageReport) -> None:
         """Record what an admitted request used (tokens, latency, outcome)."""
 
+    def settle_many(self, reports: list[tuple[Caller, Admission, UsageReport]]) -> None:
+        """Record several finished requests (the chat API hands over what finished together) as settle() would."""
+        for caller, admission, report in reports:
+            self.settle(caller, admission, report)
+
 
 @lru_cache(maxsize=1)
 def gatekeeper() -> Gatekeeper:

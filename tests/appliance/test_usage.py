@@ -35,6 +35,31 @@ def test_settle_records_tokens_latency_ttft_outcome_team_key_and_variant():
     assert (row.prompt_tokens, row.completion_tokens, row.latency_ms, row.ttft_ms, row.outcome) == (12, 30, 850, 120, "ok")
 
 
+def test_settling_a_burst_sums_tokens_per_counter_and_inserts_every_row(django_assert_max_num_queries):
+    from appliance.quotas import current_usage
+
+    variant("general")
+    _, key, plaintext = team_with_key("research")
+    caller = gk.authenticate(plaintext)
+    admissions = [gk.admit(caller, "general") for _ in range(5)]
+    reports = [UsageReport("general", 10 + i, 20, 300, 40, "ok") for i in range(5)]
+    with django_assert_max_num_queries(6):  # one token update, one insert (and the transaction around them)
+        gk.settle_many([(caller, a, r) for a, r in zip(admissions, reports)])
+    assert sorted(UsageRecord.objects.values_list("prompt_tokens", flat=True)) == [10, 11, 12, 13, 14]
+    assert current_usage("key", key.pk)["tokens_per_minute"] == sum(r.prompt_tokens + 20 for r in reports)
+
+
+def test_one_bad_report_in_a_burst_costs_only_its_own_row(caplog):
+    variant("general")
+    _, _, plaintext = team_with_key("research")
+    caller = gk.authenticate(plaintext)
+    good = UsageReport("general", 1, 2, 300, 40, "ok")
+    bad = UsageReport("general", 1, 2, None, 40, "ok")  # a latency that cannot be stored
+    gk.settle_many([(caller, gk.admit(caller, "general"), r) for r in (good, bad, good)])
+    assert UsageRecord.objects.count() == 2
+    assert "could not record usage of 1 requests" in caplog.text
+
+
 def test_percentiles_use_the_nearest_rank():
     values = list(range(1, 101))
     assert usage.percentile(values, 50) == 50 and usage.percentile(values, 95) == 95

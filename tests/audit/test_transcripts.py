@@ -30,6 +30,17 @@ def test_transcripts_are_not_kept_unless_the_team_asks():
     assert Transcript.objects.count() == 0
 
 
+def test_a_burst_reads_the_policies_once_and_keeps_only_teams_that_ask(django_assert_max_num_queries):
+    transcripts.set_policy("research", keep=True, actor="admin:alice")
+    burst = [(team, "tiny", [{"role": "user", "content": f"{team} {i}"}], "ok")
+             for i in range(3) for team in ("research", "sales")]
+    with django_assert_max_num_queries(20) as queries:
+        stored = transcripts.store_many(burst)
+    assert [s is not None for s in stored] == [True, False] * 3
+    assert sum("audit_transcriptpolicy" in q["sql"] for q in queries.captured_queries) == 1
+    assert Transcript.objects.filter(team="research").count() == 3 and Transcript.objects.count() == 3
+
+
 def test_kept_transcripts_are_encrypted_at_rest(kept):
     assert SECRET.encode() not in bytes(kept.ciphertext)
     assert kept.team == "research" and len(bytes(kept.nonce)) == 12

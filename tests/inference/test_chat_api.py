@@ -227,10 +227,10 @@ def hold_the_gatekeeper() -> threading.Event:
 
 
 async def until_waiting(count: int) -> None:
-    from inference.api import _waiting_admissions
+    from inference.api import _admissions
 
     for _ in range(500):
-        if _waiting_admissions.qsize() >= count:
+        if _admissions.queued() >= count:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{count} admissions never queued")
