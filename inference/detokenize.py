@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from tokenizers.decoders import DecodeStream
+
 # What a tokenizer decodes an incomplete UTF-8 byte sequence to.
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded along with the first generated ones, so tokenizers that drop a leading space at
@@ -20,7 +22,11 @@ class Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
-    """Decode a growing token list into text deltas, holding back text that ends in a partial character."""
+    """Decode a growing token list into text deltas, holding back text that ends in a partial character.
+
+    A tokenizer backed by the Rust `tokenizers` library does this with its own incremental decoder, one call
+    per token; any other decodes two short windows per token (what was emitted, and that plus the new token).
+    """
 
     def __init__(self, tokenizer: Decoder, prompt_ids: list[int]) -> None:
         self._tokenizer = tokenizer
@@ -28,6 +34,8 @@ class IncrementalDetokenizer:
         # Text of ids[prefix_offset:read_offset] has been emitted; ids[read_offset:] have not.
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = None if self._backend is None else DecodeStream(skip_special_tokens=True, ids=self._ids)
 
     def _decode(self, ids: list[int]) -> str:
         """Return the text of `ids`, leaving out special tokens such as the chat markers."""
@@ -36,6 +44,11 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token and return the newly completed text (may be "")."""
         self._ids.append(token_id)
+        if self._stream is not None:
+            text = self._stream.step(self._backend, token_id)
+            if text:
+                self._prefix_offset = self._read_offset = len(self._ids)
+            return text or ""
         # Decoding a short window instead of everything keeps each step O(window), not O(length).
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])

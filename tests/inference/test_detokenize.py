@@ -30,6 +30,28 @@ def test_detokenizer_releases_invalid_bytes_at_the_end(tokenizer) -> None:
     assert detokenizer.flush() == REPLACEMENT_CHAR
 
 
+class WindowOnly:
+    """The demo tokenizer without its Rust backend, so the detokenizer decodes windows."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decode = tokenizer.decode
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_rust_stream_and_the_window_decoder_give_the_same_deltas(tokenizer, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    ids = [rng.randrange(len(tokenizer)) for _ in range(200)]  # byte tokens, specials, whole words
+    ids += tokenizer(" Naïve résumé: 日本語 🚀🛰 and the ledger.").input_ids
+    prompt = tokenizer("<|im_start|>assistant\n").input_ids
+    streamed, windowed = IncrementalDetokenizer(tokenizer, prompt), IncrementalDetokenizer(WindowOnly(tokenizer), prompt)
+    assert streamed._stream is not None and windowed._stream is None
+    for token in ids:
+        assert streamed.push(token) == windowed.push(token)
+    assert streamed.flush() == windowed.flush()
+
+
 def test_stop_matcher_holds_back_a_possible_stop_start() -> None:
     matcher = StopMatcher(("STOP",))
     assert matcher.feed("hello ST") == ("hello ", False)
