@@ -54,9 +54,21 @@ def append(
     details: dict | None = None,
 ) -> AuditEvent:
     """Append one event after the current head of the chain and return it."""
-    details = {} if details is None else details
-    event = AuditEvent(actor=actor, action=action, target=target, outcome=outcome, details=details)
-    _check_columns(event)
+    return append_many([dict(action=action, actor=actor, target=target, outcome=outcome, details=details)])[0]
+
+
+def append_many(events: list[dict]) -> list[AuditEvent]:
+    """Append events (the keyword arguments of `append`), in order, after the current head, in one transaction.
+
+    Every event is checked before any is stored: one malformed event appends none of them.
+    """
+    built = []
+    for fields in events:
+        details = fields.get("details")
+        event = AuditEvent(actor=fields["actor"], action=fields["action"], target=fields.get("target", ""),
+                           outcome=fields.get("outcome", "ok"), details={} if details is None else details)
+        _check_columns(event)
+        built.append(event)
     using = router.db_for_write(AuditEvent)
     # Called inside an outer atomic block this is only a savepoint, and the lock
     # below (on SQLite: the database write lock) is held until the outer
@@ -64,14 +76,17 @@ def append(
     with transaction.atomic(using=using):
         lock(using)
         head = AuditEvent.objects.using(using).order_by("-seq").values_list("seq", "hash").first()
-        event.seq, event.prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
-        # Read the clock under the lock, so times never go backwards along seq
-        # (unless the system clock itself is stepped back).
-        event.created_at = datetime.now(timezone.utc)
-        event.body = canonical_bytes(event.body_fields())
-        event.hash = hashlib.sha256(event.body).hexdigest()
-        event.save(using=using)
-    return event
+        seq, prev_hash = head if head else (0, GENESIS_HASH)
+        for event in built:
+            seq += 1
+            event.seq, event.prev_hash = seq, prev_hash
+            # Read the clock under the lock, so times never go backwards along seq
+            # (unless the system clock itself is stepped back).
+            event.created_at = datetime.now(timezone.utc)
+            event.body = canonical_bytes(event.body_fields())
+            event.hash = prev_hash = hashlib.sha256(event.body).hexdigest()
+            event.save(using=using)
+    return built
 
 
 def lock(using: str) -> None:

@@ -47,7 +47,8 @@ class Batched:
 
     Whatever queued up while that thread was busy goes in the next call: in a burst, N requests cost one
     read of their key and one insert of N usage rows, instead of N of each in a row. `call_many` returns one
-    result per item (or None); an item whose waiter gave up before the call is left out.
+    result per item (an exception for an item that failed alone), or None; an item whose waiter gave up before
+    the call is left out.
     """
 
     def __init__(self, executor: ThreadPoolExecutor, call_many) -> None:
@@ -84,7 +85,10 @@ class Batched:
                 answer.set_exception(exc)
             return
         for (_, answer), result in zip(waiting, results or [None] * len(waiting)):
-            answer.set_result(result)
+            if isinstance(result, Exception):  # that item alone failed
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
 
 
 def _authenticate_and_admit(requests: list[tuple[str, str]]) -> list:
@@ -95,9 +99,29 @@ def _settle_many(reports: list[tuple]) -> None:
     gatekeeper().settle_many(reports)
 
 
+def _append_events(events: list[dict]) -> list:
+    """Append events in one transaction; when one is refused (a malformed field), each alone, so only it fails."""
+    try:
+        return ledger.append_many(events)
+    except DatabaseError:
+        raise  # nothing was written: the kept-connection wrapper reconnects and retries the whole burst
+    except Exception:
+        if len(events) == 1:
+            raise
+    return [_append_alone(event) for event in events]
+
+
+def _append_alone(event: dict):
+    try:
+        return ledger.append(**event)
+    except Exception as exc:
+        return exc
+
+
 # Admission on the gatekeeper thread (a request whose client left while waiting is neither checked nor counted);
-# usage and transcripts on the writer thread, after the answer.
+# ledger events, usage and transcripts on the writer thread, events in the order they were recorded.
 _admissions = Batched(_gate, _authenticate_and_admit)
+_events = Batched(_ledger_writer, _append_events)
 _settlements = Batched(_ledger_writer, _settle_many)
 _transcripts = Batched(_ledger_writer, transcripts.store_many)
 
@@ -131,19 +155,14 @@ def _connection_works() -> bool:
         return False
 
 
-def write_soon(fn, *args, **kwargs) -> Future:
-    """Queue bookkeeping (ledger, usage, transcripts) on the writer thread, in order, without waiting."""
-    return _ledger_writer.submit(_with_kept_connection, fn, *args, **kwargs)
-
-
 async def record(**event) -> None:
     """Append a ledger event from async code without blocking the event loop."""
-    await asyncio.wrap_future(write_soon(ledger.append, **event))
+    await asyncio.wrap_future(_events.submit(event))
 
 
 def record_soon(**event) -> None:
     """Queue a ledger event without waiting (for paths that are being cancelled)."""
-    write_soon(ledger.append, **event)
+    _events.submit(event)
 
 
 def settle_soon(caller: Caller, admission: Admission, report: UsageReport) -> None:
