@@ -43,15 +43,18 @@ def store(team: str, model: str, messages: list, completion: str) -> Transcript 
 
 
 def store_many(exchanges: list[tuple[str, str, list, str]]) -> list[Transcript | None]:
-    """Keep each (team, model, messages, completion) whose team keeps transcripts; one policy read for all."""
+    """Keep each (team, model, messages, completion) whose team keeps transcripts; one policy read for all,
+    and each keeping team's data key read (and unwrapped) once."""
     teams = {team for team, *_ in exchanges}
-    keeping = set(TranscriptPolicy.objects.filter(team__in=teams, keep_transcripts=True)
-                  .values_list("team", flat=True))
-    return [_encrypt_and_store(*exchange) if exchange[0] in keeping else None for exchange in exchanges]
+    keeping = TranscriptPolicy.objects.filter(team__in=teams, keep_transcripts=True).values_list("team", flat=True)
+    data_keys = {team: _data_key(team) for team in keeping}
+    return [_encrypt_and_store(data_keys[exchange[0]], *exchange) if exchange[0] in data_keys else None
+            for exchange in exchanges]
 
 
-def _encrypt_and_store(team: str, model: str, messages: list, completion: str) -> Transcript:
-    key_row, key = _data_key(team)
+def _encrypt_and_store(data_key: tuple[TeamDataKey, bytes], team: str, model: str, messages: list,
+                       completion: str) -> Transcript:
+    key_row, key = data_key
     nonce = secrets.token_bytes(12)
     now = datetime.now(timezone.utc)
     plaintext = canonical({"messages": messages, "completion": completion})
