@@ -16,7 +16,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+HOSTILE = Path(__file__).resolve().parent / "hostile"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HOSTILE in item.path.parents:  # the adversarial suite attacks a live box: real processes
+            item.add_marker(pytest.mark.e2e)
     if not config.getoption("--integration"):
         return
     kept, dropped = [], []

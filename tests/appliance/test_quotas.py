@@ -14,7 +14,7 @@ from appliance.gatekeeper import RegistryGatekeeper
 from appliance.models import UsageCounter, UsageRecord, Window
 from audit.models import AuditEvent
 from inference.gatekeeper import UsageReport
-from tests.e2e.conftest import PostgresDatabase, free_port, start, wait_http
+from tests.livebox import PostgresDatabase, free_port, start, wait_http
 
 from .teams import team_with_key, variant
 
