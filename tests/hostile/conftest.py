@@ -2,8 +2,8 @@
 unlucky administrator would.
 
 Every test here is marked e2e (it starts real processes: tests/conftest.py adds the marker), so CI runs it
-on embedded defaults and again on PostgreSQL + Redis. A test that needs a box started differently (a tiny disk, other limits) starts its own
-with tests.livebox.start_box.
+on embedded defaults and again on PostgreSQL + Redis. A test that needs a box started differently (a tiny
+disk, other limits) starts its own with tests.livebox.start_box.
 """
 import pytest
 
