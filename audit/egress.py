@@ -2,19 +2,39 @@
 
 Installed by `appliance/__init__.py` before anything else is imported, so it imports only the
 standard library. A PEP 578 audit hook refuses connects, datagrams and name lookups aimed
-outside the allowlist before any packet leaves. It is a tripwire and a source of evidence, not
-a sandbox: native code calling libc directly, and child processes, do not pass through it; the
-systemd units and nftables rules in deploy/ are the enforcement, and network attestations
-catch what both miss.
+outside the allowlist before any packet leaves, and records each refusal in the ledger.
+
+It cannot be switched off quietly from Python. The hook runs private copies of this module's and
+audit.egress_policy's functions, against a private namespace (policy, queue of records, a snapshot
+of the builtins) made at install and reachable from no module, so assigning to this module, to
+`socket`, `ipaddress`, the builtins, `Policy` or `guard()` changes nothing the hook reads. Changes
+that it does see are refused or recorded: assignments to (or deletions from) either guard module
+are refused and recorded (`egress.tamper`); so is replacing the code or defaults of a guard function
+(the audit event "object.__setattr__"); `set_policy` is the one way to change the policy and is
+recorded (`egress.policy_changed`); `gc.get_objects` / `get_referrers` / `get_referents`, the way to
+reach the private namespace, are recorded once per caller (`egress.introspection`). Audit hooks
+cannot be removed.
+
+What Python code can still do without a trace: write through ctypes into memory; use objects
+found through gc (recorded, as above, but not refused); rebind `vars(module)` entries or unseal a
+module with `object.__setattr__` (the hook reads neither); replace `audit.ledger` so that records are
+lost (refusals still happen). And the hook never sees native code calling libc directly (database
+drivers, CUDA, anything loaded with ctypes) nor child processes that do not import the appliance.
+It is a tripwire and a source of evidence, not a sandbox: the systemd units and nftables rules in
+deploy/ are what stop those, and network attestations (audit.attestation) catch connections held by
+the appliance's processes and their children whichever way they were opened.
 """
-import ipaddress
+import builtins
 import os
 import queue
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+import types
+
+from audit import egress_policy
+from audit.egress_policy import (  # noqa: F401  (re-exported: the guard's public names)
+    LOCAL_NAMES, LOOPBACK, TAMPER_EVENT, Policy, judge_address, judge_name, parse_allowlist,
+    policy_from_environment, refuse_tampering)
 
 OFFLINE_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
@@ -26,11 +46,29 @@ OFFLINE_ENVIRONMENT = {
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-LOOPBACK = ("127.0.0.0/8", "::1/128")
-# Names that never reach a resolver: the C library answers them from /etc/hosts.
-LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
-WATCHED = {"socket.connect", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
-           "socket.gethostbyname", "socket.gethostbyaddr"}
+WATCHED = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
+                     "socket.gethostbyname", "socket.gethostbyaddr"})
+# The guard's own audit events: the only ways in to the hook's private state.
+SET_POLICY_EVENT = "audit.egress.set_policy"
+QUERY_EVENT = "audit.egress.query"
+JUDGE_EVENT = "audit.egress.judge"
+INTROSPECTION = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents"})
+_HANDLED = WATCHED | INTROSPECTION | {SET_POLICY_EVENT, QUERY_EVENT, JUDGE_EVENT, TAMPER_EVENT,
+                                      "object.__setattr__"}
+_GUARD_MODULES = frozenset({__name__, egress_policy.__name__})
+# Captured at import, before anything else can replace them.
+_audit = sys.audit
+_getframe = sys._getframe
+_getpid = os.getpid
+_FunctionType = types.FunctionType
+_Thread = threading.Thread
+
+# The installed hook's private namespace holds the real values of these; here they stay empty.
+_rules: tuple = ((), (), "none", ())
+_pending: queue.Queue | None = None
+_local = None
+_seen: set = set()
+_recorder = None
 
 
 def set_offline_environment() -> None:
@@ -38,165 +76,103 @@ def set_offline_environment() -> None:
     os.environ.update(OFFLINE_ENVIRONMENT)
 
 
-@dataclass
-class Policy:
-    """Where this process may connect: networks (any port) and named hosts (optionally one port)."""
-
-    networks: list = field(default_factory=list)
-    hosts: dict = field(default_factory=dict)  # lower-case name or address -> port, or None for any
-    source: str = "default"
-
-    def allows_address(self, host: str, port: int | None) -> bool:
-        """Return whether a connection to host (an IP literal) on port is allowed."""
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return self.allows_name(host, port)
-        if any(address in net for net in self.networks):
-            return True
-        if address.version == 6 and address.ipv4_mapped is not None:
-            if self.allows_address(str(address.ipv4_mapped), port):
-                return True
-        literal = {h: p for h, p in self.hosts.items() if _is_address(h)}
-        if str(address) in literal and literal[str(address)] in (None, port):
-            return True
-        for name, allowed_port in self.hosts.items():
-            if name not in literal and allowed_port in (None, port) and str(address) in _resolved(name):
-                return True
-        return False
-
-    def allows_name(self, name: str, port: int | None) -> bool:
-        """Return whether a lookup of name (for port) is allowed."""
-        name = name.rstrip(".").lower()
-        try:
-            ipaddress.ip_address(name.split("%", 1)[0])
-        except ValueError:
-            pass
-        else:
-            return self.allows_address(name, port)
-        if name in LOCAL_NAMES:
-            return True
-        allowed = self.hosts.get(name, False)
-        return allowed is None or (allowed is not False and port in (None, allowed))
-
-    def describe(self) -> list[str]:
-        """Return the allowlist as the strings an operator would write."""
-        return [str(n) for n in self.networks] + [f"{h}:{p}" if p else h for h, p in self.hosts.items()]
+def _hook(event: str, args: tuple) -> None:
+    """Judge one audit event: refuse egress outside the policy, and refuse or record changes to the guard."""
+    if event not in _HANDLED:
+        return
+    if event in WATCHED:
+        _judge_socket(event, args)
+    elif event == "object.__setattr__":
+        _judge_setattr(args)
+    elif event == QUERY_EVENT:
+        args[0].append((_rules, _pending.unfinished_tasks))
+    elif event == JUDGE_EVENT:
+        args[2].append(judge_address(_rules, args[0], args[1]))
+    elif event == SET_POLICY_EVENT:
+        _change_policy(args[0])
+    elif event == TAMPER_EVENT:
+        _queue("egress.tamper", "audit.egress", "refused", {"what": str(args[0])[:300]})
+    else:
+        _introspected(event)
 
 
-def _is_address(text: str) -> bool:
-    """Return whether text is an IP address literal."""
+def _judge_socket(event: str, args: tuple) -> None:
+    """Refuse a watched socket operation whose destination the policy does not allow."""
+    if getattr(_local, "busy", False):
+        return
+    _local.busy = True  # resolving an allowed name below re-enters the hook
     try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
-
-
-def parse_allowlist(entries: list[str], source: str) -> Policy:
-    """Return the policy for comma-separated CIDRs, addresses, hosts and host:port entries."""
-    policy = Policy(source=source)
-    for entry in (e.strip() for e in entries):
-        if not entry:
-            continue
-        try:
-            policy.networks.append(ipaddress.ip_network(entry, strict=False))
-            continue
-        except ValueError:
-            pass
-        host, port = _split_host_port(entry)
-        host = host.lower()
-        policy.hosts[str(ipaddress.ip_address(host)) if _is_address(host) else host] = port
-    return policy
-
-
-def _split_host_port(entry: str) -> tuple[str, int | None]:
-    """Return (host, port or None) of "host", "host:port" or "[v6]:port"."""
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else None
-    if entry.count(":") == 1:
-        host, port = entry.split(":")
-        return host, int(port)
-    return entry, None
-
-
-def policy_from_environment(environ=os.environ) -> Policy:
-    """Return APPLIANCE_EGRESS_ALLOW's policy, or loopback plus the database and broker hosts."""
-    explicit = environ.get("APPLIANCE_EGRESS_ALLOW")
-    if explicit is not None:
-        return parse_allowlist(explicit.split(","), "APPLIANCE_EGRESS_ALLOW")
-    entries = list(LOOPBACK)
-    for variable in ("DATABASE_URL", "CELERY_BROKER_URL"):
-        for url in environ.get(variable, "").split(";"):  # kombu accepts failover lists
-            parts = urlsplit(url.strip())
-            if parts.hostname:
-                port = parts.port
-                host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-                entries.append(f"{host}:{port}" if port else host)
-    return parse_allowlist(entries, "default (loopback, DATABASE_URL, CELERY_BROKER_URL)")
-
-
-_resolve_cache: dict[str, tuple[float, set[str]]] = {}
-
-
-def _resolved(name: str) -> set[str]:
-    """Return the addresses an allowed host name resolves to, cached for a minute."""
-    cached = _resolve_cache.get(name)
-    if cached and time.monotonic() - cached[0] < 60:
-        return cached[1]
-    import socket
-
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
-    except OSError:
-        addresses = set()
-    _resolve_cache[name] = (time.monotonic(), addresses)
-    return addresses
-
-
-class Guard:
-    """The installed hook's state: the policy in force and the refusals waiting to be recorded."""
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-        self.installed = False
-        self.pending: queue.Queue = queue.Queue()
-        self.recorder: threading.Thread | None = None
-        self.local = threading.local()
-
-    def hook(self, event: str, args: tuple) -> None:
-        """Refuse a watched socket operation whose destination the policy does not allow."""
-        if event not in WATCHED or getattr(self.local, "busy", False):
+        destination = _destination(event, args)
+        if destination is None:
             return
-        self.local.busy = True  # resolving an allowed name below re-enters the hook
-        try:
-            destination = _destination(event, args)
-            if destination is None:
-                return
-            host, port, lookup = destination
-            allowed = (self.policy.allows_name if lookup else self.policy.allows_address)(host, port)
-        finally:
-            self.local.busy = False
-        if not allowed:
-            self._refuse(event, host, port)
-
-    def _refuse(self, event: str, host: str, port: int | None) -> None:
-        """Queue the evidence and raise the PermissionError that stops the operation."""
+        host, port, lookup = destination
+        allowed = (judge_name if lookup else judge_address)(_rules, host, port)
+    finally:
+        _local.busy = False
+    if not allowed:
         target = f"{host}:{port}" if port is not None else host
-        caller = _caller()
-        self.pending.put({"operation": event, "destination": target, "caller": caller,
-                          "process": _process_name(), "pid": os.getpid(), "allowlist": self.policy.source})
-        self._start_recorder()
+        caller = _queue("egress.blocked", target, "refused", {"operation": event, "destination": target})
         raise PermissionError(f"egress refused: {event} to {target} is outside this appliance's allowlist "
-                              f"({', '.join(self.policy.describe()) or 'nothing'}; from {caller})")
+                              f"({', '.join(_rules[3]) or 'nothing'}; from {caller})")
 
-    def _start_recorder(self) -> None:
-        """Start the thread that writes refusals to the ledger, once per process."""
-        if self.recorder is None or not self.recorder.is_alive():
-            self.recorder = threading.Thread(target=_record_forever, args=(self,), name="egress-recorder",
-                                             daemon=True)
-            self.recorder.start()
+
+def _judge_setattr(args: tuple) -> None:
+    """Refuse replacing the code, defaults or special attributes of the guard's functions and classes."""
+    target, name = args[0], args[1]
+    if type(target) is not _FunctionType and type(target) is not type:
+        return
+    module = getattr(target, "__module__", None)  # a type being built may have none yet
+    if type(module) is not str or module not in _GUARD_MODULES:
+        return
+    what = f"setting {name} of {module}.{getattr(target, '__qualname__', '?')}"
+    _queue("egress.tamper", "audit.egress", "refused", {"what": what})
+    raise PermissionError(f"egress guard: {what} refused (recorded in the ledger)")
+
+
+def _change_policy(rules: tuple) -> None:
+    """Replace the policy with a checked copy of rules, recording the change."""
+    global _rules
+    new = _frozen_rules(rules)
+    _queue("egress.policy_changed", "allowlist", "ok", {"from": list(_rules[3]), "to": list(new[3]),
+                                                         "source": new[2]})
+    _rules = new
+
+
+def _frozen_rules(rules: tuple) -> tuple:
+    """Return rules rebuilt from exact ints and strings, so that no mutable look-alike reaches the hook."""
+    ranges, hosts, source, description = rules
+    frozen_ranges = tuple((_exact(v, int), _exact(low, int), _exact(high, int)) for v, low, high in ranges)
+    frozen_hosts = tuple((_exact(name, str), None if port is None else _exact(port, int),
+                          None if literal is None else (_exact(literal[0], int), _exact(literal[1], int)))
+                         for name, port, literal in hosts)
+    return frozen_ranges, frozen_hosts, _exact(source, str), tuple(_exact(d, str) for d in description)
+
+
+def _exact(value, kind):
+    """Return value if its type is exactly kind, else raise TypeError."""
+    if type(value) is not kind:
+        raise TypeError(f"egress policy: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _introspected(event: str) -> None:
+    """Record, once per calling place, a gc call that can reach the hook's private state."""
+    caller = _caller()
+    if (event, caller) not in _seen:
+        _seen.add((event, caller))
+        _queue("egress.introspection", event, "observed", {})
+
+
+def _queue(action: str, target: str, outcome: str, details: dict) -> str:
+    """Queue one event for the recorder thread and return the calling place."""
+    caller = _caller()
+    _pending.put((action, target, outcome, {**details, "caller": caller, "process": _process_name(),
+                                            "pid": _getpid(), "allowlist": _rules[2]}))
+    global _recorder
+    if _recorder is None or not _recorder.is_alive():
+        _recorder = _Thread(target=_record_forever, args=(_pending,), name="egress-recorder", daemon=True)
+        _recorder.start()
+    return caller
 
 
 def _destination(event: str, args: tuple) -> tuple[str, int | None, bool] | None:
@@ -222,9 +198,9 @@ def _destination(event: str, args: tuple) -> tuple[str, int | None, bool] | None
 
 
 def _caller() -> str:
-    """Return module:line of the innermost frame outside the socket machinery and this module."""
-    frame = sys._getframe(1)
-    skip = {"socket", "ssl", "selectors", "audit.egress", "asyncio.base_events", "asyncio.selector_events"}
+    """Return module:line of the innermost frame outside the socket machinery and the guard."""
+    frame = _getframe(1)
+    skip = {"socket", "ssl", "selectors", "asyncio.base_events", "asyncio.selector_events", *_GUARD_MODULES}
     while frame is not None and frame.f_globals.get("__name__") in skip:
         frame = frame.f_back
     if frame is None:
@@ -238,20 +214,22 @@ def _process_name() -> str:
     return " ".join(a for a in argv if not a.startswith("-")) or sys.executable
 
 
-def _record_forever(guard: Guard) -> None:
-    """Append each queued refusal to the ledger once Django is ready, in this thread's connection."""
+def _record_forever(pending: queue.Queue) -> None:
+    """Append each queued event to the ledger once Django is ready, in this thread's connection."""
     while True:
-        details = guard.pending.get()
+        item = pending.get()
         try:
-            _record(details)
+            _record(*item)
         except Exception as exc:  # the refusal already happened; losing its record must not crash us
-            print(f"egress guard: could not record {details}: {exc!r}", file=sys.stderr)
+            print(f"egress guard: could not record {item}: {exc!r}", file=sys.stderr)
         finally:
-            guard.pending.task_done()
+            pending.task_done()
 
 
-def _record(details: dict) -> None:
-    """Append one egress.blocked event, waiting for Django's apps to be ready."""
+def _record(action: str, target: str, outcome: str, details: dict) -> None:
+    """Append one guard event, waiting for Django's apps to be ready."""
+    import time
+
     from django.apps import apps
 
     deadline = time.monotonic() + 600
@@ -264,36 +242,93 @@ def _record(details: dict) -> None:
     from audit.ledger import append
 
     try:
-        append("egress.blocked", actor=f"system:{details['process']}"[:200], target=details["destination"],
-               outcome="refused", details=details)
+        append(action, actor=f"system:{details['process']}"[:200], target=target[:200], outcome=outcome,
+               details=details)
     finally:
         connections.close_all()
 
 
-_guard: Guard | None = None
+def _isolated(module: types.ModuleType, namespace: dict) -> dict:
+    """Return namespace with copies of module's own functions that read namespace as their globals."""
+    for name, value in list(namespace.items()):
+        if type(value) is _FunctionType and value.__module__ == module.__name__:
+            namespace[name] = _FunctionType(value.__code__, namespace, value.__name__, value.__defaults__,
+                                            value.__closure__)
+    return namespace
 
 
-def install_guard(environ=os.environ) -> Guard:
-    """Install the audit hook once per process (hooks cannot be removed) and return its state."""
-    global _guard
-    if _guard is None:
-        _guard = Guard(policy_from_environment(environ))
-        sys.addaudithook(_guard.hook)
-        _guard.installed = True
-    return _guard
+def _private_namespace(policy: Policy) -> dict:
+    """Return the installed hook's namespace: private copies of both guard modules, their state, the builtins."""
+    snapshot = dict(vars(builtins))
+    rules_namespace = _isolated(egress_policy, {**vars(egress_policy), "__builtins__": snapshot,
+                                                "_resolve_cache": {}})
+    namespace = _isolated(sys.modules[__name__], {**vars(sys.modules[__name__]), "__builtins__": snapshot})
+    for name in ("judge_address", "judge_name"):
+        namespace[name] = rules_namespace[name]
+    namespace.update(_rules=_frozen_rules(policy.rules()), _pending=queue.Queue(), _local=threading.local(),
+                     _seen=set(), _recorder=None)
+    return namespace
 
 
-def guard() -> Guard | None:
-    """Return the installed guard, or None before install_guard()."""
-    return _guard
+def _query() -> tuple | None:
+    """Return the installed hook's (rules, events not yet recorded), or None when no guard is installed."""
+    answer = []
+    _audit(QUERY_EVENT, answer)
+    return answer[0] if answer else None
+
+
+class GuardView:
+    """A read-only view of this process's guard: its state lives in the hook's private namespace."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        """Refuse the assignment and record it."""
+        refuse_tampering(f"assignment to guard().{name}")
+
+    @property
+    def installed(self) -> bool:
+        """Return whether the hook answers."""
+        return _query() is not None
+
+    @property
+    def policy(self) -> Policy:
+        """Return a copy of the policy in force."""
+        rules = _query()[0]
+        return parse_allowlist(rules[3], rules[2])
+
+    def allows_address(self, host: str, port: int | None) -> bool:
+        """Return the hook's own judgement of a connection to host on port."""
+        answer = []
+        _audit(JUDGE_EVENT, host, port, answer)
+        return answer[0]
+
+
+def install_guard(environ=os.environ) -> GuardView:
+    """Install the audit hook once per process (hooks cannot be removed) and return a view of it."""
+    if _query() is None:
+        sys.addaudithook(_private_namespace(policy_from_environment(environ))["_hook"])
+    return GuardView()
+
+
+def guard() -> GuardView | None:
+    """Return a view of the installed guard, or None before install_guard()."""
+    return GuardView() if _query() is not None else None
+
+
+def set_policy(policy: Policy) -> None:
+    """Replace the installed guard's policy; the change is recorded as an egress.policy_changed event."""
+    if _query() is None:
+        raise RuntimeError("egress guard: set_policy before install_guard()")
+    _audit(SET_POLICY_EVENT, policy.rules())
 
 
 def flush(timeout: float = 10.0) -> bool:
-    """Wait until queued refusals are in the ledger; return whether that happened in time."""
-    if _guard is None:
-        return True
+    """Wait until queued guard events are in the ledger; return whether that happened in time."""
+    import time
+
     deadline = time.monotonic() + timeout
-    while _guard.pending.unfinished_tasks:
+    while (state := _query()) is not None and state[1]:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -302,8 +337,8 @@ def flush(timeout: float = 10.0) -> bool:
 
 def startup_report() -> dict:
     """Return the guard's state and the offline values the Hugging Face libraries actually read."""
-    report = {"guard_installed": bool(_guard and _guard.installed),
-              "allowlist": _guard.policy.describe() if _guard else [],
+    view = guard()
+    report = {"guard_installed": view is not None, "allowlist": view.policy.describe() if view else [],
               "environment": {k: os.environ.get(k) for k in OFFLINE_ENVIRONMENT}}
     read = {}
     # Only libraries already imported: importing transformers here would cost seconds per call.
@@ -319,3 +354,6 @@ def startup_report() -> dict:
         read["transformers.is_offline_mode()"] = bool(hub.is_offline_mode())
     report["libraries_read"] = read
     return report
+
+
+sys.modules[__name__].__class__ = egress_policy.SealedModule
