@@ -12,7 +12,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import close_old_connections, transaction
 
-from audit import egress, ledger
+from audit import attestation, egress, ledger
 from inference import serving
 from inference.engine import Engine
 
@@ -108,4 +108,5 @@ def start() -> None:
     # Evidence for the auditor: the guard's allowlist and the offline values the
     # Hugging Face libraries (imported by the engine above) actually read.
     ledger.append("process.start", actor=ACTOR, details=egress.startup_report())
+    attestation.at_process_start("web")  # registers web (and its engines) for beat's attestations too
     threading.Thread(target=_loop, name="reconciler", daemon=True).start()

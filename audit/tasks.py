@@ -18,7 +18,7 @@ def heartbeat_checkpoint() -> int:
 
 @shared_task(name="audit.tasks.network_attestation")
 def network_attestation() -> str:
-    """Record the box's sockets as a signed network.attestation event."""
+    """Record the sockets of the appliance's registered processes as a signed network.attestation event."""
     from audit.attestation import attest
 
     event = attest()
