@@ -3,6 +3,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib import admin
+from django.db import transaction
 from django.http import HttpResponse
 from django.shortcuts import redirect
 from django.urls import reverse
@@ -44,11 +45,30 @@ def login(request, **kwargs):
     if request.user.is_authenticated and response.status_code == 302:
         LoginFailure.objects.filter(username=username).delete()
         return response
-    LoginFailure.objects.create(username=username, address=address)
-    if locked_out(username, address):
-        ledger.append("console.lockout", actor="anonymous", target=username, outcome="denied",
-                      details={"address": address, "window_s": settings.CONSOLE_LOGIN_WINDOW_S})
+    record_failure(username, address)
     return response
+
+
+def record_failure(username: str, address: str) -> None:
+    """Count a failed sign-in and record it in the ledger (and the lockout it causes), never the password.
+
+    Locked-out attempts are answered above without being recorded, so an address can add at most
+    CONSOLE_LOGIN_MAX_FAILURES_PER_ADDRESS events per window.
+    """
+    shown = printable(username)
+    with transaction.atomic():
+        LoginFailure.objects.create(username=username, address=address)
+        ledger.append("console.sign_in_failed", actor=f"sign-in:{shown}", target=shown, outcome="denied",
+                      details={"address": address, "username_length": len(username)})
+        if locked_out(username, address):
+            ledger.append("console.lockout", actor="anonymous", target=shown, outcome="denied",
+                          details={"address": address, "window_s": settings.CONSOLE_LOGIN_WINDOW_S})
+
+
+def printable(text: str, limit: int = 64) -> str:
+    """Return text with unprintable characters escaped (\\x1b, \\n, …), cut to limit characters ("…" marks a cut)."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return shown if len(shown) <= limit else shown[:limit - 1] + "…"
 
 
 def password_change(request):

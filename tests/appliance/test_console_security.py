@@ -1,4 +1,5 @@
 """Console sign-in throttling, the production settings, and the forced password change."""
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,30 @@ def test_repeated_failed_sign_ins_lock_the_user_name_out(client, root):
     assert locked.status_code == 429 and "Too many failed sign-ins" in locked.content.decode()
     assert int(locked["Retry-After"]) > 0
     assert AuditEvent.objects.filter(action="console.lockout", target="root").count() == 1
+    # Each failure is on record; the attempt refused while locked out is not (the lockout bounds the events).
+    assert AuditEvent.objects.filter(action="console.sign_in_failed", target="root").count() == 3
+
+
+def test_a_single_failed_sign_in_is_a_ledger_event_without_the_password(client, root):
+    assert sign_in(client, "hunter2-not-the-password").status_code == 200
+    event = AuditEvent.objects.get(action="console.sign_in_failed")
+    assert (event.actor, event.target, event.outcome) == ("sign-in:root", "root", "denied")
+    assert event.details == {"address": "127.0.0.1", "username_length": 4}
+    assert not any("hunter2" in json.dumps(e.body_fields(), default=str) for e in AuditEvent.objects.all())
+
+
+def test_a_hostile_user_name_is_recorded_escaped_and_bounded(client, root):
+    hostile = "\x1b[31mroot\n\u200b" + "x" * 500
+    sign_in(client, "wrong", username=hostile)
+    event = AuditEvent.objects.get(action="console.sign_in_failed")
+    assert event.target.startswith("\\x1b[31mroot\\n\\u200bxxx") and event.target.endswith("…")
+    assert len(event.target) == 64 and event.actor == f"sign-in:{event.target}"
+    assert event.target.isprintable() and event.details["username_length"] == 150  # the view's own bound
+
+
+def test_a_successful_sign_in_is_not_a_failure(client, root):
+    assert sign_in(client, "the-right-password").status_code == 302
+    assert not AuditEvent.objects.filter(action="console.sign_in_failed").exists()
 
 
 @override_settings(CONSOLE_LOGIN_MAX_FAILURES=3)
