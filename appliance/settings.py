@@ -196,6 +196,11 @@ CELERY_TASK_DEFAULT_QUEUE = env_str("APPLIANCE_QUEUE", "appliance")
 CELERY_BEAT_SCHEDULE = {
     "verify-model-store": {"task": "appliance.tasks.verify_all_variants", "schedule": 24 * 3600.0},
 }
+# An import renews its lease as it copies; one not renewed for this long had its worker die, and beat
+# marks it failed (appliance.importer.reclaim_stale_imports) within another half of it.
+IMPORT_LEASE_S = env_int("APPLIANCE_IMPORT_LEASE_S", 30)
+CELERY_BEAT_SCHEDULE["reclaim-stale-imports"] = {"task": "appliance.tasks.reclaim_stale_imports",
+                                                 "schedule": IMPORT_LEASE_S / 2}
 
 # --- Audit and evidence ---
 import socket  # noqa: E402  (kept inside this section, which audit/ owns)
