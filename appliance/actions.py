@@ -3,9 +3,12 @@
 Views, admin actions and management commands validate their input and then
 call one of these; nothing else writes registry rows.
 """
+import logging
 from pathlib import Path
 
+from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from audit import ledger
 
@@ -19,19 +22,31 @@ from .models import (
     VariantKind,
     VariantStatus,
 )
+from .names import NAME_MAX, check_name
+
+log = logging.getLogger(__name__)
 
 
 class ActionRefused(Exception):
     """The request cannot be carried out in the registry's current state; the message says why."""
 
 
+class LeaseLost(ActionRefused):
+    """An import attempt no longer holds its variant: its lease expired and was reclaimed, or the variant is gone."""
+
+
 def do_start_import(*, name: str, kind: str, source_path: str, actor: str) -> ModelVariant:
     """Register a variant as importing and enqueue its import once the row is committed."""
+    from .importer import reclaim_stale_imports
     from .tasks import import_variant
 
+    check_name(name, field="variant name")
     if kind not in VariantKind.values:
         raise ActionRefused(f"unknown kind {kind!r}; expected one of {', '.join(VariantKind.values)}")
+    # The source itself may be a link to a directory (a mount's alias): it is resolved once, here, and
+    # recorded; nothing inside it may be a link (appliance.modelfiles refuses them).
     source = str(Path(source_path).expanduser().resolve())
+    reclaim_stale_imports(name)  # an import whose worker died is failed now, so it may be retried
     with transaction.atomic():
         variant = ModelVariant.objects.select_for_update().filter(name=name).first()
         if variant is None:
@@ -39,6 +54,7 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str) -> Mo
         elif variant.status == VariantStatus.FAILED:
             variant.transition(VariantStatus.IMPORTING)
             variant.kind, variant.source_path, variant.progress = kind, source, 0
+            variant.lease_owner, variant.lease_expires_at = "", None
             variant.save()
         else:
             raise ActionRefused(f"variant {name} already exists (status {variant.status})")
@@ -46,6 +62,83 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str) -> Mo
                       details={"source": source, "kind": kind})
         transaction.on_commit(lambda: import_variant.delay(variant.pk))
     return variant
+
+
+def _held(variant_id: int, owner: str) -> ModelVariant:
+    """Return the variant locked for update, or raise LeaseLost unless import attempt owner still holds it."""
+    variant = ModelVariant.objects.select_for_update().filter(pk=variant_id).first()
+    if variant is None or variant.status != VariantStatus.IMPORTING or variant.lease_owner != owner:
+        raise LeaseLost(f"import attempt {owner} no longer holds variant {variant_id}")
+    return variant
+
+
+def _end_lease(variant: ModelVariant) -> None:
+    variant.lease_owner, variant.lease_expires_at = "", None
+
+
+def do_finish_import(variant_id: int, *, owner: str, work: Path, final: Path, manifest: dict, summary,
+                     duration_ms: int, actor: str) -> None:
+    """Move an import attempt's copy into place and mark the variant ready, if the attempt still holds it."""
+    from .modelfiles import remove_in_store, tree_size
+    from .tasks import analyse_fit
+
+    with transaction.atomic():
+        variant = _held(variant_id, owner)
+        remove_in_store(Path(settings.MODEL_STORE), str(final))  # a failed earlier attempt's leftovers
+        work.replace(final)
+        variant.transition(VariantStatus.READY)
+        _end_lease(variant)
+        variant.store_path = str(final)
+        variant.manifest = manifest
+        variant.size_bytes = tree_size(final)
+        for field in ("architecture", "model_type", "dtype", "params_total", "params_active", "context_length",
+                      "metadata"):
+            setattr(variant, field, getattr(summary, field))
+        variant.random_weights = bool(summary.metadata.get("random_weights"))
+        variant.progress = 100
+        variant.save()
+        ledger.append("variant.import", actor=actor, target=variant.name, outcome="ok", details={
+            "files": len(manifest), "size_bytes": variant.size_bytes, "params_total": summary.params_total,
+            "duration_ms": duration_ms,
+        })
+        # The advisor's verdict belongs with every ready variant; it needs config.json only.
+        transaction.on_commit(lambda: analyse_fit.delay(variant_id))
+
+
+def do_fail_import(variant_id: int, reason: str, *, outcome: str, owner: str, actor: str) -> bool:
+    """Mark the import failed with reason, if attempt owner still holds it; return whether it did."""
+    with transaction.atomic():
+        try:
+            variant = _held(variant_id, owner)
+        except LeaseLost:
+            return False
+        _record_failure(variant, reason, outcome=outcome, actor=actor)
+    return True
+
+
+def do_reclaim_import(variant: ModelVariant, *, owner: str, actor: str) -> bool:
+    """Mark an import failed whose worker stopped renewing its lease; return whether it was still stale."""
+    with transaction.atomic():
+        try:
+            variant = _held(variant.pk, owner)
+        except LeaseLost:
+            return False
+        if variant.lease_expires_at is None or variant.lease_expires_at >= timezone.now():
+            return False  # renewed meanwhile: its worker is alive
+        worker = owner.partition(":")[2] or "unknown"
+        reason = (f"the worker importing it ({worker}) stopped: its lease expired at "
+                  f"{variant.lease_expires_at.isoformat(timespec='seconds')}; partial files removed; import it "
+                  "again to retry")
+        _record_failure(variant, reason, outcome="failed", actor=actor)
+    return True
+
+
+def _record_failure(variant: ModelVariant, reason: str, *, outcome: str, actor: str) -> None:
+    variant.transition(VariantStatus.FAILED, reason)
+    _end_lease(variant)
+    variant.progress = 0
+    variant.save()
+    ledger.append("variant.import", actor=actor, target=variant.name, outcome=outcome, details={"reason": reason})
 
 
 def do_verify(variant: ModelVariant, *, actor: str) -> None:
@@ -90,21 +183,38 @@ def do_undeploy(variant: ModelVariant, *, actor: str) -> None:
 
 
 def do_delete(variant: ModelVariant, *, actor: str) -> None:
-    """Remove the variant from the registry and its files from the store."""
-    from .modelfiles import remove_tree
+    """Remove the variant from the registry and its files from the store (refused if they lie outside it)."""
+    from .importer import discard_attempt
+    from .modelfiles import OutsideStore, in_store, remove_in_store
 
+    store = Path(settings.MODEL_STORE)
     store_path = variant.store_path
+    if store_path:
+        try:
+            in_store(store, store_path)
+        except OutsideStore as exc:
+            raise ActionRefused(f"variant {variant.name} not deleted: {exc}") from exc
+
+    def remove_files():
+        try:
+            if store_path:
+                remove_in_store(store, store_path)
+            if variant.lease_owner:  # an import in progress: its worker stops at its next renewal
+                discard_attempt(variant.name, variant.lease_owner)
+        except OSError:
+            log.exception("removing the files of deleted variant %s failed", variant.name)
+
     with transaction.atomic():
         ledger.append("variant.delete", actor=actor, target=variant.name,
                       details={"store_path": store_path, "size_bytes": variant.size_bytes})
         variant.delete()
         # The reconciler unloads engines whose variant is gone; files go after commit.
-        if store_path:
-            transaction.on_commit(lambda: remove_tree(Path(store_path)))
+        transaction.on_commit(remove_files)
 
 
 def do_create_team(name: str, *, actor: str) -> Team:
     """Create a team, or return the existing one of that name."""
+    check_name(name, field="team name")
     with transaction.atomic():
         team, created = Team.objects.get_or_create(name=name)
         if created:
@@ -122,8 +232,6 @@ def do_issue_api_key(team: Team, *, actor: str, name: str = "") -> tuple[ApiKey,
 
 def do_revoke_api_key(key: ApiKey, *, actor: str) -> None:
     """Revoke a key; the next request with it is refused."""
-    from django.utils import timezone
-
     with transaction.atomic():
         ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
         ledger.append("apikey.revoke", actor=actor, target=key.team.name, details={"key": key.prefix})
@@ -202,11 +310,10 @@ def do_issue_console_key(username: str, *, ttl_s: int) -> tuple[ApiKey, str]:
     """Issue a short-lived key of the user's console team for the chat page; revoke the user's older ones."""
     from datetime import timedelta
 
-    from django.utils import timezone
     from django.utils.text import slugify
 
     actor = f"admin:{username}"
-    name = f"console-{slugify(username)}"[:100]
+    name = check_name(f"console-{slugify(username)}"[:NAME_MAX], field="console team name")
     now = timezone.now()
     with transaction.atomic():
         team, created = Team.objects.get_or_create(name=name, defaults={"console_user": username})

@@ -5,6 +5,7 @@ from pathlib import Path
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -185,6 +186,13 @@ class ModelVariantAdmin(admin.ModelAdmin):
 
     @admin.action(description="Delete variants and their stored files", permissions=["change"])
     def delete_variants(self, request, queryset):
+        # Deleting removes the files for good, so the first post only asks; the confirmation page posts again.
+        if request.POST.get("post") != "yes":
+            return TemplateResponse(request, "admin/appliance/modelvariant/delete_variants.html", {
+                **self.admin_site.each_context(request), "title": "Delete these variants and their files?",
+                "opts": self.model._meta, "variants": queryset.select_related("deployment"),
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            })
         self._each(request, queryset, actions.do_delete, "deleted")
 
 

@@ -1,109 +1,214 @@
-"""Worker-side lifecycle jobs: import a variant into the store, verify its files."""
+"""Worker-side lifecycle jobs: import a variant into the store, verify its files.
+
+An import runs under a lease: the attempt claims the variant, renews the lease with
+each progress report, and finishes only while it still holds it. A worker killed
+mid-import stops renewing; reclaim_stale_imports (beat, the worker's start, the next
+import of that name) then removes its partial files and marks the variant failed.
+"""
+import errno
 import logging
 import os
+import secrets
+import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from audit import ledger
 
+from . import actions
+from .actions import LeaseLost
 from .modelfiles import (
     InvalidModelDir,
+    OutsideStore,
     copy_and_hash,
+    free_bytes,
     hash_dir,
+    in_store,
+    make_store_dir,
     manifest_mismatches,
-    remove_tree,
+    remove_in_store,
     summarize,
+    tree_size,
     validate_model_dir,
 )
 from .models import DesiredState, Deployment, ModelVariant, VariantStatus
+from .names import InvalidName, check_name, is_valid_name
 
 log = logging.getLogger(__name__)
 ACTOR = "system:worker"
 PROGRESS_EVERY_S = 0.5
+INCOMING = ".incoming"  # store/.incoming/<name>/<attempt>/: partial copies, never served
+# Free space an import must leave: room for the database, ledger and logs that may share the disk.
+SPACE_MARGIN_MIN = 16 * 1024 * 1024
+SPACE_MARGIN_RATIO = 50  # and 2% of the model on top, for file-system overhead
+
+
+class NotEnoughSpace(InvalidModelDir):
+    """The store has too little free space for the model; the message says how much it needs and has."""
+
+
+def store_path(name: str) -> Path:
+    """Return the store directory of a variant name, checked to be a valid name lying inside the store."""
+    return in_store(Path(settings.MODEL_STORE), check_name(name, field="variant name"))
+
+
+def gb(size: int) -> str:
+    return f"{size / 1e9:.2f}"
+
+
+def space_needed(size: int) -> int:
+    """Return the free bytes an import of size bytes needs: the files plus the margin."""
+    return size + max(SPACE_MARGIN_MIN, size // SPACE_MARGIN_RATIO)
+
+
+def check_space(size: int, store: Path) -> None:
+    """Raise NotEnoughSpace unless the store can take size bytes and keep its margin."""
+    needed, free = space_needed(size), free_bytes(store)
+    if needed > free:
+        raise NotEnoughSpace(
+            f"not enough space in the model store: needs {gb(needed)} GB, {gb(free)} GB free "
+            f"(the files take {gb(size)} GB; the rest is a margin for the database and logs)")
+
+
+def lease_deadline():
+    return timezone.now() + timedelta(seconds=settings.IMPORT_LEASE_S)
+
+
+class Lease:
+    """One import attempt's hold on its variant, renewed with its progress reports."""
+
+    def __init__(self, variant_id: int, owner: str):
+        self.variant_id, self.owner, self.last = variant_id, owner, 0.0
+
+    def claim(self) -> bool:
+        """Take a queued import (no attempt holds it yet); return whether this attempt got it."""
+        return ModelVariant.objects.filter(
+            pk=self.variant_id, status=VariantStatus.IMPORTING, lease_owner="",
+        ).update(lease_owner=self.owner, lease_expires_at=lease_deadline(), progress=0) == 1
+
+    def renew(self, **values) -> None:
+        """Extend the lease (and set values such as progress), or raise LeaseLost when it was taken away."""
+        self.last = time.monotonic()
+        if not ModelVariant.objects.filter(
+                pk=self.variant_id, status=VariantStatus.IMPORTING, lease_owner=self.owner,
+        ).update(lease_expires_at=lease_deadline(), **values):
+            raise LeaseLost(f"import attempt {self.owner} no longer holds variant {self.variant_id}")
+
+    def progress(self, done: int, total: int) -> None:
+        if time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            self.renew(progress=min(99, done * 100 // total))
+
+
+def attempt_of(owner: str) -> str:
+    """Return the attempt id (the name of its directory under .incoming/<name>/) from a lease owner."""
+    return owner.partition(":")[0]
+
+
+def discard_attempt(name: str, owner: str) -> None:
+    """Remove an attempt's partial files, and .incoming/<name> once no attempt is left in it."""
+    if not (is_valid_name(name) and is_valid_name(attempt_of(owner))):
+        return  # nothing was written for a name the store refuses
+    store = Path(settings.MODEL_STORE)
+    remove_in_store(store, INCOMING, name, attempt_of(owner))
+    try:
+        in_store(store, INCOMING, name).rmdir()
+    except OSError:
+        pass  # missing, or another attempt's files are in it
 
 
 def run_import(variant_id: int) -> None:
     """Copy, hash and inspect a variant's source directory, then mark it ready (or failed)."""
-    variant = ModelVariant.objects.filter(pk=variant_id, status=VariantStatus.IMPORTING).first()
-    if variant is None:
-        return  # deleted meanwhile, or a redelivered task whose work is done
+    owner = f"{secrets.token_hex(8)}:{socket.gethostname()}:{os.getpid()}"[:100]
+    lease = Lease(variant_id, owner)
+    if not lease.claim():
+        return  # deleted meanwhile, held by another attempt, or a redelivered task whose work is done
+    variant = ModelVariant.objects.get(pk=variant_id)
     started = time.monotonic()
-    store = Path(settings.MODEL_STORE)
-    incoming = store / ".incoming" / variant.name
-    final = store / variant.name
-    # A worker killed mid-copy leaves a partial directory; it is never reused.
-    remove_tree(incoming)
+    full = False
     try:
-        config = validate_model_dir(Path(variant.source_path))
-        manifest = copy_and_hash(Path(variant.source_path), incoming, _progress_reporter(variant_id))
-        summary = summarize(incoming, config)
-        remove_tree(final)
-        os.replace(incoming, final)
-    except InvalidModelDir as exc:
-        _fail(variant_id, str(exc), outcome="refused")
+        final, work, manifest, summary = _copy_in(variant, owner, lease)
+        actions.do_finish_import(variant_id, owner=owner, work=work, final=final, manifest=manifest,
+                                 summary=summary, duration_ms=int((time.monotonic() - started) * 1000),
+                                 actor=ACTOR)
+        discard_attempt(variant.name, owner)  # the copy moved into place; this drops .incoming/<name>
         return
+    except LeaseLost:
+        log.warning("import of %s by %s was taken away (lease expired or variant deleted)", variant.name, owner)
+        discard_attempt(variant.name, owner)
+        return
+    except (InvalidModelDir, InvalidName, OutsideStore) as exc:
+        reason, outcome = str(exc), "refused"
+    except OSError as exc:
+        full = exc.errno == errno.ENOSPC
+        if not full:
+            log.exception("import of %s failed", variant.name)
+        reason, outcome = f"import failed: {exc}", "failed"
     except Exception as exc:
         log.exception("import of %s failed", variant.name)
-        _fail(variant_id, f"import failed: {exc}", outcome="failed")
-        return
-    finally:
-        remove_tree(incoming)
-    with transaction.atomic():
-        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
-        variant.transition(VariantStatus.READY)
-        variant.store_path = str(final)
-        variant.manifest = manifest
-        variant.size_bytes = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
-        variant.architecture = summary.architecture
-        variant.model_type = summary.model_type
-        variant.dtype = summary.dtype
-        variant.params_total = summary.params_total
-        variant.params_active = summary.params_active
-        variant.context_length = summary.context_length
-        variant.metadata = summary.metadata
-        variant.random_weights = bool(summary.metadata.get("random_weights"))
-        variant.progress = 100
-        variant.save()
-        ledger.append("variant.import", actor=ACTOR, target=variant.name, outcome="ok", details={
-            "files": len(manifest), "size_bytes": variant.size_bytes, "params_total": summary.params_total,
-            "duration_ms": int((time.monotonic() - started) * 1000),
-        })
-        # The advisor's verdict belongs with every ready variant; it needs config.json only.
-        from .tasks import analyse_fit  # tasks imports this module
-
-        transaction.on_commit(lambda: analyse_fit.delay(variant_id))
+        reason, outcome = f"import failed: {exc}", "failed"
+    # Free the space first: on a full disk the failure could not be recorded otherwise.
+    discard_attempt(variant.name, owner)
+    if full:
+        reason = _out_of_space(variant)
+    actions.do_fail_import(variant_id, reason, outcome=outcome, owner=owner, actor=ACTOR)
 
 
-def _progress_reporter(variant_id: int):
-    last = [0.0]
+def _out_of_space(variant: ModelVariant) -> str:
+    """Return the reason an import that hit a full disk mid-copy failed, with what it needs and what is free now."""
+    free = gb(free_bytes(Path(settings.MODEL_STORE)))
+    try:
+        needs = f"needs {gb(space_needed(tree_size(Path(variant.source_path))))} GB"
+    except (OSError, InvalidModelDir):
+        needs = "needs more space"
+    return (f"the model store ran out of space mid-copy (No space left on device); "
+            f"partial files removed; {needs}, {free} GB free now")
 
-    def report(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= PROGRESS_EVERY_S:
-            last[0] = now
-            ModelVariant.objects.filter(pk=variant_id).update(progress=min(99, done * 100 // total))
 
-    return report
+def _copy_in(variant: ModelVariant, owner: str, lease: Lease):
+    """Validate the source, check the space, copy and hash it into its attempt directory; return what finish needs."""
+    final = store_path(variant.name)
+    store = Path(settings.MODEL_STORE)
+    source = Path(variant.source_path)
+    config = validate_model_dir(source)
+    make_store_dir(store)
+    make_store_dir(in_store(store, INCOMING))
+    make_store_dir(in_store(store, INCOMING, variant.name))
+    check_space(tree_size(source), store)
+    lease.renew()
+    work = in_store(store, INCOMING, variant.name, attempt_of(owner))
+    manifest = copy_and_hash(source, work, lease.progress)
+    summary = summarize(work, config)
+    lease.renew()
+    return final, work, manifest, summary
 
 
-def _fail(variant_id: int, message: str, *, outcome: str) -> None:
-    with transaction.atomic():
-        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
-        variant.transition(VariantStatus.FAILED, message)
-        variant.progress = 0
-        variant.save()
-        ledger.append("variant.import", actor=ACTOR, target=variant.name, outcome=outcome,
-                      details={"reason": message})
+def reclaim_stale_imports(name: str | None = None) -> list[str]:
+    """Fail each import whose lease expired (its worker died), removing its partial files first; return the names."""
+    stale = ModelVariant.objects.filter(status=VariantStatus.IMPORTING, lease_expires_at__lt=timezone.now())
+    if name is not None:
+        stale = stale.filter(name=name)
+    reclaimed = []
+    for variant in stale:
+        discard_attempt(variant.name, variant.lease_owner)
+        if actions.do_reclaim_import(variant, owner=variant.lease_owner, actor=ACTOR):
+            reclaimed.append(variant.name)
+    return reclaimed
 
 
 def check_store(variant: ModelVariant) -> list[str]:
     """Return how the variant's stored files differ from its manifest (empty when intact)."""
     if not variant.store_path or not Path(variant.store_path).is_dir():
         return [f"store directory {variant.store_path or '(none)'} is missing"]
-    return manifest_mismatches(variant.manifest, hash_dir(Path(variant.store_path)))
+    try:
+        stored = hash_dir(in_store(Path(settings.MODEL_STORE), variant.store_path))
+    except (InvalidModelDir, OutsideStore) as exc:  # a link or special file planted in the store is a mismatch
+        return [str(exc)]
+    return manifest_mismatches(variant.manifest, stored)
 
 
 def quarantine(variant_id: int, problems: list[str], *, actor: str) -> None:

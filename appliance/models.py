@@ -6,6 +6,8 @@ import secrets
 from django.db import models
 from django.utils import timezone
 
+from .names import validate_team_name, validate_variant_name
+
 
 class VariantKind(models.TextChoices):
     MOE = "moe", "Mixture-of-Experts"
@@ -38,7 +40,8 @@ class InvalidTransition(Exception):
 
 
 class ModelVariant(models.Model):
-    name = models.SlugField(max_length=100, unique=True)
+    # Checked by appliance.names (at most 64 characters); the column keeps room for rows written before.
+    name = models.CharField(max_length=100, unique=True, validators=[validate_variant_name])
     kind = models.CharField(max_length=16, choices=VariantKind.choices)
     architecture = models.CharField(max_length=100, blank=True)
     model_type = models.CharField(max_length=50, blank=True)
@@ -58,6 +61,10 @@ class ModelVariant(models.Model):
     )
     status_detail = models.TextField(blank=True)
     progress = models.PositiveSmallIntegerField(default=0)
+    # The import attempt that holds this variant (appliance.importer) and until when: the worker renews the
+    # lease with its progress, so an expired one means the worker died and the import is reclaimed as failed.
+    lease_owner = models.CharField(max_length=100, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
     # Demo models have random weights; the console says so wherever they appear.
     random_weights = models.BooleanField(default=False)
     metadata = models.JSONField(default=dict, blank=True)
@@ -164,7 +171,7 @@ class Limits(models.Model):
 
 
 class Team(Limits):
-    name = models.SlugField(max_length=100, unique=True)
+    name = models.CharField(max_length=100, unique=True, validators=[validate_team_name])
     # Default: every ready variant, including ones imported later.
     all_variants = models.BooleanField(
         default=True, help_text="May use every ready variant, including ones imported later.")

@@ -1,7 +1,12 @@
 """Celery tasks: thin wrappers that pass ids and reload rows in the worker."""
+import logging
+
 from celery import shared_task
+from celery.signals import worker_ready
 
 from . import importer
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(acks_late=True)
@@ -19,6 +24,21 @@ def analyse_fit(variant_id: int) -> None:
     from . import fitting
 
     fitting.run_fit(variant_id)
+
+
+@shared_task
+def reclaim_stale_imports() -> list[str]:
+    """Fail the imports whose worker died (lease expired), removing their partial files (beat runs this)."""
+    return importer.reclaim_stale_imports()
+
+
+@worker_ready.connect
+def reclaim_at_worker_start(**kwargs) -> None:
+    """Reclaim stale imports when a worker starts, so a box restarted after a crash does not wait for beat."""
+    try:
+        importer.reclaim_stale_imports()
+    except Exception:  # a worker that cannot reclaim still works; beat retries
+        log.exception("reclaiming stale imports at worker start failed")
 
 
 @shared_task

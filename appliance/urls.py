@@ -1,9 +1,28 @@
 from django.contrib import admin
 from django.contrib.staticfiles.views import serve as serve_static
-from django.urls import include, path, re_path
+from django.urls import include, path, re_path, register_converter
 
 from .console import chat, dashboard, metrics, openapi, security, usage_views
 
+
+class RowName:
+    """Match any team or variant name already in the database, so a link to one never fails to reverse.
+
+    Names are validated (appliance.names) before they are stored; a row from before that,
+    or written behind the registry's back, must still render its pages rather than a 500.
+    The views look the name up and answer 404 for one they do not know.
+    """
+
+    regex = r"[\s\S]*"
+
+    def to_python(self, value: str) -> str:
+        return value
+
+    def to_url(self, value: str) -> str:
+        return value
+
+
+register_converter(RowName, "rowname")
 staff = admin.site.admin_view
 
 urlpatterns = [
@@ -12,8 +31,8 @@ urlpatterns = [
     path("admin/login/", security.login, name="console-login"),
     path("admin/password_change/", staff(security.password_change), name="console-password-change"),
     path("admin/usage/", staff(usage_views.overview), name="console-usage"),
-    path("admin/usage/team/<slug:name>/", staff(usage_views.team_usage), name="console-usage-team"),
-    path("admin/usage/variant/<slug:name>/", staff(usage_views.variant_usage), name="console-usage-variant"),
+    path("admin/usage/team/<rowname:name>/", staff(usage_views.team_usage), name="console-usage-team"),
+    path("admin/usage/variant/<rowname:name>/", staff(usage_views.variant_usage), name="console-usage-variant"),
     path("admin/usage/export.csv", staff(usage_views.export_csv), name="console-usage-csv"),
     path("admin/chat/", staff(chat.chat_page), name="console-chat"),
     path("admin/chat/key", staff(chat.chat_key), name="console-chat-key"),

@@ -19,6 +19,8 @@ CSV_COLUMNS = ("period", "start", "team", "variant", "requests", "ok", "failed",
 def _known(name: str, model) -> bool:
     """Return whether name is a current row of model or appears in usage (deleted variants keep their usage)."""
     usage_field = "team" if model is Team else "variant"
+    if "\x00" in name or len(name) > 100:  # no stored name is like that (PostgreSQL refuses NUL in text)
+        return False
     return (model.objects.filter(name=name).exists()
             or UsageRecord.objects.filter(**{usage_field: name}).exists()
             or UsageRollup.objects.filter(**{usage_field: name}).exists())
@@ -88,6 +90,8 @@ def export_csv(request):
     except ValueError:
         return HttpResponse("days must be a whole number", status=400, content_type="text/plain")
     filters = {k: request.GET[k] for k in ("team", "variant") if request.GET.get(k)}
+    if any("\x00" in v for v in filters.values()):
+        return HttpResponse("team and variant must not contain NUL characters", status=400, content_type="text/plain")
     rows = usage.buckets(period, timezone.now() - timedelta(days=days - 1), **filters)
     response = HttpResponse(content_type="text/csv")
     response["Content-Disposition"] = f'attachment; filename="usage-{period}.csv"'

@@ -1,4 +1,6 @@
 """The console: the Django admin pages and their lifecycle actions, as a signed-in administrator."""
+from pathlib import Path
+
 import pytest
 from django.urls import reverse
 
@@ -77,11 +79,22 @@ def test_deploying_a_variant_that_is_not_ready_shows_why(console):
     assert "only a ready variant can be deployed" in response.content.decode()
 
 
-def test_delete_action_removes_the_variant(ready_variant, console, django_capture_on_commit_callbacks):
+def test_delete_action_asks_for_confirmation_first(ready_variant, console):
+    response = console.post(reverse("admin:appliance_modelvariant_changelist"),
+                            {"action": "delete_variants", "_selected_action": [ready_variant.pk]})
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "Yes, delete them and their files" in page and ready_variant.name in page
+    assert ModelVariant.objects.filter(pk=ready_variant.pk).exists()
+    assert Path(ready_variant.store_path).is_dir()
+
+
+def test_delete_action_removes_the_variant_once_confirmed(ready_variant, console, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
         console.post(reverse("admin:appliance_modelvariant_changelist"),
-                     {"action": "delete_variants", "_selected_action": [ready_variant.pk]})
+                     {"action": "delete_variants", "_selected_action": [ready_variant.pk], "post": "yes"})
     assert not ModelVariant.objects.exists()
+    assert not Path(ready_variant.store_path).exists()
 
 
 def test_a_new_team_key_is_shown_once_and_stored_as_a_hash(console):

@@ -1,13 +1,21 @@
 import json
+import os
 import shutil
+import socket
+import stat
 
 import pytest
 
 from appliance.modelfiles import (
+    DIR_MODE,
+    FILE_MODE,
     InvalidModelDir,
+    OutsideStore,
     copy_and_hash,
     hash_dir,
+    in_store,
     manifest_mismatches,
+    remove_in_store,
     summarize,
     validate_model_dir,
 )
@@ -101,3 +109,88 @@ def test_moe_active_parameters_count_k_of_e_experts(demo_dir):
     dense = demo_dir / "demo-dense"
     dense_summary = summarize(dense, validate_model_dir(dense))
     assert dense_summary.params_active == dense_summary.params_total
+
+
+# --- Links, special files and the store's permissions ---
+
+def test_it_refuses_a_link_to_a_file_naming_it(dense, tmp_path):
+    secret = tmp_path / "secret_key"
+    secret.write_text("do not copy me")
+    (dense / "tokenizer_extra.json").symlink_to(secret)
+    with pytest.raises(InvalidModelDir, match=r"tokenizer_extra\.json \(symbolic link\).*never followed"):
+        validate_model_dir(dense)
+
+
+def test_it_refuses_a_link_to_a_directory_and_a_link_that_stays_inside(dense):
+    (dense / "shards").symlink_to(dense, target_is_directory=True)
+    (dense / "alias.safetensors").symlink_to(dense / "model.safetensors")
+    with pytest.raises(InvalidModelDir) as refused:
+        validate_model_dir(dense)
+    assert "alias.safetensors (symbolic link)" in str(refused.value)
+    assert "shards (symbolic link)" in str(refused.value)
+
+
+def test_it_refuses_a_fifo_without_blocking_on_it(dense):
+    os.mkfifo(dense / "weights.pipe")
+    with pytest.raises(InvalidModelDir, match=r"weights\.pipe \(FIFO\)"):
+        validate_model_dir(dense)
+    with pytest.raises(InvalidModelDir, match=r"weights\.pipe \(FIFO\)"):
+        copy_and_hash(dense, dense.parent / "copy")
+
+
+def test_it_refuses_a_socket(dense):
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(dense / "control.sock"))
+        with pytest.raises(InvalidModelDir, match=r"control\.sock \(socket\)"):
+            validate_model_dir(dense)
+
+
+def test_the_source_itself_may_be_a_link_to_a_directory(dense, tmp_path):
+    alias = tmp_path / "usb-disk"
+    alias.symlink_to(dense, target_is_directory=True)
+    assert validate_model_dir(alias)["model_type"] == "llama"
+    assert copy_and_hash(alias, tmp_path / "copy") == hash_dir(dense)
+
+
+def test_copies_get_the_store_permissions_not_the_sources(dense, tmp_path):
+    (dense / "sub").mkdir(mode=0o777)
+    (dense / "sub" / "notes.txt").write_text("x")
+    for path in [dense / "config.json", dense / "sub" / "notes.txt", dense / "sub"]:
+        path.chmod(0o777)
+    old = os.umask(0)
+    try:
+        copy_and_hash(dense, tmp_path / "copy")
+    finally:
+        os.umask(old)
+    copy = tmp_path / "copy"
+    assert stat.S_IMODE(copy.stat().st_mode) == DIR_MODE == 0o750
+    assert stat.S_IMODE((copy / "sub").stat().st_mode) == DIR_MODE
+    assert {stat.S_IMODE(p.stat().st_mode) for p in copy.rglob("*") if p.is_file()} == {FILE_MODE} == {0o640}
+
+
+@pytest.mark.parametrize("parts", [("..",), ("../x",), ("",), ("/etc",), (".",), ("a", "..", "..", "b")])
+def test_store_paths_must_stay_strictly_inside_the_store(tmp_path, parts):
+    store = tmp_path / "models"
+    store.mkdir()
+    with pytest.raises(OutsideStore, match="not inside the model store"):
+        in_store(store, *parts)
+
+
+def test_a_link_planted_in_the_store_does_not_lead_out_of_it(tmp_path):
+    store, outside = tmp_path / "models", tmp_path / "outside"
+    store.mkdir()
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    (store / "demo").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OutsideStore):
+        remove_in_store(store, "demo")
+    assert (outside / "keep").exists()
+
+
+def test_remove_in_store_removes_a_tree_inside_it(tmp_path):
+    store = tmp_path / "models"
+    (store / "demo" / "sub").mkdir(parents=True)
+    (store / "demo" / "sub" / "f").write_text("x")
+    remove_in_store(store, "demo")
+    remove_in_store(store, "demo")  # already gone: nothing to do
+    assert list(store.iterdir()) == []

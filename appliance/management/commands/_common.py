@@ -1,10 +1,13 @@
 """Shared bits of the registry's management commands."""
 import getpass
 import time
+from contextlib import contextmanager
 
 from django.core.management.base import CommandError
 
+from appliance.actions import ActionRefused
 from appliance.models import ModelVariant
+from appliance.names import InvalidName, check_name
 
 
 def cli_actor() -> str:
@@ -15,7 +18,19 @@ def cli_actor() -> str:
         return "cli:unknown"
 
 
+@contextmanager
+def refusals_as_errors():
+    """Turn a refused name or action into a CommandError (its message on stderr, exit status 1)."""
+    try:
+        yield
+    except (ActionRefused, InvalidName) as exc:
+        raise CommandError(str(exc)) from exc
+
+
 def get_variant(name: str) -> ModelVariant:
+    """Return the variant of that name, or raise CommandError naming a bad or unknown name."""
+    with refusals_as_errors():
+        check_name(name, field="variant name")
     variant = ModelVariant.objects.filter(name=name).first()
     if variant is None:
         known = ", ".join(ModelVariant.objects.values_list("name", flat=True)) or "none"

@@ -2,7 +2,7 @@ from django.core.management.base import BaseCommand
 
 from appliance.actions import do_create_team, do_issue_api_key
 
-from ._common import cli_actor
+from ._common import cli_actor, refusals_as_errors
 
 
 class Command(BaseCommand):
@@ -14,6 +14,7 @@ class Command(BaseCommand):
 
     def handle(self, team, name, **options):
         actor = cli_actor()
-        key, plaintext = do_issue_api_key(do_create_team(team, actor=actor), actor=actor, name=name)
+        with refusals_as_errors():
+            key, plaintext = do_issue_api_key(do_create_team(team, actor=actor), actor=actor, name=name)
         self.stderr.write(f"key {key.prefix}… for team {team}; it is shown once and stored only as a hash")
         self.stdout.write(plaintext)

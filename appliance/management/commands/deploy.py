@@ -1,9 +1,9 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from appliance.actions import ActionRefused, do_deploy
+from appliance.actions import do_deploy
 from appliance.models import ActualState, Deployment
 
-from ._common import cli_actor, get_variant, wait_for
+from ._common import cli_actor, get_variant, refusals_as_errors, wait_for
 
 
 class Command(BaseCommand):
@@ -15,10 +15,8 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=300)
 
     def handle(self, name, wait, timeout, **options):
-        try:
+        with refusals_as_errors():
             deployment = do_deploy(get_variant(name), actor=cli_actor())
-        except ActionRefused as exc:
-            raise CommandError(str(exc)) from exc
         self.stdout.write(f"{name}: deploy requested")
         if not wait:
             return

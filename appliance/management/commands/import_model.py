@@ -1,9 +1,9 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from appliance.actions import ActionRefused, do_start_import
+from appliance.actions import do_start_import
 from appliance.models import ModelVariant, VariantKind, VariantStatus
 
-from ._common import cli_actor, wait_for
+from ._common import cli_actor, refusals_as_errors, wait_for
 
 
 class Command(BaseCommand):
@@ -17,10 +17,8 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=600)
 
     def handle(self, path, name, kind, wait, timeout, **options):
-        try:
+        with refusals_as_errors():
             variant = do_start_import(name=name, kind=kind, source_path=path, actor=cli_actor())
-        except ActionRefused as exc:
-            raise CommandError(str(exc)) from exc
         self.stdout.write(f"import of {name} queued from {variant.source_path}")
         if not wait:
             return

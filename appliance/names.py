@@ -1,0 +1,80 @@
+"""The one rule for the names of variants, teams and nodes: a bounded lower-case slug.
+
+A name becomes a directory in the model store, a URL segment of the console and a
+ledger target, so it is checked here before any of those sees it. The rule keeps
+every name a single, portable path component: it cannot be empty, climb (``..``),
+be absolute, hold a separator, a NUL, whitespace or a look-alike letter.
+"""
+import re
+
+from django.core.exceptions import ValidationError
+
+NAME_MAX = 64
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+RULE = f"use 1 to {NAME_MAX} lower-case letters, digits, '-' or '_', starting with a letter or digit"
+SHOWN_MAX = 40  # characters of a refused name quoted back in the message (a 10k-character name is not echoed)
+
+
+class InvalidName(ValueError):
+    """A name is not one the box accepts; the message names the field and what is wrong."""
+
+
+def _shown(value: str) -> str:
+    """Return value quoted for a message, cut short when long."""
+    return repr(value if len(value) <= SHOWN_MAX else value[:SHOWN_MAX] + "…")
+
+
+def _problem(value: str) -> str | None:
+    """Return what is wrong with value as a name, or None when it is valid."""
+    if not value:
+        return "it is empty"
+    if len(value) > NAME_MAX:
+        return f"it is {len(value)} characters long, more than {NAME_MAX}"
+    for char in value:
+        if char == "\x00":
+            return "it contains a NUL character"
+        if char in "/\\":
+            return f"it contains the path separator {char!r}"
+        if char.isspace():
+            return f"it contains whitespace ({char!r})"
+        if not char.isascii():
+            return f"it contains the non-ASCII character {char!r} (U+{ord(char):04X})"
+        if char.isupper():
+            return f"it contains the upper-case letter {char!r}"
+        if not (char.isalnum() or char in "-_"):
+            return f"it contains the character {char!r}"
+    if not NAME_PATTERN.match(value):
+        return "it does not start with a letter or digit"
+    return None
+
+
+def check_name(value, *, field: str) -> str:
+    """Return value when it is a valid name, else raise InvalidName naming field (e.g. "variant name")."""
+    if not isinstance(value, str):
+        raise InvalidName(f"{field} must be text, not {type(value).__name__}")
+    problem = _problem(value)
+    if problem:
+        raise InvalidName(f"{field} {_shown(value)} is refused: {problem}; {RULE}")
+    return value
+
+
+def is_valid_name(value) -> bool:
+    """Return whether value passes check_name."""
+    return isinstance(value, str) and _problem(value) is None
+
+
+def validate_variant_name(value) -> None:
+    """Raise Django's ValidationError when value is not a valid variant name (model and form validator)."""
+    _validate(value, "variant name")
+
+
+def validate_team_name(value) -> None:
+    """Raise Django's ValidationError when value is not a valid team name (model and form validator)."""
+    _validate(value, "team name")
+
+
+def _validate(value, field: str) -> None:
+    try:
+        check_name(value, field=field)
+    except InvalidName as exc:
+        raise ValidationError(str(exc), code="invalid_name") from exc
