@@ -38,6 +38,7 @@ from .modelfiles import (
 )
 from .models import DesiredState, Deployment, ModelVariant, VariantStatus
 from .names import InvalidName, check_name, is_valid_name
+from .weightcheck import check_model_dir
 
 log = logging.getLogger(__name__)
 ACTOR = "system:worker"
@@ -182,6 +183,8 @@ def _copy_in(variant: ModelVariant, owner: str, lease: Lease):
     lease.renew()
     work = in_store(store, INCOMING, variant.name, attempt_of(owner))
     manifest = copy_and_hash(source, work, lease.progress)
+    # Headers, configs and the implied model are checked on the copy that will be served.
+    check_model_dir(work)
     summary = summarize(work, config)
     lease.renew()
     return final, work, manifest, summary

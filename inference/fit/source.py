@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from .bounds import check_buildable, check_model_dir
+
 CONFIG_DIR = Path(__file__).with_name("configs")
 # Names a planner may type instead of a path; the files and their sources are listed in configs/README.md.
 KNOWN_CONFIGS = {
@@ -61,11 +63,17 @@ def load_source(spec: str | Path) -> ModelSource:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    if any(path.parent.glob("*.safetensors")):
+        # A model directory: its weight files' sizes bound the config before anything is built.
+        check_model_dir(path.parent, raw)
     return ModelSource(name=name, origin=str(path), raw=raw, config=config_from_dict(raw))
 
 
 def config_from_dict(raw: dict) -> PreTrainedConfig:
     """Build the native transformers config for a raw config.json dict, never running remote code."""
+    check_buildable(raw)  # arithmetic first: a config of millions of layers is refused, not built
     fields = {k: v for k, v in raw.items() if k not in _IGNORED_KEYS}
     model_type = fields.pop("model_type", None)
     if not model_type:
