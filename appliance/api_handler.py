@@ -5,6 +5,11 @@ every request by its key on the gatekeeper thread. Skipping them spares each cha
 that Django's sync-only middleware costs, and those hops compete with the engine for the web process's one
 interpreter lock. Django's SecurityMiddleware still applies (HTTPS redirect and HSTS in production, nosniff):
 it only reads the request and sets headers, so it runs inline on the event loop.
+
+Before Django sees a request, the handler decides whether its body is read at all: a request with a body
+and without a known key gets none (its view answers 401), a Content-Length over the limit is a 413 before a
+byte is read, and a body that grows past the limit or arrives too slowly is cut (413, 408). Each such refusal
+closes the connection, so the rest of the body is never taken.
 """
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,10 +18,16 @@ from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 from django.middleware.security import SecurityMiddleware
 
+from inference import api
+from inference.errors import error
+
+from . import http_limits
+
 API_PREFIX = "/v1/"
 # The thread that runs the API's little sync work (Django's request signals, closing the response). Django's
 # handler gives every request a thread context of its own, which starts and stops a thread per request.
 _sync_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-sync")
+REFUSAL_CODES = {400: "invalid_content_length", 408: "request_timeout", 413: "request_too_large"}
 
 
 class ApiHandler(ASGIHandler):
@@ -25,7 +36,21 @@ class ApiHandler(ASGIHandler):
     async def __call__(self, scope, receive, send):
         """Handle one HTTP request (appliance.asgi routes only those here), its sync parts on one kept thread."""
         async with ThreadSensitiveContext(executor=_sync_thread):
-            await self.handle(scope, receive, send)
+            if http_limits.has_body(scope) and not await api.key_may_send_body(
+                    api.bearer_token(http_limits.header(scope, b"authorization"))):
+                # Not a byte of the body is read: the view answers 401 from the flag alone.
+                await self.handle({**scope, api.KEY_REFUSED: True}, http_limits.replay(b"", receive),
+                                  http_limits.closing(send))
+                return
+            try:
+                body = await http_limits.take_body(scope, receive)
+            except http_limits.BodyRefused as refused:
+                await self.send_response(error(refused.message, refused.status, code=REFUSAL_CODES[refused.status]),
+                                         http_limits.closing(send))
+                return
+            except http_limits.ClientLeft:
+                return
+            await self.handle(scope, http_limits.replay(body, receive), send)
 
     def load_middleware(self, is_async=False):
         self._view_middleware = []

@@ -13,6 +13,7 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 console_application = get_asgi_application()
 
+from appliance import http_limits  # noqa: E402
 from appliance.api_handler import API_PREFIX, ApiHandler  # noqa: E402
 
 api_application = ApiHandler()
@@ -20,10 +21,17 @@ api_application = ApiHandler()
 
 async def application(scope, receive, send):
     """Send chat API requests to the lean handler and everything else (console, /metrics) to Django's."""
-    lean = scope["type"] == "http" and scope["path"].startswith(API_PREFIX)
-    await (api_application if lean else console_application)(scope, receive, send)
+    if scope["type"] != "http":
+        await console_application(scope, receive, send)
+    elif scope["path"].startswith(API_PREFIX):
+        await api_application(scope, receive, send)  # it applies the body limits itself, after the key check
+    else:
+        await http_limits.bounded(console_application, scope, receive, send)
 
 
 from appliance import reconciler  # noqa: E402
+from inference import bookkeeping  # noqa: E402
 
 reconciler.start()
+# Requests that an earlier web process of this host was serving when it died become chat.interrupted events.
+bookkeeping.recover_interrupted_soon()

@@ -101,14 +101,15 @@ class RegistryGatekeeper(Gatekeeper):
     def _charge(self, key: ApiKey, model: str, now, requests: int = 1) -> Admission:
         """Count `requests` requests to the key's counters, or refuse one that a limit does not allow."""
         try:
-            counter_ids = quotas.charge(key, now, requests=requests)
+            charged = quotas.charge(key, now, requests=requests)
         except quotas.LimitReached as exc:
             first = exc.exceeded[0]
             retry = max(1, int((first.resets_at - now).total_seconds() + 0.999))
             self._record_refusal(key, model)
             return Admission(False, 429, first.message(now), "rate_limit_exceeded" if "minute" in first.limit
-                             else "insufficient_quota", retry_after_s=retry)
-        return Admission(True, ticket=quotas.Ticket(key.team.name, key.prefix, model, counter_ids))
+                             else "insufficient_quota", retry_after_s=retry, headers=exc.headers)
+        return Admission(True, ticket=quotas.Ticket(key.team.name, key.prefix, model, charged.counter_ids),
+                         headers=charged.headers)
 
     def settle(self, caller: Caller, admission: Admission, report: UsageReport) -> None:
         """Record what an admitted request used (tokens, latency, outcome) and charge its tokens."""

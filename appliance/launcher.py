@@ -68,8 +68,9 @@ def start_processes(port: int) -> dict[str, subprocess.Popen]:
                    "-l", "INFO", "-n", f"worker-{queue}@%h"],
         "beat": [python, "-m", "celery", "-A", "appliance", "beat", "-l", "INFO",
                  "-s", str(home / "celerybeat-schedule")],
-        "web": [python, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1",
-                "--port", str(port), "--lifespan", "off", "--no-access-log"],
+        "web": [python, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+                "--lifespan", "off", "--no-access-log", "--http", "appliance.http_limits:HeaderTimeoutProtocol",
+                "--timeout-keep-alive", "5"],
     }
     logs = home / "logs"
     logs.mkdir(exist_ok=True)

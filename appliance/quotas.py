@@ -9,6 +9,7 @@ overshoot a budget by its own size.
 """
 import calendar
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.db import transaction
@@ -71,9 +72,17 @@ class Ticket:
 
 
 class LimitReached(Exception):
-    def __init__(self, exceeded: list[Exceeded]):
+    def __init__(self, exceeded: list[Exceeded], headers: dict[str, str] | None = None):
         super().__init__(exceeded)
         self.exceeded = exceeded
+        self.headers = headers or {}
+
+
+class Charged(NamedTuple):
+    """What an admission counted: the counter rows, and the x-ratelimit-* headers a limited key's answer carries."""
+
+    counter_ids: tuple[int, ...]
+    headers: dict[str, str]
 
 
 # Row ids of counters already created: (scope, owner id, window, window start) → id. A row of a current window
@@ -87,7 +96,7 @@ def is_limited(key: ApiKey) -> bool:
     return any(value is not None for owner in (key.team, key) for value in owner.limits().values())
 
 
-def charge(key: ApiKey, now: datetime | None = None, *, requests: int = 1) -> tuple[int, ...]:
+def charge(key: ApiKey, now: datetime | None = None, *, requests: int = 1) -> Charged:
     """Count requests against every window of key and its team; raise LimitReached instead if over.
 
     Several requests at once only for a key without limits: a limited key's requests are each checked.
@@ -105,13 +114,13 @@ def charge(key: ApiKey, now: datetime | None = None, *, requests: int = 1) -> tu
             # Nothing to check: one UPDATE. Fewer rows updated means one was deleted by hand; take the long way.
             counted = UsageCounter.objects.filter(pk__in=known).update(requests=F("requests") + requests)
             if counted == len(known):
-                return tuple(known)
+                return Charged(tuple(known), {})
             _known_counters.clear()
             UsageCounter.objects.filter(pk__in=known).update(requests=F("requests") - requests)
         return _charge_checked(owners, wanted, now, requests)
 
 
-def _charge_checked(owners: dict, wanted: list[tuple], now: datetime, requests: int = 1) -> tuple[int, ...]:
+def _charge_checked(owners: dict, wanted: list[tuple], now: datetime, requests: int = 1) -> Charged:
     """Create missing counters, lock them, check every limit and count the request (inside a transaction)."""
     # Create missing rows first; a concurrent creator wins and we use its row.
     UsageCounter.objects.bulk_create(
@@ -127,11 +136,48 @@ def _charge_checked(owners: dict, wanted: list[tuple], now: datetime, requests: 
     rows = {(scope, window): found[scope, owner, window, start] for scope, owner, window, start in wanted}
     exceeded = over_limits(owners, rows, now)
     if exceeded:
-        raise LimitReached(exceeded)
+        raise LimitReached(exceeded, rate_limit_headers(owners, rows, now, counted=0))
     ids = tuple(row.pk for row in rows.values())
     UsageCounter.objects.filter(pk__in=ids).update(requests=F("requests") + requests)
     transaction.on_commit(lambda: _remember_counters({w: found[w].pk for w in wanted}))
-    return ids
+    return Charged(ids, rate_limit_headers(owners, rows, now, counted=requests))
+
+
+def rate_limit_headers(owners: dict, rows: dict, now: datetime, *, counted: int) -> dict[str, str]:
+    """Return OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} for the tightest limits that apply.
+
+    Of the key's and the team's limits, the one with the least left stands for requests and for tokens (tokens
+    per minute, day or month alike); a kind without any limit gets no headers. `counted` requests were just
+    added to the counters read in `rows`.
+    """
+    tightest: dict[str, tuple[int, int, datetime]] = {}
+    for scope, owner in owners.items():
+        for limit, value in owner.limits().items():
+            if value is None:
+                continue
+            window, column, _ = LIMITS[limit]
+            used = getattr(rows[scope, window], column) + (counted if column == "requests" else 0)
+            left = max(0, value - used)
+            if column not in tightest or left < tightest[column][1]:
+                tightest[column] = (value, left, window_bounds(window, now)[1])
+    headers = {}
+    for kind, (value, left, resets_at) in sorted(tightest.items()):
+        headers[f"x-ratelimit-limit-{kind}"] = str(value)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(left)
+        headers[f"x-ratelimit-reset-{kind}"] = duration((resets_at - now).total_seconds())
+    return headers
+
+
+def duration(seconds: float) -> str:
+    """Return seconds as OpenAI writes a reset time: "20ms", "59s", "6m0s", "23h59m12s"."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = int(seconds + 0.999)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 def _remember_counters(ids: dict[tuple, int]) -> None:

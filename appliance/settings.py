@@ -182,6 +182,11 @@ LOGGING = {
 
 # The chat API (inference/) asks the registry about keys and variants through this.
 INFERENCE_GATEKEEPER = "appliance.gatekeeper.RegistryGatekeeper"
+# Request limits of the web process (appliance/http_limits.py): the largest body (413 beyond), and how long a
+# client may take to send its headers and its body (a slow-loris drip is cut after that).
+API_MAX_BODY_BYTES = env_int("APPLIANCE_MAX_BODY_BYTES", 1024 * 1024)
+HTTP_HEADER_TIMEOUT_S = env_int("APPLIANCE_HEADER_TIMEOUT_S", 10)
+HTTP_BODY_TIMEOUT_S = env_int("APPLIANCE_BODY_TIMEOUT_S", 30)
 
 # The fit advisor analyses each imported variant for this box's own inventory, or for a
 # planning spec such as "8xH20" or "cpu:512G", at this context length.

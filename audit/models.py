@@ -213,3 +213,29 @@ class Transcript(models.Model):
 
     def __str__(self) -> str:
         return f"transcript #{self.pk} of {self.team}"
+
+
+class InFlightRequest(models.Model):
+    """A chat request admitted and not yet settled: the write-ahead record that a web crash leaves behind.
+
+    Written in the same transaction that admits a burst, deleted when the burst's requests are settled; rows
+    whose web process is gone become `chat.interrupted` events (audit.inflight.recover_interrupted).
+    """
+
+    request_id = models.CharField(max_length=64, unique=True)  # the chatcmpl-… id the client sees
+    # Which process owns the row: a pid is reused, so its start time (psutil's create_time) tells them apart.
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    process_started = models.FloatField()
+    # Teams and variants by name: audit imports nothing from the registry app.
+    team = models.CharField(max_length=100)
+    key_prefix = models.CharField(max_length=32)
+    model = models.CharField(max_length=200)
+    admitted_at = models.DateTimeField()
+
+    class Meta:
+        # Recovery at web start reads the rows of its own host.
+        indexes = [models.Index(fields=["host"], name="audit_inflight_host")]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} of {self.team} on {self.model} (pid {self.pid} on {self.host})"

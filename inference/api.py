@@ -5,193 +5,83 @@ digests of what went in and out, never the text itself.
 """
 import asyncio
 import functools
+import hashlib
 import json
 import logging
-import queue
 import time
-import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
-from django.db import DatabaseError, connection
+import jinja2
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from pydantic import ValidationError
 
-from audit import ledger, transcripts
+from audit import ledger
 
-from . import serving
+from . import metrics, serving
+from .bookkeeping import (  # noqa: F401  (the database threads and queues are the tests' handles too)
+    DATABASE_THREADS, InFlight, _admissions, _gate, _ledger_writer, _transcripts, admit_on_gate, new_request_id,
+    on_gate, record, record_soon)
 from .request_state import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
 from .errors import error, error_payload
-from .gatekeeper import Admission, Caller, UsageReport, gatekeeper
-from .schemas import ChatCompletionRequest, describe_validation_error
+from .gatekeeper import Admission, Caller, gatekeeper
+from .schemas import parse_chat_request
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
 RETRY_AFTER_S = 1  # a full queue drains within about a second of decode steps on the demo models
-# Ledger writes go through one thread, so a cancelled stream can still record
-# its event without blocking the event loop, and events keep their order.
-_ledger_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
-# Authentication and admission run on a thread of their own too, rather than on the thread Django makes for
-# each request, so its database connection is opened once, not per request. One admission takes a few ms.
-_gate = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gatekeeper")
-DATABASE_THREADS = (_ledger_writer, _gate)
+# A key that authenticated recently may send a body before the gatekeeper is asked again (admission still checks
+# it, so a revoked key is refused from its next request on; this only decides whether its body is read at all).
+KNOWN_KEY_TTL_S = 60
+_KNOWN_KEYS_MAX = 4096
+_known_keys: dict[bytes, float] = {}
+# The scope flag the ASGI handler sets on a request whose body it did not read, because its key is unknown.
+KEY_REFUSED = "appliance.key_refused"
 
 
-async def on_gate(fn, *args):
-    """Run a gatekeeper call (database reads, the quota charge) on the gatekeeper thread and await it."""
-    return await asyncio.wrap_future(_gate.submit(_with_kept_connection, fn, *args))
+def key_refused(request: HttpRequest) -> bool:
+    """Return whether the ASGI handler refused the request's key and left its body unread."""
+    return bool(getattr(request, "scope", {}).get(KEY_REFUSED))
 
 
-class Batched:
-    """Items queued from any thread and handed to `call_many` in one call on an executor's one thread.
-
-    Whatever queued up while that thread was busy goes in the next call: in a burst, N requests cost one
-    read of their key and one insert of N usage rows, instead of N of each in a row. `call_many` returns one
-    result per item (an exception for an item that failed alone), or None; an item whose waiter gave up before
-    the call is left out.
-    """
-
-    def __init__(self, executor: ThreadPoolExecutor, call_many) -> None:
-        self._executor = executor
-        self._call_many = call_many
-        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
-
-    def queued(self) -> int:
-        """Return how many items wait for the next call."""
-        return self._waiting.qsize()
-
-    def submit(self, item) -> Future:
-        answer: Future = Future()
-        self._waiting.put((item, answer))
-        self._executor.submit(self._run_waiting)
-        return answer
-
-    def _run_waiting(self) -> None:
-        waiting = []
-        while True:
-            try:
-                item, answer = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if answer.set_running_or_notify_cancel():
-                waiting.append((item, answer))
-        if not waiting:
-            return  # an earlier call took them
-        try:
-            results = _with_kept_connection(self._call_many, [item for item, _ in waiting])
-        except Exception as exc:
-            log.exception("%s failed for %d items", self._call_many.__name__, len(waiting))
-            for _, answer in waiting:
-                answer.set_exception(exc)
-            return
-        for (_, answer), result in zip(waiting, results or [None] * len(waiting)):
-            if isinstance(result, Exception):  # that item alone failed
-                answer.set_exception(result)
-            else:
-                answer.set_result(result)
+def bearer_token(header: str) -> str:
+    """Return the token of an `Authorization: Bearer <token>` header, or ""."""
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _authenticate_and_admit(requests: list[tuple[str, str]]) -> list:
-    return gatekeeper().authenticate_and_admit(requests)
-
-
-def _settle_many(reports: list[tuple]) -> None:
-    gatekeeper().settle_many(reports)
-
-
-def _append_events(events: list[dict]) -> list:
-    """Append events in one transaction; when one is refused (a malformed field), each alone, so only it fails."""
-    try:
-        return ledger.append_many(events)
-    except DatabaseError:
-        raise  # nothing was written: the kept-connection wrapper reconnects and retries the whole burst
-    except Exception:
-        if len(events) == 1:
-            raise
-    return [_append_alone(event) for event in events]
-
-
-def _append_alone(event: dict):
-    try:
-        return ledger.append(**event)
-    except Exception as exc:
-        return exc
-
-
-# Admission on the gatekeeper thread (a request whose client left while waiting is neither checked nor counted);
-# ledger events, usage and transcripts on the writer thread, events in the order they were recorded.
-_admissions = Batched(_gate, _authenticate_and_admit)
-_events = Batched(_ledger_writer, _append_events)
-_settlements = Batched(_ledger_writer, _settle_many)
-_transcripts = Batched(_ledger_writer, transcripts.store_many)
-
-
-async def admit_on_gate(token: str, model: str) -> tuple[Caller | None, Admission | None]:
-    """Authenticate a chat request and admit it to model, together with whatever else is waiting."""
-    return await asyncio.wrap_future(_admissions.submit((token, model)))
-
-
-def _with_kept_connection(fn, *args, **kwargs):
-    # These threads keep one connection for their life: opening one per job (what close_old_connections does with
-    # CONN_MAX_AGE=0) cost more than the queries themselves. A connection that failed is replaced.
-    if connection.errors_occurred:
-        connection.close_if_unusable_or_obsolete()
-    try:
-        return fn(*args, **kwargs)
-    except DatabaseError:
-        if _connection_works():
-            raise
-        # The kept connection died under us (a database restart): nothing was written; once more, on a new one.
-        connection.close()
-        return fn(*args, **kwargs)
-
-
-def _connection_works() -> bool:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        return True
-    except DatabaseError:
+async def key_may_send_body(token: str) -> bool:
+    """Return whether token is a valid key (recently seen, or asked of the gatekeeper), so its body may be read."""
+    if not token:
         return False
+    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+    now = time.monotonic()
+    if _known_keys.get(digest, 0) > now:
+        return True
+    if await on_gate(gatekeeper().authenticate, token) is None:
+        return False
+    if len(_known_keys) >= _KNOWN_KEYS_MAX:
+        _known_keys.clear()
+    _known_keys[digest] = now + KNOWN_KEY_TTL_S
+    return True
 
 
-async def record(**event) -> None:
-    """Append a ledger event from async code without blocking the event loop."""
-    await asyncio.wrap_future(_events.submit(event))
-
-
-def record_soon(**event) -> None:
-    """Queue a ledger event without waiting (for paths that are being cancelled)."""
-    _events.submit(event)
-
-
-def settle_soon(caller: Caller, admission: Admission, report: UsageReport) -> None:
-    """Queue the usage report of an admitted request on the writer thread, settled with whatever else ended."""
-    _settlements.submit((caller, admission, report))
-
-
-def _ms_since(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)
-
-
-async def authenticate(request: HttpRequest, admit_to: str | None = None) -> tuple[Caller | None, Admission | None]:
+async def authenticate(request: HttpRequest, admit_to: str | None = None,
+                       request_id: str = "") -> tuple[Caller | None, Admission | None]:
     """Return who is calling and, with `admit_to`, whether they may use that model (counting the request).
 
     Both happen in one trip to the gatekeeper thread, shared with every request that arrived meanwhile: a burst
     of 16 requests with one key costs about one check, not 16 checks in a row before the last one may start.
     """
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    token = bearer_token(request.headers.get("Authorization", ""))
     caller = admission = None
-    if scheme.lower() == "bearer" and token.strip():
+    if token and not key_refused(request):
         if admit_to is None:
-            caller = await on_gate(gatekeeper().authenticate, token.strip())
+            caller = await on_gate(gatekeeper().authenticate, token)
         else:
-            caller, admission = await admit_on_gate(token.strip(), admit_to)
+            caller, admission = await admit_on_gate(token, admit_to, request_id)
     if caller is None:
         await record(action="auth.failed", actor="anonymous", target=request.path, outcome="denied",
-                     details={"reason": "missing key" if not token.strip() else "unknown or revoked key",
-                              "key": token.strip()[:13]})
+                     details={"reason": "missing key" if not token else "unknown or revoked key", "key": token[:13]})
     return caller, admission
 
 
@@ -202,10 +92,19 @@ def api_view(view):
     @functools.wraps(view)
     async def wrapper(request, *args, **kwargs):
         try:
-            return await view(request, *args, **kwargs)
-        except Exception:
+            response = await view(request, *args, **kwargs)
+        except Exception as exc:
             log.exception("%s %s failed", request.method, request.path)
-            return error("The server had an error while processing your request.", 500)
+            flight: InFlight | None = getattr(request, "in_flight", None)
+            if flight is not None:  # admitted: its usage row counts the error
+                flight.settle("failed")
+            else:  # nobody to charge it to: the ledger event is what the dashboard and /metrics count
+                record_soon(action="api.error", actor="anonymous", target=request.path, outcome="error",
+                            details={"status": 500, "in_usage": False, "error": type(exc).__name__})
+            response = error("The server had an error while processing your request.", 500)
+        if response.status_code >= 500:
+            metrics.count_server_error(response.status_code)
+        return response
 
     return wrapper
 
@@ -223,68 +122,96 @@ async def list_models(request: HttpRequest):
     if caller is None:
         return unauthorized()
     cards = await on_gate(gatekeeper().models, caller)
+    # What the caller can use now: a variant it may use (ready or deployed, never quarantined) that this process
+    # has loaded. Administrators see every variant, loaded or not, on the console's Model variants page.
     loaded = set(serving.names())
     data = [{"id": c.name, "object": "model", "created": c.created, "owned_by": c.owned_by,
-             "kind": c.kind, "loaded": c.name in loaded, "random_weights": c.random_weights}
-            for c in cards]
+             "kind": c.kind, "loaded": True, "random_weights": c.random_weights}
+            for c in cards if c.name in loaded]
     return JsonResponse({"object": "list", "data": data})
+
+
+# Bodies up to this size are parsed on the event loop (a few hundred microseconds at most, less than the hop to a
+# thread); larger ones on a thread of their own, so a megabyte of JSON never holds up other clients.
+INLINE_PARSE_BYTES = 16 * 1024
+_parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="body-parser")
+
+
+async def parse_body(raw: bytes):
+    """Return parse_chat_request(raw), computed off the event loop when the body is large."""
+    if len(raw) <= INLINE_PARSE_BYTES:
+        return parse_chat_request(raw)
+    return await asyncio.wrap_future(_parser.submit(parse_chat_request, raw))
 
 
 @api_view
 async def chat_completions(request: HttpRequest):
     if request.method != "POST":
         return error(f"Method {request.method} not allowed; use POST", 405)
-    body, invalid = parse_chat_request(request.body)
+    if key_refused(request):  # the handler left the body unread: no valid key
+        await authenticate(request)
+        return unauthorized()
+    body, invalid = await parse_body(request.body)
     if invalid is not None:  # a caller without a valid key learns only that
         caller, _ = await authenticate(request)
         return invalid if caller is not None else unauthorized()
     # Access and limits are checked (and the request counted) before the engine is looked up, so a caller
     # without access learns nothing about what is loaded.
-    caller, admission = await authenticate(request, admit_to=body.model)
+    request_id = new_request_id()
+    caller, admission = await authenticate(request, admit_to=body.model, request_id=request_id)
     if caller is None:
         return unauthorized()
+    limits = admission.headers
     if not admission.allowed:
         await record(action="chat.refused", actor=f"team:{caller.team}", target=body.model, outcome="denied",
                      details={"key": caller.key_prefix, "status": admission.status, "code": admission.code,
                               "reason": admission.message})
-        headers = {"Retry-After": str(admission.retry_after_s)} if admission.retry_after_s else None
-        return error(admission.message, admission.status, code=admission.code, headers=headers)
-    started = time.monotonic()
+        headers = {"Retry-After": str(admission.retry_after_s)} if admission.retry_after_s else {}
+        return error(admission.message, admission.status, code=admission.code, headers={**limits, **headers})
+    flight = request.in_flight = InFlight(caller, admission, body.model, request_id)
+    response = await answer(request, body, flight)
+    for name, value in limits.items():
+        response[name] = value
+    return response
 
-    def refused() -> None:
-        settle_soon(caller, admission, UsageReport(body.model, 0, 0, _ms_since(started), None, "refused"))
 
+async def answer(request: HttpRequest, body, flight: InFlight):
+    """Run an admitted request on its engine: the answer, its stream, or the error that stopped it."""
     engine = serving.get(body.model)
     if engine is None:
-        refused()
-        if await on_gate(gatekeeper().exists, caller, body.model):
+        if await on_gate(gatekeeper().exists, flight.caller, body.model):
+            flight.settle("failed")  # a 503: the box could not serve what the caller may use
             return error(f"Model '{body.model}' is not loaded; deploy it first.", 503, code="model_not_loaded")
+        flight.settle("refused")
         return error(f"The model '{body.model}' does not exist.", 404, param="model", code="model_not_found")
 
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt_ids: list[int] = []
     try:
-        prompt_ids = engine.encode_chat(messages)
+        prompt_ids = encode(engine, messages)
         room = engine.max_request_tokens() - len(prompt_ids)
         params = SamplingParams(
             max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, room)),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k_cut, stop=body.stop_sequences,
             seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
         handle = engine.submit(prompt_ids, params)
+    except Untokenizable as exc:
+        flight.settle("refused")
+        return error(str(exc), 400, param=exc.param)
     except PromptTooLong as exc:
-        refused()
+        flight.settle("refused")
         # Name the prompt when it alone is too long, else the token limit that pushed it over.
         param = "messages" if len(prompt_ids) >= engine.max_request_tokens() or not body.token_limit else (
             "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         return error(str(exc), 400, param=param, code="context_length_exceeded")
     except EngineBusy as exc:
-        refused()
+        flight.settle("refused")
         return error(str(exc), 429, code="engine_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
     except EngineClosed:
-        refused()
+        flight.settle("failed")
         return error(f"Model '{body.model}' is being unloaded.", 503, code="model_not_loaded")
 
-    exchange = Exchange(caller=caller, model=body.model, messages=messages, admission=admission)
+    exchange = Exchange(caller=flight.caller, model=body.model, messages=messages, flight=flight)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         response = StreamingHttpResponse(exchange.sse(handle, include_usage), content_type="text/event-stream")
@@ -294,32 +221,46 @@ async def chat_completions(request: HttpRequest):
     return await exchange.complete(handle)
 
 
-def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest | None, JsonResponse | None]:
-    """Return the validated request, or the 400 that names what is wrong with it."""
+class Untokenizable(ValueError):
+    """A message the model's tokenizer cannot take; `param` names it (messages.N.content)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+# What tokenizers and chat templates raise on input they refuse: the Rust tokenizer's TypeError for text that is
+# not valid Unicode, a template's own raise_exception ("roles must alternate") as a jinja2 TemplateError.
+TOKENIZER_ERRORS = (TypeError, ValueError, UnicodeError, OverflowError, jinja2.TemplateError)
+
+
+def encode(engine, messages: list[dict]) -> list[int]:
+    """Return the chat's prompt ids, or raise Untokenizable naming the first message the tokenizer refuses."""
     try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, error(f"Request body is not valid JSON: {exc}", 400)
-    if not isinstance(payload, dict):
-        return None, error("Request body must be a JSON object", 400)
-    try:
-        return ChatCompletionRequest.model_validate(payload), None
-    except ValidationError as exc:
-        message, param = describe_validation_error(exc)
-        return None, error(message, 400, param=param)
+        return engine.encode_chat(messages)
+    except TOKENIZER_ERRORS as whole:
+        for i, message in enumerate(messages):  # which one? each alone, in the same template
+            try:
+                engine.encode_chat([message])
+            except TOKENIZER_ERRORS as exc:
+                raise Untokenizable(f"Invalid value for 'messages.{i}.content': the model's tokenizer cannot "
+                                    f"take this text ({type(exc).__name__}: {str(exc)[:200]})",
+                                    f"messages.{i}.content") from exc
+        raise Untokenizable(f"The model's chat template cannot take these messages ({type(whole).__name__}: "
+                            f"{str(whole)[:200]})", "messages") from whole
 
 
 class Exchange:
     """One chat request in flight: turns engine chunks into OpenAI objects and records the outcome."""
 
-    def __init__(self, *, caller: Caller, model: str, messages: list[dict], admission: Admission | None = None):
+    def __init__(self, *, caller: Caller, model: str, messages: list[dict], flight: InFlight | None = None):
         self.caller = caller
         self.model = model
         self.messages = messages
         self.prompt_text = json.dumps(messages, sort_keys=True)
-        self.admission = admission
+        self.flight = flight
         self.first_text_at: float | None = None
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = flight.request_id if flight is not None else new_request_id()
         self.created = int(time.time())
         self.started = time.monotonic()
         self.text: list[str] = []
@@ -339,14 +280,13 @@ class Exchange:
         if error_message:
             details["error"] = error_message[:500]
         return dict(action="chat.completion", actor=f"team:{self.caller.team}", target=self.model,
-                    outcome=outcome, details={"key": self.caller.key_prefix, **details})
+                    outcome=outcome, details={"key": self.caller.key_prefix, "request_id": self.id, **details})
 
     def settle(self, outcome: str) -> None:
         """Report what this request used to the registry (quotas, usage), without waiting for it."""
-        if self.admission is not None:
+        if self.flight is not None:
             ttft = None if self.first_text_at is None else int((self.first_text_at - self.started) * 1000)
-            settle_soon(self.caller, self.admission, UsageReport(
-                self.model, self.prompt_tokens, self.completion_tokens, _ms_since(self.started), ttft, outcome))
+            self.flight.settle(outcome, self.prompt_tokens, self.completion_tokens, ttft)
 
     def keep_transcript(self) -> None:
         """Store the exchange encrypted when the team's policy keeps transcripts (a no-op otherwise)."""
@@ -400,8 +340,8 @@ class Exchange:
             async for chunk in handle:
                 self.absorb(chunk)
                 if chunk.finish_reason == "error":
-                    self.settle("failed")
-                    await record(**self.event("failed", "error", chunk.error))
+                    self.finish("failed", "error", chunk.error)
+                    metrics.count_server_error(500)
                     yield sse(error_payload(f"Generation failed: {chunk.error}"))
                     return
                 if chunk.text:
@@ -411,16 +351,32 @@ class Exchange:
             yield sse(self.chunk_object({}, finish))
             if include_usage:
                 yield sse({**self.chunk_object({}, None), "choices": [], "usage": self.usage()})
+            # Settled before [DONE] goes out: a client that closes the stream as soon as it reads [DONE] (the
+            # official SDK does) has had the whole answer, and the request is ok, not cancelled.
+            self.finish("ok", finish)
             yield "data: [DONE]\n\n"
-            self.settle("ok")
-            self.keep_transcript()
-            await record(**self.event("ok", finish))
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away; the engine stops this request when its
             # iterator is closed. Record without awaiting: we are being torn down.
-            self.settle("cancelled")
-            record_soon(**self.event("cancelled", "cancelled"))
+            if not self.finished:
+                self.finish("cancelled", "cancelled")
             raise
+        except Exception as exc:  # headers went out with 200: the stream ends with an error event instead
+            log.exception("stream %s failed", self.id)
+            if not self.finished:
+                self.finish("failed", "error", f"{type(exc).__name__}: {exc}")
+                metrics.count_server_error(500)
+                yield sse(error_payload("The server had an error while processing your request."))
+
+    finished = False
+
+    def finish(self, outcome: str, finish_reason: str | None, error_message: str | None = None) -> None:
+        """Settle the request and queue its ledger event (and its transcript when ok), without waiting."""
+        self.finished = True
+        self.settle(outcome)
+        if outcome == "ok":
+            self.keep_transcript()
+        record_soon(**self.event(outcome, finish_reason, error_message))
 
 
 def sse(obj: dict) -> str:

@@ -3,7 +3,7 @@
 `inference` may not import `appliance` (dependencies point one way), so the
 registry plugs its implementation in through settings.INFERENCE_GATEKEEPER.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
@@ -36,6 +36,8 @@ class Admission:
     code: str | None = None
     retry_after_s: int | None = None
     ticket: object = None  # handed back to settle(), e.g. the ids of the counters charged
+    # Sent with the answer, allowed or not: OpenAI's x-ratelimit-* for a caller with limits, {} without.
+    headers: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

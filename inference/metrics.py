@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from django.http import HttpRequest, HttpResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import serving
@@ -82,6 +82,15 @@ def telemetry_snapshot(engine) -> dict:
 
 REGISTRY = CollectorRegistry(auto_describe=False)
 REGISTRY.register(EngineCollector())
+# Every 5xx this web process answered on the API (a 500, a 503, or a stream that ended in an error event). The
+# box-wide figure, across web processes and restarts, is appliance_requests{outcome="failed"} from the database.
+SERVER_ERRORS = Counter("appliance_api_server_errors", "5xx answers of this web process's chat API.",
+                        labelnames=["status"], registry=REGISTRY)
+
+
+def count_server_error(status: int) -> None:
+    """Count one 5xx answer (or a stream that failed after its 200) of this process."""
+    SERVER_ERRORS.labels(status=str(status)).inc()
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:

@@ -1,7 +1,36 @@
 """Request bodies of the chat API, validated by pydantic, and how their errors read."""
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from django.http import JsonResponse
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+
+from .errors import error
+
+# The deepest JSON a request body may nest (the schema itself needs 4: body, messages, a message, its parts).
+# Deeper bodies are refused by name, before Python's own recursion limit turns them into a RecursionError.
+MAX_JSON_DEPTH = 32
+
+# OpenAI's coercion: a string where a number or a boolean belongs is refused ("1" for max_tokens), an integer
+# is a fine float (1 for temperature), a decimal is not an integer (1.0 for max_tokens). Pydantic's strict
+# types say exactly that; its lax default would take "1" and "true".
+StrictInt = Annotated[int, Strict()]
+StrictFloat = Annotated[float, Strict()]
+StrictBool = Annotated[bool, Strict()]
+
+
+def encodable(text: str) -> str:
+    """Return text if it is valid Unicode text (no lone surrogate, which JSON's \\ud800 escapes can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone surrogate (U+{ord(exc.object[exc.start]):04X}) at position "
+                         f"{exc.start}; send valid UTF-8 text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
 
 
 class TextPart(BaseModel):
@@ -14,7 +43,15 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def content_is_encodable(cls, value):
+        # The tokenizer (Rust) refuses text that is not valid Unicode with a TypeError; say so as a 400 here.
+        for text in [value] if isinstance(value, str) else [part.text for part in value]:
+            encodable(text)
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -23,7 +60,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -31,21 +68,21 @@ class ChatCompletionRequest(BaseModel):
     # rather than refuse, as OpenAI does for unknown-but-harmless fields.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    n: int = Field(default=1, ge=1, le=1)
-    stream: bool = False
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
+    n: StrictInt = Field(default=1, ge=1, le=1)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)
     # An extension (as in vLLM): keep only the k most likely tokens; 0 or -1 turns it off.
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: StrictInt | None = Field(default=None, ge=-1)
 
     @field_validator("stop")
     @classmethod
@@ -55,6 +92,8 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("at most 4 stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        for stop in stops:
+            encodable(stop)
         return stops
 
     @property
@@ -71,13 +110,55 @@ class ChatCompletionRequest(BaseModel):
         return max(0, self.top_k or 0)
 
 
+UNION_TAGS = {"str", "int", "float", "bool"}
+
+
 def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
     """Return (message, parameter name) for the first problem pydantic found."""
     first = exc.errors(include_url=False)[0]
-    loc = [str(part) for part in first.get("loc", ())]
-    param = loc[0] if loc else None
+    # Leave out the union members pydantic names in a location ("str", "list[TextPart]"): a client knows its
+    # fields, not our types.
+    loc = [str(part) for part in first.get("loc", ()) if str(part) not in UNION_TAGS and "[" not in str(part)]
     where = ".".join(loc) or "body"
+    param = where if loc else None
     message = first.get("msg", "invalid value")
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     return f"Invalid value for '{where}': {message}", param
+
+
+def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest | None, JsonResponse | None]:
+    """Return the validated request, or the 400 that names what is wrong with it."""
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, error(f"Request body is not valid JSON: {exc}", 400)
+    except RecursionError:  # nested past the interpreter's limit: certainly past ours
+        return None, too_deep()
+    if json_depth(payload) > MAX_JSON_DEPTH:
+        return None, too_deep()
+    if not isinstance(payload, dict):
+        return None, error("Request body must be a JSON object", 400)
+    try:
+        return ChatCompletionRequest.model_validate(payload), None
+    except ValidationError as exc:
+        message, param = describe_validation_error(exc)
+        return None, error(message, 400, param=param)
+
+
+def too_deep() -> JsonResponse:
+    return error(f"Request body nests JSON arrays and objects deeper than {MAX_JSON_DEPTH} levels", 400)
+
+
+def json_depth(value) -> int:
+    """Return how deeply arrays and objects nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:  # deeper than that is refused anyway: no need to walk further
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# The web process's HTTP limits, as make run passes them (appliance/http_limits.py).
+WEB_ARGS = ("--http", "appliance.http_limits:HeaderTimeoutProtocol", "--timeout-keep-alive", "5")
 
 
 def free_port() -> int:
@@ -103,7 +105,7 @@ def start_box(tmp_path_factory, **extra_env: str):
                                  env["APPLIANCE_QUEUE"], "-c", "1", "-l", "INFO", "--without-heartbeat",
                                  "--without-gossip", "--without-mingle"], env, logs / "worker.log")
         procs["web"] = start([sys.executable, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1",
-                              "--port", str(port), "--lifespan", "off"], env, logs / "web.log")
+                              "--port", str(port), "--lifespan", "off", *WEB_ARGS], env, logs / "web.log")
         wait_http(f"{box.url}/v1/models", procs, logs)
         yield box
     finally:

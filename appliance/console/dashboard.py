@@ -5,6 +5,7 @@ from datetime import timedelta
 import psutil
 from django.contrib import admin
 from django.core.cache import cache
+from django.db.models import Q
 from django.utils import timezone
 
 from audit import ledger
@@ -71,8 +72,14 @@ def variants() -> list[dict]:
     return rows
 
 
+def unattributed_errors(since=None) -> int:
+    """Return the API's failures that no usage row counts: 5xx before admission, requests cut by a web crash."""
+    events = AuditEvent.objects.filter(Q(action="api.error", details__in_usage=False) | Q(action="chat.interrupted"))
+    return (events if since is None else events.filter(created_at__gte=since)).count()
+
+
 def traffic(now) -> dict:
-    """Return request and token rates over the last minute and the last day, and the day's errors."""
+    """Return request and token rates over the last minute and the last day, and the day's errors (every 5xx)."""
     minute = UsageRecord.objects.filter(created_at__gte=now - timedelta(seconds=60)).exclude(outcome=Outcome.REFUSED)
     last_minute = list(minute.values_list("prompt_tokens", "completion_tokens"))
     hours = usage.series(Period.HOUR, now - timedelta(hours=23), now)
@@ -82,7 +89,8 @@ def traffic(now) -> dict:
         "rps_now": len(last_minute) / 60, "tps_now": sum(p + c for p, c in last_minute) / 60,
         "rps_day": day_requests / 86400, "tps_day": day_tokens / 86400,
         "requests_day": day_requests, "tokens_day": day_tokens,
-        "failed_day": sum(b.failed for b in hours), "refused_day": sum(b.refused for b in hours),
+        "failed_day": sum(b.failed for b in hours) + unattributed_errors(now - timedelta(hours=24)),
+        "refused_day": sum(b.refused for b in hours),
         "chart": chart("Requests per hour, last 24 h", [b.start.strftime("%H") for b in hours],
                        {"requests": [b.requests - b.refused for b in hours],
                         "failed": [b.failed for b in hours], "refused": [b.refused for b in hours]}),

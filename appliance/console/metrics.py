@@ -79,6 +79,8 @@ class ApplianceCollector:
                 buckets.append((str(bound / 1000), cumulative))
             buckets.append(("+Inf", b.ok))  # latencies above the last bound fall only here
             latency.add_metric(key, buckets, b.latency_sum_ms / 1000)
+        # 5xx answered before any request was admitted (so no team or variant to count them under).
+        requests.add_metric(["", "", "failed"], dashboard.unattributed_errors())
         yield from (requests, tokens, latency)
 
     def memory(self):

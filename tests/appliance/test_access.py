@@ -176,16 +176,39 @@ def committed(transactional_db):
     wipe_ledger()
 
 
-def test_models_endpoint_lists_what_each_caller_may_use(committed, cast, client):
+@pytest.fixture
+def loaded(demo_dir):
+    """Load one real demo engine as `general` and `sales-model`, as the reconciler would have (names only matter)."""
+    from inference import serving
+    from inference.engine import Engine
+
+    engine = Engine(demo_dir / "demo-dense", device="cpu")
+    for name in ("general", "sales-model"):
+        serving.register(name, engine)
+    yield
+    for name in ("general", "sales-model"):
+        serving.unregister(name)
+    engine.close()
+
+
+def test_models_endpoint_lists_what_each_caller_may_use_now(committed, cast, client, loaded):
+    variant("ready-not-loaded")
     alice = client.get("/v1/models", **bearer(cast["alice"]))
     bob = client.get("/v1/models", **bearer(cast["bob"]))
     stranger = client.get("/v1/models")
-    assert sorted(m["id"] for m in alice.json()["data"]) == ["general", "sales-model"]
+    assert sorted(m["id"] for m in alice.json()["data"]) == ["general", "sales-model"]  # not ready-not-loaded
     assert [m["id"] for m in bob.json()["data"]] == ["sales-model"]
     assert stranger.status_code == 401 and stranger.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_a_revoked_key_is_refused_on_its_next_request(committed, cast, client):
+def test_a_loaded_variant_that_is_quarantined_is_not_listed(committed, cast, client, loaded):
+    cast["general"].status = VariantStatus.QUARANTINED
+    cast["general"].save()
+    alice = client.get("/v1/models", **bearer(cast["alice"]))
+    assert [m["id"] for m in alice.json()["data"]] == ["sales-model"]
+
+
+def test_a_revoked_key_is_refused_on_its_next_request(committed, cast, client, loaded):
     assert client.get("/v1/models", **bearer(cast["alice"])).status_code == 200
     actions.do_revoke_api_key(cast["alice_key"], actor="admin:test")
     assert client.get("/v1/models", **bearer(cast["alice"])).status_code == 401

@@ -272,3 +272,36 @@ def test_a_limit_set_after_counters_were_remembered_is_enforced(general, transac
     team.save()
     assert gk.admit(caller_of(key), "general").allowed
     assert gk.admit(caller_of(key), "general").code == "rate_limit_exceeded"
+
+
+# --- x-ratelimit-* headers ------------------------------------------------------------------------------------
+
+def test_a_limited_key_is_told_its_tightest_limits_as_openai_headers(general):
+    _, api_key, key = team_with_key("research", requests_per_minute=3, tokens_per_day=1000)
+    api_key.tokens_per_minute = 400
+    api_key.save()
+    caller = caller_of(key)
+    first = gk.admit(caller, "general")
+    gk.settle(caller, first, report(tokens=100))
+    second = gk.admit(caller, "general")
+    assert first.headers["x-ratelimit-limit-requests"] == "3"
+    assert (first.headers["x-ratelimit-remaining-requests"], second.headers["x-ratelimit-remaining-requests"]) == (
+        "2", "1")
+    # The key's 400 per minute has less left than the team's 1000 per day: it stands for tokens.
+    assert (second.headers["x-ratelimit-limit-tokens"], second.headers["x-ratelimit-remaining-tokens"]) == (
+        "400", "300")
+    assert second.headers["x-ratelimit-reset-requests"].endswith("s")
+    gk.admit(caller, "general")
+    refused = gk.admit(caller, "general")
+    assert refused.status == 429 and refused.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_an_unlimited_key_gets_no_rate_limit_headers(general):
+    _, _, key = team_with_key("unlimited")
+    assert gk.admit(caller_of(key), "general").headers == {}
+
+
+@pytest.mark.parametrize("seconds,text", [(0.02, "20ms"), (1, "1s"), (59.2, "1m0s"), (360, "6m0s"),
+                                          (86399.5, "24h0m0s"), (3 * 3600 + 62, "3h1m2s")])
+def test_reset_times_are_written_as_openai_writes_them(seconds, text):
+    assert quotas.duration(seconds) == text

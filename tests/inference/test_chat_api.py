@@ -138,19 +138,34 @@ def test_a_stop_string_ends_with_finish_reason_stop(api) -> None:
     assert stopped["choices"][0]["message"]["content"] == text[: text.index(stop)]
 
 
-@pytest.fixture
-def busy(transactional_db, settings, demo_dir: Path):
-    """Serve a dense engine that runs one request at a time and lets one more wait."""
+def serve_own_engine(settings, name: str, engine: Engine):
+    """Serve an engine of the test's own as `name` behind the stand-in gatekeeper; close it afterwards."""
     settings.INFERENCE_GATEKEEPER = f"{__name__}.OneKeyGatekeeper"
     gatekeeper.cache_clear()
-    engine = Engine(demo_dir / "demo-dense", device="cpu", queue_limit=1, max_batch_size=1)
-    engine.eos_token_ids = set()
-    serving.register("api-busy", engine)
+    serving.register(name, engine)
     yield engine
-    serving.unregister("api-busy")
+    serving.unregister(name)
     engine.close()
     gatekeeper.cache_clear()
     wipe_ledger()
+
+
+@pytest.fixture
+def busy(transactional_db, settings, demo_dir: Path):
+    """Serve a dense engine that runs one request at a time and lets one more wait."""
+    engine = Engine(demo_dir / "demo-dense", device="cpu", queue_limit=1, max_batch_size=1)
+    engine.eos_token_ids = set()
+    yield from serve_own_engine(settings, "api-busy", engine)
+
+
+async def until_engine(engine: Engine, **figures: int) -> None:
+    """Wait until the engine's describe() shows figures (an upper bound on waiting, not a timing assertion)."""
+    for _ in range(3000):
+        live = engine.describe()
+        if all(live[name] == value for name, value in figures.items()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the engine never showed {figures}: {engine.describe()}")
 
 
 def test_a_full_queue_is_a_429_with_retry_after(busy) -> None:
@@ -158,7 +173,11 @@ def test_a_full_queue_is_a_429_with_retry_after(busy) -> None:
         client = AsyncClient()
         body = json.dumps(chat("api-busy", max_tokens=1500, temperature=0, stream=True))
         running = await client.post("/v1/chat/completions", body, content_type="application/json", **AUTH)
+        # Each request is sent once the engine holds the one before where it must be: however slow the machine,
+        # the first runs, the second waits, and the third finds the queue (of one) full.
+        await until_engine(busy, running=1, waiting=0)
         waiting = await client.post("/v1/chat/completions", body, content_type="application/json", **AUTH)
+        await until_engine(busy, running=1, waiting=1)
         refused = await client.post("/v1/chat/completions", body, content_type="application/json", **AUTH)
         for response in (running, waiting):  # closing the streams cancels both requests
             await response.streaming_content.aclose()
@@ -174,20 +193,14 @@ def test_a_full_queue_is_a_429_with_retry_after(busy) -> None:
 @pytest.fixture
 def broken(transactional_db, settings, demo_dir: Path):
     """Serve a dense engine whose model fails on every forward."""
-    settings.INFERENCE_GATEKEEPER = f"{__name__}.OneKeyGatekeeper"
-    gatekeeper.cache_clear()
     engine = Engine(demo_dir / "demo-dense", device="cpu")
 
     def fault(module, args):
         raise RuntimeError("simulated device fault")
 
     engine.model.get_input_embeddings().register_forward_pre_hook(fault)
-    serving.register("api-broken", engine)
-    yield "api-broken"
-    serving.unregister("api-broken")
-    engine.close()
-    gatekeeper.cache_clear()
-    wipe_ledger()
+    for _ in serve_own_engine(settings, "api-broken", engine):
+        yield "api-broken"
 
 
 def test_a_failed_generation_is_a_500_in_openai_shape(broken) -> None:
@@ -229,7 +242,7 @@ def hold_the_gatekeeper() -> threading.Event:
 async def until_waiting(count: int) -> None:
     from inference.api import _admissions
 
-    for _ in range(500):
+    for _ in range(3000):  # an upper bound on waiting, not a timing assertion
         if _admissions.queued() >= count:
             return
         await asyncio.sleep(0.01)
@@ -266,3 +279,141 @@ def test_a_request_whose_client_left_while_waiting_is_not_admitted(api) -> None:
     caller, admission = run(go())
     assert admission.allowed
     assert BURSTS == [1]  # the request that stayed, alone
+
+
+def post_raw(raw: bytes) -> tuple[int, dict]:
+    """POST raw bytes as a chat request body; return (status, parsed JSON)."""
+
+    async def go():
+        response = await AsyncClient().post("/v1/chat/completions", raw, content_type="application/json", **AUTH)
+        return response.status_code, response.json()
+
+    return run(go())
+
+
+@pytest.mark.parametrize("param,value", [
+    ("max_tokens", "1"), ("max_tokens", 1.0), ("max_completion_tokens", "8"), ("temperature", "0.5"),
+    ("top_p", "1"), ("seed", "5"), ("n", "1"), ("stream", "true"), ("stream", 1), ("top_k", "20"),
+    ("presence_penalty", "0"), ("frequency_penalty", True),
+])
+def test_a_string_or_wrong_type_where_a_number_or_boolean_belongs_is_a_400_naming_it(api, param, value) -> None:
+    status, _, body = post(chat(api, **{param: value}))
+    assert status == 400
+    assert body["error"]["param"] == param
+    assert param in body["error"]["message"]
+
+
+def test_an_integer_is_a_fine_float_as_in_openai(api) -> None:
+    status, _, body = post(chat(api, max_tokens=2, temperature=1, top_p=1, presence_penalty=0))
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1
+
+
+def test_include_usage_must_be_a_boolean(api) -> None:
+    status, _, body = post(chat(api, stream=True, stream_options={"include_usage": "yes"}))
+    assert (status, body["error"]["param"]) == (400, "stream_options.include_usage")
+
+
+@pytest.mark.parametrize("content", ["ok \ud800 lone high", "\udfff", [{"type": "text", "text": "a\udc00"}]])
+def test_a_lone_surrogate_is_a_400_naming_the_message(api, content) -> None:
+    body = {"model": api, "messages": [{"role": "user", "content": "fine"}, {"role": "user", "content": content}]}
+    raw = json.dumps(body).encode()  # json.dumps writes a lone surrogate as its \\udXXX escape, as a client would
+    assert b"\\ud" in raw
+    status, answer = post_raw(raw)
+    assert status == 400
+    assert answer["error"]["param"] == "messages.1.content"
+    assert "surrogate" in answer["error"]["message"]
+
+
+def test_a_lone_surrogate_in_a_stop_string_is_a_400(api) -> None:
+    status, answer = post_raw(json.dumps(chat(api, stop=["\ud83d"])).encode())
+    assert (status, answer["error"]["param"]) == (400, "stop")
+
+
+@pytest.mark.parametrize("depth", [33, 5000, 200_000])
+def test_deeply_nested_json_is_a_400_naming_the_nesting(api, depth: int) -> None:
+    raw = b'{"model": "x", "messages": [], "extra": ' + b"[" * depth + b"]" * depth + b"}"
+    status, answer = post_raw(raw)
+    assert status == 400
+    assert "deeper than 32 levels" in answer["error"]["message"]
+
+
+def test_nesting_within_the_bound_is_not_refused_for_its_depth(api) -> None:
+    raw = json.dumps({**chat(api, max_tokens=1), "extra": json.loads("[" * 20 + "]" * 20)}).encode()
+    assert post_raw(raw)[0] == 200
+
+
+@pytest.fixture
+def picky(transactional_db, settings, demo_dir: Path):
+    """Serve a dense engine whose chat template refuses any message holding a BEL character, as real templates
+    refuse what they cannot render (raise_exception)."""
+    engine = Engine(demo_dir / "demo-dense", device="cpu")
+    engine.tokenizer.chat_template = (
+        "{% for m in messages %}{% if '\\x07' in m['content'] %}{{ raise_exception('no bells') }}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    for _ in serve_own_engine(settings, "api-picky", engine):
+        yield "api-picky"
+
+
+def test_text_the_tokenizer_refuses_is_a_400_naming_the_message(picky) -> None:
+    SETTLED.clear()
+    body = {"model": picky, "messages": [{"role": "system", "content": "be brief"},
+                                         {"role": "user", "content": "ring \x07 ring"}]}
+    status, _, answer = post(body)
+    assert status == 400
+    assert answer["error"]["param"] == "messages.1.content"
+    assert "no bells" in answer["error"]["message"]
+    assert post({**body, "messages": body["messages"][:1]})[0] == 200  # the same engine takes the other one
+
+
+def test_a_model_that_is_not_loaded_is_a_503_counted_as_failed(api) -> None:
+    from inference.api import _ledger_writer
+
+    SETTLED.clear()
+    status, _, answer = post(chat("registered-but-not-loaded"))
+    assert (status, answer["error"]["code"]) == (503, "model_not_loaded")
+    _ledger_writer.submit(lambda: None).result()
+    assert [r.outcome for r in SETTLED] == ["failed"]
+
+
+def test_a_stream_read_to_done_is_settled_ok_before_done_is_sent(api) -> None:
+    from inference.api import _ledger_writer
+
+    async def go():
+        response = await AsyncClient().post("/v1/chat/completions", json.dumps(chat(api, max_tokens=3, stream=True)),
+                                            content_type="application/json", **AUTH)
+        parts = []
+        async for part in response.streaming_content:
+            parts.append(part if isinstance(part, bytes) else part.encode())
+            if b"[DONE]" in parts[-1]:
+                break  # and close at once, as the official SDK does
+        await response.streaming_content.aclose()
+        return b"".join(parts)
+
+    SETTLED.clear()
+    raw = run(go())
+    assert raw.endswith(b"data: [DONE]\n\n")
+    _ledger_writer.submit(lambda: None).result()
+    assert [(r.outcome, r.completion_tokens) for r in SETTLED] == [("ok", 3)]
+
+
+def test_an_admitted_request_is_recorded_in_flight_until_it_is_settled(api) -> None:
+    from audit.models import InFlightRequest
+    from inference.api import _ledger_writer
+
+    def in_flight(request_id: str) -> bool:
+        return InFlightRequest.objects.filter(request_id=request_id).exists()
+
+    async def go():
+        response = await AsyncClient().post("/v1/chat/completions", json.dumps(chat(api, max_tokens=4, stream=True)),
+                                            content_type="application/json", **AUTH)
+        chunks = aiter(response.streaming_content)
+        first = json.loads((await anext(chunks)).decode()[len("data: "):])
+        during = await asyncio.to_thread(in_flight, first["id"])
+        async for _ in chunks:
+            pass
+        return first["id"], during
+
+    request_id, during = run(go())
+    assert during  # written in the admission's own transaction, before the first byte went out
+    _ledger_writer.submit(lambda: None).result()
+    assert not in_flight(request_id)
