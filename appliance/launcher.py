@@ -22,6 +22,11 @@ from .models import ActualState, Deployment, ModelVariant, Team, VariantStatus
 ACTOR = "system:launcher"
 DEMO_VARIANTS = {"demo-moe": "moe", "demo-distilled": "distilled", "demo-dense": "dense"}
 DEMO_TEAM = "demo"
+# A child that dies is started again after RESTART_BACKOFF_S, doubling with each restart; one that
+# died RESTART_LIMIT times within RESTART_WINDOW_S is left dead, and `make run` stops everything.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 600
+RESTART_BACKOFF_S = 1.0
 
 
 def say(message: str) -> None:
@@ -59,7 +64,8 @@ def ensure_demo_key() -> str:
     return plaintext
 
 
-def start_processes(port: int) -> dict[str, subprocess.Popen]:
+def start_processes(port: int) -> "Supervisor":
+    """Start web, worker and beat under a supervisor that restarts them."""
     python = sys.executable
     home = Path(settings.APPLIANCE_HOME)
     queue = settings.CELERY_TASK_DEFAULT_QUEUE
@@ -72,17 +78,74 @@ def start_processes(port: int) -> dict[str, subprocess.Popen]:
                 "--lifespan", "off", "--no-access-log", "--http", "appliance.http_limits:HeaderTimeoutProtocol",
                 "--timeout-keep-alive", "5"],
     }
-    logs = home / "logs"
-    logs.mkdir(exist_ok=True)
-    procs = {}
-    for name, cmd in commands.items():
-        log = (logs / f"{name}.log").open("ab")
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=settings.BASE_DIR)
-        say(f"{name} started (pid {procs[name].pid}, log {logs / f'{name}.log'})")
-    return procs
+    supervisor = Supervisor(commands, home / "logs")
+    for name in commands:
+        supervisor.start(name)
+    return supervisor
 
 
-def ensure_demo_variants(demo_dir: Path, procs: dict) -> None:
+class Supervisor:
+    """Run the children; restart one that died after a backoff, at most RESTART_LIMIT times per RESTART_WINDOW_S."""
+
+    def __init__(self, commands: dict[str, list[str]], logs: Path):
+        self.commands = commands
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, list[float]] = {name: [] for name in commands}
+        self.due: dict[str, float] = {}  # name -> when a dead child is started again
+
+    def log(self, name: str) -> Path:
+        """Return the log file of a child."""
+        return self.logs / f"{name}.log"
+
+    def start(self, name: str) -> None:
+        """Start one child, appending its output to its log."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with self.log(name).open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.procs[name] = subprocess.Popen(self.commands[name], stdout=log, stderr=subprocess.STDOUT,
+                                                cwd=settings.BASE_DIR)
+        say(f"{name} started (pid {self.procs[name].pid}, log {self.log(name)})")
+
+    def check(self) -> None:
+        """Restart the children that died once their backoff is over; raise SystemExit past the bound."""
+        now = time.monotonic()
+        for name, proc in list(self.procs.items()):
+            if name in self.due:
+                if now >= self.due[name]:
+                    del self.due[name]
+                    self.start(name)
+                continue
+            code = proc.poll()
+            if code is None:
+                continue
+            recent = [t for t in self.restarts[name] if now - t < RESTART_WINDOW_S]
+            if len(recent) >= RESTART_LIMIT:
+                raise SystemExit(f"[appliance] {name} {exited(code)} after {RESTART_LIMIT} restarts in "
+                                 f"{RESTART_WINDOW_S // 60} minutes; giving up and stopping everything "
+                                 f"(log {self.log(name)})")
+            self.restarts[name] = [*recent, now]
+            delay = RESTART_BACKOFF_S * 2 ** len(recent)
+            self.due[name] = now + delay
+            say(f"{name} {exited(code)}; restarting it in {delay:g}s (restart {len(recent) + 1} of {RESTART_LIMIT} "
+                f"in {RESTART_WINDOW_S // 60} minutes; log {self.log(name)})")
+
+    def stop(self) -> None:
+        """Stop every child: SIGTERM, then SIGKILL for one still running after 15 s."""
+        self.due.clear()
+        stop(self.procs)
+
+
+def exited(code: int) -> str:
+    """Return how a child ended, in words: its exit code and, for a signal, the signal's name."""
+    if code < 0:
+        try:
+            return f"exited with code {code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+def ensure_demo_variants(demo_dir: Path, supervisor: Supervisor) -> None:
     """Import (through the worker) and deploy (through the web process) each demo variant."""
     for name, kind in DEMO_VARIANTS.items():
         variant = ModelVariant.objects.filter(name=name).first()
@@ -91,7 +154,7 @@ def ensure_demo_variants(demo_dir: Path, procs: dict) -> None:
             variant = actions.do_start_import(name=name, kind=kind, source_path=str(demo_dir / name), actor=ACTOR)
     for name in DEMO_VARIANTS:
         variant = wait_until(lambda: ModelVariant.objects.exclude(status=VariantStatus.IMPORTING)
-                             .filter(name=name).first(), procs, f"import of {name}")
+                             .filter(name=name).first(), supervisor, f"import of {name}")
         if variant.status not in (VariantStatus.READY, VariantStatus.DEPLOYED):
             say(f"{name} is {variant.status}: {variant.status_detail}")
             continue
@@ -99,16 +162,15 @@ def ensure_demo_variants(demo_dir: Path, procs: dict) -> None:
     for name in DEMO_VARIANTS:
         dep = wait_until(lambda: Deployment.objects.filter(
             variant__name=name, actual__in=[ActualState.DEPLOYED, ActualState.FAILED]).first(),
-            procs, f"{name} to load")
+            supervisor, f"{name} to load")
         say(f"{name}: {dep.actual} on {dep.device or '-'} {dep.detail}")
 
 
-def wait_until(predicate, procs: dict, what: str, timeout: float = 300):
+def wait_until(predicate, supervisor: Supervisor, what: str, timeout: float = 300):
+    """Return predicate()'s first true answer, restarting children that die meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} exited with {proc.returncode} while waiting for {what}; see var/logs")
+        supervisor.check()
         result = predicate()
         if result:
             return result
@@ -140,21 +202,24 @@ def run(port: int) -> None:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     call_command("migrate", interactive=False, verbosity=0)
+    # Shown the moment the admin exists: a later step (demo models, a full disk) may fail,
+    # and a password never shown would lock the operator out.
+    admin_line = ensure_admin()
+    say(admin_line)
     # A signed checkpoint at every start: the ledger's state before this run adds to it
     # (beat then signs a heartbeat every few minutes).
     make_checkpoint("heartbeat")
     demo_dir = Path(settings.APPLIANCE_HOME) / "demo-models"
     call_command("make_demo_models", str(demo_dir))
-    admin_line = ensure_admin()
     key = ensure_demo_key()
     # Before the web process starts, so waiting for "deployed" below waits
     # for this run's engines and not for rows a previous run left behind.
     actions.forget_loaded_state()
-    procs = start_processes(port)
+    supervisor = start_processes(port)
     # Ctrl-C reaches every process of the terminal's group; we wait for the
     # children to finish their own shutdown instead of dying first.
     try:
-        ensure_demo_variants(demo_dir, procs)
+        ensure_demo_variants(demo_dir, supervisor)
         url = f"http://127.0.0.1:{port}"
         say(f"ready in {time.monotonic() - started:.1f}s")
         print(f"""
@@ -167,12 +232,10 @@ def run(port: int) -> None:
   (the demo models have random weights: their answers are noise)
   Ctrl-C stops everything.
 """, flush=True)
-        while all(p.poll() is None for p in procs.values()):
+        while True:  # until Ctrl-C, or SystemExit from a child past its restart bound
+            supervisor.check()
             time.sleep(0.5)
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                say(f"{name} exited with {proc.returncode}; stopping the others")
     except KeyboardInterrupt:
         say("stopping")
     finally:
-        stop(procs)
+        supervisor.stop()

@@ -1,0 +1,130 @@
+"""`make run` (manage.py run_appliance) survives a dead child: kill -9 the worker, the beat and the web in turn;
+each comes back with a message naming it and its log, the API answers again, the ledger verifies, and Ctrl-C
+stops everything."""
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+import psutil
+
+from tests.livebox import ROOT, PostgresDatabase, free_port
+
+STARTED = re.compile(r"\[appliance\] (web|worker|beat) started \(pid (\d+), log (.+)\)")
+
+
+class Launcher:
+    """A run_appliance process in its own APPLIANCE_HOME, with its output read line by line."""
+
+    def __init__(self, home, env: dict, port: int):
+        self.home, self.env, self.url = home, env, f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "manage.py", "run_appliance", "--port", str(port)], cwd=ROOT,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)  # its own group: a Ctrl-C here reaches only it
+        self.lines: queue.Queue = queue.Queue()
+        self.output: list[str] = []
+        self.pids: dict[str, int] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
+        """Return the match of the first new output line matching pattern (timeout bounds the wait)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n" + "\n".join(
+                    self.output[-40:])) from None
+            self.output.append(line)
+            if started := STARTED.search(line):
+                self.pids[started.group(1)] = int(started.group(2))
+            if match := re.search(pattern, line):
+                return match
+
+    def manage(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=300)
+
+
+def chat_answers(launcher: Launcher, key: str, timeout: float = 180) -> dict:
+    """Return a chat completion from demo-dense, retrying while the web process (re)loads its engines."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.post(f"{launcher.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                              json={"model": "demo-dense", "max_tokens": 2,
+                                    "messages": [{"role": "user", "content": "hello"}]}, timeout=60)
+            if last.status_code == 200:
+                return last.json()
+        except httpx.TransportError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise AssertionError(f"the API did not answer within {timeout}s: {last!r}")
+
+
+def registered_pids(launcher: Launcher) -> set[int]:
+    """Return the pids registered for network attestations (each process registers itself once it is up)."""
+    return {int(p.stem) for p in (launcher.home / "processes").glob("*.json")}
+
+
+def wait_registered(launcher: Launcher, pid: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while pid not in registered_pids(launcher):
+        assert time.monotonic() < deadline, f"pid {pid} never registered:\n" + "\n".join(launcher.output[-40:])
+        time.sleep(0.3)
+
+
+def test_make_run_restarts_each_child_killed_with_sigkill_and_stops_on_ctrl_c(tmp_path_factory):
+    home = tmp_path_factory.mktemp("make-run-home")
+    env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_QUEUE": f"run-{uuid.uuid4().hex[:8]}",
+           "PYTHONUNBUFFERED": "1", "APPLIANCE_RECONCILE_INTERVAL": "0.3"}
+    database = PostgresDatabase(env["DATABASE_URL"]) if env.get("DATABASE_URL", "").startswith("postgres") else None
+    if database:
+        env["DATABASE_URL"] = database.url
+    launcher = Launcher(home, env, free_port())
+    try:
+        launcher.wait_for(r"admin user 'admin' created, password \S+")  # printed before the slow steps
+        launcher.wait_for(r"\[appliance\] ready in")
+        key = (home / "demo-api-key").read_text().strip()
+        assert chat_answers(launcher, key)["choices"]
+        for name in ("worker", "beat", "web"):
+            old = launcher.pids[name]
+            os.kill(old, signal.SIGKILL)
+            log = home / "logs" / f"{name}.log"
+            launcher.wait_for(re.escape(f"[appliance] {name} exited with code -9 (killed by SIGKILL); restarting it "
+                                        f"in 1s (restart 1 of 5 in 10 minutes; log {log})"), timeout=60)
+            launcher.wait_for(rf"\[appliance\] {name} started \(pid \d+, log {re.escape(str(log))}\)", timeout=60)
+            new = launcher.pids[name]
+            assert new != old and psutil.Process(new).is_running()
+            wait_registered(launcher, new)  # up far enough to attest its own sockets at start
+            assert chat_answers(launcher, key)["choices"]
+        assert launcher.proc.poll() is None
+        verified = launcher.manage("audit_verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        children = dict(launcher.pids)
+        launcher.proc.send_signal(signal.SIGINT)
+        assert launcher.proc.wait(timeout=90) == 0
+        launcher.wait_for(r"\[appliance\] web stopped", timeout=30)  # the last one stopped
+        assert [f"[appliance] {name} stopped" in launcher.output for name in children] == [True] * 3
+        assert not [name for name, pid in children.items() if psutil.pid_exists(pid)]
+        starts = launcher.manage("shell", "--no-imports", "-c", "from audit.models import NetworkAttestation\n"
+                                 "print(sorted(set(NetworkAttestation.objects.values_list('actor', flat=True))))")
+        assert "['system:beat', 'system:web', 'system:worker']" in starts.stdout, starts.stderr
+        assert launcher.manage("audit_verify").returncode == 0
+    finally:
+        if launcher.proc.poll() is None:
+            os.killpg(launcher.proc.pid, signal.SIGKILL)
+            launcher.proc.wait(timeout=30)
+        if database:
+            database.drop()
