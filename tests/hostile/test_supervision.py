@@ -94,7 +94,8 @@ def test_make_run_restarts_each_child_killed_with_sigkill_and_stops_on_ctrl_c(tm
         env["DATABASE_URL"] = database.url
     launcher = Launcher(home, env, free_port())
     try:
-        launcher.wait_for(r"admin user 'admin' created, password \S+")  # printed before the slow steps
+        launcher.wait_for(r"admin user 'admin' created, password \S+")
+        launcher.wait_for(r"demo-moe: .* written")  # the admin line came first: before the steps that can fail
         launcher.wait_for(r"\[appliance\] ready in")
         key = (home / "demo-api-key").read_text().strip()
         assert chat_answers(launcher, key)["choices"]
@@ -126,5 +127,29 @@ def test_make_run_restarts_each_child_killed_with_sigkill_and_stops_on_ctrl_c(tm
         if launcher.proc.poll() is None:
             os.killpg(launcher.proc.pid, signal.SIGKILL)
             launcher.proc.wait(timeout=30)
+        if database:
+            database.drop()
+
+
+def test_the_first_runs_admin_password_is_shown_even_when_a_later_step_fails(tmp_path_factory):
+    home = tmp_path_factory.mktemp("make-run-fails")
+    (home / "demo-models").write_text("a file where the demo models' directory belongs")  # that step fails
+    env = {**os.environ, "APPLIANCE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("APPLIANCE_ADMIN_PASSWORD", None)
+    database = PostgresDatabase(env["DATABASE_URL"]) if env.get("DATABASE_URL", "").startswith("postgres") else None
+    if database:
+        env["DATABASE_URL"] = database.url
+    try:
+        run = subprocess.run([sys.executable, "manage.py", "run_appliance", "--port", str(free_port())], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and "demo-models" in run.stderr
+        password = re.search(r"\[appliance\] admin user 'admin' created, password (\S+)", run.stdout).group(1)
+        check = subprocess.run([sys.executable, "manage.py", "shell", "--no-imports", "-c",
+                                "from django.contrib.auth import authenticate\n"
+                                f"print(authenticate(username='admin', password={password!r}) is not None)"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert check.stdout.strip().splitlines()[-1] == "True", check.stderr
+        assert "started (pid" not in run.stdout  # it failed before any child started
+    finally:
         if database:
             database.drop()
