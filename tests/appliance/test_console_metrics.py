@@ -71,3 +71,23 @@ def test_the_allowlist_takes_networks(client, traffic, settings):
     settings.METRICS_ALLOW = ["10.0.0.0/8"]
     assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 200
     assert client.get("/metrics", REMOTE_ADDR="127.0.0.1").status_code == 403
+
+
+def test_5xx_without_an_admitted_request_and_interrupted_requests_are_failures(client, traffic, transactional_db):
+    from django.utils import timezone
+
+    from appliance.console import dashboard
+    from audit import ledger
+    from tests.audit.tamper import wipe_ledger
+
+    try:
+        before = dashboard.traffic(timezone.now())["failed_day"]
+        ledger.append("api.error", actor="anonymous", target="/v1/models", outcome="error",
+                      details={"status": 500, "in_usage": False})
+        ledger.append("chat.interrupted", actor="team:research", target="general", outcome="interrupted")
+        ledger.append("api.error", actor="anonymous", target="/v1/x", outcome="error", details={"in_usage": True})
+        assert dashboard.traffic(timezone.now())["failed_day"] == before + 2
+        found = samples(client.get("/metrics", REMOTE_ADDR="127.0.0.1"))
+        assert found["appliance_requests_total", (("outcome", "failed"), ("team", ""), ("variant", ""))] == 2
+    finally:
+        wipe_ledger()

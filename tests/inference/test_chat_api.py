@@ -417,3 +417,31 @@ def test_an_admitted_request_is_recorded_in_flight_until_it_is_settled(api) -> N
     assert during  # written in the admission's own transaction, before the first byte went out
     _ledger_writer.submit(lambda: None).result()
     assert not in_flight(request_id)
+
+
+@pytest.fixture
+def faulty(transactional_db, settings, demo_dir: Path):
+    """Serve a dense engine whose chat template fails with an error no API path expects (a division by zero)."""
+    engine = Engine(demo_dir / "demo-dense", device="cpu")
+    engine.tokenizer.chat_template = "{{ 1 // 0 }}"
+    for _ in serve_own_engine(settings, "api-faulty", engine):
+        yield "api-faulty"
+
+
+def server_errors(status: str) -> float:
+    from inference.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value("appliance_api_server_errors_total", {"status": status}) or 0.0
+
+
+def test_an_unexpected_error_after_admission_is_a_500_counted_as_failed(faulty) -> None:
+    from inference.api import _ledger_writer
+
+    SETTLED.clear()
+    before = server_errors("500")
+    status, _, answer = post(chat(faulty))
+    assert (status, answer["error"]["type"]) == (500, "server_error")
+    assert "division" not in answer["error"]["message"]  # the client learns nothing of the internals
+    _ledger_writer.submit(lambda: None).result()
+    assert [r.outcome for r in SETTLED] == ["failed"]
+    assert server_errors("500") == before + 1
