@@ -1,4 +1,4 @@
-"""A small ledger history with checkpoints one second apart, and tools to tamper with bundles."""
+"""A small ledger history with checkpoints (seconds apart if asked), and tools to tamper with bundles."""
 import json
 import time
 import zipfile
@@ -7,12 +7,13 @@ from pathlib import Path
 from audit import keys
 from audit.checkpoints import make_checkpoint
 from audit.ledger import append
+from audit.models import Checkpoint
 
 TEAMS = ["research", "sales", "legal"]
 
 
 def tick() -> None:
-    """Sleep to just past the next whole second, so checkpoint times differ by exactly one."""
+    """Sleep to just past the next whole second, so the next checkpoint falls in a later second."""
     time.sleep(1.05 - time.time() % 1)
 
 
@@ -23,17 +24,24 @@ def chat(count: int, start: int = 0) -> None:
                details={"model": "tiny", "prompt_tokens": 10 + index, "completion_tokens": 3})
 
 
-def history(settings, seconds_apart: bool = False) -> None:
-    """Append the key, 12 chat events and a heartbeat after every fourth (one second apart if asked)."""
-    settings.AUDIT_MAX_GAP_S = 1 if seconds_apart else 3600
+def history(settings, seconds_apart: bool = False) -> int:
+    """Append the key, 12 chat events and a heartbeat after every fourth; return the last heartbeat's time.
+
+    With seconds_apart the heartbeats land in successive seconds or later, and AUDIT_MAX_GAP_S is set to
+    the largest gap between them as they happened: removing one then always leaves a gap too long,
+    however slow the machine was (a fixed 1 s allowance failed when a step took longer under load).
+    """
+    settings.AUDIT_MAX_GAP_S = 3600
     keys.active_key()  # event 1 records the key's creation; chat events are 2..13
     for batch in range(3):
         chat(4, start=4 * batch)
         if seconds_apart:
             tick()
         make_checkpoint("heartbeat")
+    times = [int(cp.created_at.timestamp()) for cp in Checkpoint.objects.order_by("id")]
     if seconds_apart:
-        tick()
+        settings.AUDIT_MAX_GAP_S = max(later - earlier for earlier, later in zip(times, times[1:]))
+    return times[-1]
 
 
 def rewrite(bundle: Path, name: str, change) -> Path:
