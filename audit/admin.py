@@ -115,7 +115,7 @@ class CheckpointAdmin(ReadOnlyAdmin):
 class NetworkAttestationAdmin(ReadOnlyAdmin):
     """The latest network attestation first, and the history below it."""
 
-    list_display = ("seq", "created_at", "outcome", "outside", "listening", "signed")
+    list_display = ("seq", "created_at", "actor", "outcome", "processes", "outside", "listening", "signed")
     list_filter = ("outcome",)
     fields = ("seq", "created_at", "outcome", "signed", "details_pretty")
     readonly_fields = fields
@@ -126,6 +126,12 @@ class NetworkAttestationAdmin(ReadOnlyAdmin):
     def outside(self, obj) -> int:
         """Return how many established connections went outside the allowlist."""
         return obj.details.get("snapshot", {}).get("established_outside_allowlist")
+
+    @admin.display(description="processes attested")
+    def processes(self, obj) -> str:
+        """Return the roles and pids of the appliance processes the snapshot covered."""
+        covered = obj.details.get("snapshot", {}).get("processes", [])
+        return ", ".join(f"{p['name']} ({p['pid']})" for p in covered) or "—"
 
     @admin.display(description="listening ports")
     def listening(self, obj) -> int:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import psutil
 import pytest
 from django.conf import settings as django_settings
+from django.urls import reverse
 
 from audit import attestation, egress
 from audit.models import NetworkAttestation
@@ -119,3 +120,9 @@ def test_a_connection_outside_the_allowlist_makes_the_attestation_an_alert():
 
 def test_beat_attests_every_minute():
     assert django_settings.CELERY_BEAT_SCHEDULE["audit-network-attestation"]["schedule"] <= 60
+
+
+def test_the_console_lists_the_processes_each_attestation_covered(admin_client):
+    attestation.at_process_start("web")
+    page = admin_client.get(reverse("admin:audit_networkattestation_changelist")).content.decode()
+    assert f"web ({os.getpid()})" in page and "system:web" in page and "icon-yes" in page
