@@ -28,8 +28,6 @@ def _problem(value: str) -> str | None:
     """Return what is wrong with value as a name, or None when it is valid."""
     if not value:
         return "it is empty"
-    if len(value) > NAME_MAX:
-        return f"it is {len(value)} characters long, more than {NAME_MAX}"
     for char in value:
         if char == "\x00":
             return "it contains a NUL character"
@@ -43,6 +41,8 @@ def _problem(value: str) -> str | None:
             return f"it contains the upper-case letter {char!r}"
         if not (char.isalnum() or char in "-_"):
             return f"it contains the character {char!r}"
+    if len(value) > NAME_MAX:
+        return f"it is {len(value)} characters long, more than {NAME_MAX}"
     if not NAME_PATTERN.match(value):
         return "it does not start with a letter or digit"
     return None

@@ -1,3 +1,5 @@
+from urllib.parse import quote, unquote
+
 from django.contrib import admin
 from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path, re_path, register_converter
@@ -10,16 +12,17 @@ class RowName:
 
     Names are validated (appliance.names) before they are stored; a row from before that,
     or written behind the registry's back, must still render its pages rather than a 500.
-    The views look the name up and answer 404 for one they do not know.
+    Such a name is percent-encoded whole (dots too), so a browser cannot read "../x" as a
+    path step; a valid name is its own URL. The views answer 404 for a name they do not know.
     """
 
     regex = r"[\s\S]*"
 
     def to_python(self, value: str) -> str:
-        return value
+        return unquote(value)
 
     def to_url(self, value: str) -> str:
-        return value
+        return quote(value, safe="").replace(".", "%2E")
 
 
 register_converter(RowName, "rowname")
