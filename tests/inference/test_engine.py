@@ -45,7 +45,7 @@ def text_of(chunks: list[Chunk]) -> str:
     return "".join(chunk.text for chunk in chunks)
 
 
-async def wait_until_finished(state: RequestState, timeout: float = 5.0) -> None:
+async def wait_until_finished(state: RequestState, timeout: float = 60.0) -> None:
     """Poll until the worker has finished `state` (the worker thread sets it, not the event loop)."""
     for _ in range(int(timeout / 0.01)):
         if state.finished:
