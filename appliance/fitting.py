@@ -4,7 +4,13 @@ Predictions come from config.json alone (inference.fit builds the model on the
 meta device); measurements come from the engine that really holds the weights.
 Both are stored so the console shows them side by side.
 """
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,9 +20,13 @@ from django.db import transaction
 
 from audit import ledger
 
+from .modelfiles import InvalidModelDir
 from .models import Deployment, FitAnalysis, ModelVariant
+from .weightcheck import check_model_dir
 
 log = logging.getLogger(__name__)
+ACTOR = "system:worker"
+POLL_S = 0.5  # how often a running analysis checks that its variant still exists
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -25,28 +35,94 @@ def charts_dir(variant: ModelVariant) -> Path:
 
 
 def run_fit(variant_id: int) -> None:
-    """Analyse a stored variant for this box (or the planning spec in settings) and store the report."""
-    from inference.fit import analyze, render_expert_chart, render_memory_chart
+    """Analyse a stored variant for this box (or the planning spec in settings) and store the report.
 
+    The analysis builds the model on the meta device, which for a config that lies can take minutes and
+    gigabytes; so the config is first bounded against the weights (arithmetic on the headers), and the
+    analysis runs in a child process that is killed when its time is up or its variant is deleted.
+    """
     variant = ModelVariant.objects.filter(pk=variant_id).first()
     if variant is None or not variant.store_path:
         return
     started = time.monotonic()
-    report = analyze(Path(variant.store_path), settings.FIT_HARDWARE or None, settings.FIT_CONTEXT)
-    out = charts_dir(variant)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.png").write_bytes(render_memory_chart(report))
-    if report.experts:
-        (out / "experts.png").write_bytes(render_expert_chart(report))
-    summary = report.to_dict()
+    store = Path(variant.store_path)
+    try:
+        check_model_dir(store)
+    except InvalidModelDir as exc:
+        _record(variant, started, outcome="refused", reason=str(exc))
+        return
+    with tempfile.TemporaryDirectory(prefix="fit-") as tmp:
+        out = Path(tmp)
+        cmd = [sys.executable, "-m", "django", "fit", str(store), "--json", "--charts", str(out / "charts"),
+               "--context", str(settings.FIT_CONTEXT)]
+        if settings.FIT_HARDWARE:
+            cmd += ["--hardware", settings.FIT_HARDWARE]
+
+        def gone() -> bool:
+            return not ModelVariant.objects.filter(pk=variant_id, store_path=variant.store_path).exists()
+
+        result = supervise(cmd, out, timeout_s=settings.FIT_TIMEOUT_S, cancelled=gone)
+        if result != "done":
+            reason = (f"stopped after {settings.FIT_TIMEOUT_S} s (APPLIANCE_FIT_TIMEOUT_S)" if result == "timeout"
+                      else "stopped: the variant was deleted or re-imported")
+            _record(variant, started, outcome="failed" if result == "timeout" else "cancelled", reason=reason)
+            return
+        stdout = (out / "stdout").read_text()
+        if not stdout.lstrip().startswith("{"):
+            _record(variant, started, outcome="failed", reason=(out / "stderr").read_text()[-500:].strip())
+            return
+        summary = json.loads(stdout)
+        charts = {kind: next((out / "charts").glob(f"*-{kind}.png"), None) for kind in ("memory", "experts")}
+        _store(variant, summary, charts, started)
+
+
+def supervise(cmd: list[str], out: Path, *, timeout_s: float, cancelled) -> str:
+    """Run cmd with its output in out/stdout and out/stderr; return done, timeout or cancelled (then killed)."""
+    deadline = time.monotonic() + timeout_s
+    with (out / "stdout").open("wb") as stdout, (out / "stderr").open("wb") as stderr:
+        # Its own session, so the kill reaches anything it started too.
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, cwd=settings.BASE_DIR, start_new_session=True,
+                                env={**os.environ, "DJANGO_SETTINGS_MODULE": "appliance.settings"})
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=min(POLL_S, max(0.01, deadline - time.monotonic())))
+                    return "done"
+                except subprocess.TimeoutExpired:
+                    pass
+                if cancelled():
+                    return "cancelled"
+                if time.monotonic() >= deadline:
+                    return "timeout"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _store(variant: ModelVariant, summary: dict, charts: dict, started: float) -> None:
+    """Save an analysis's report and charts, and record it in the ledger."""
+    target = charts_dir(variant)
+    target.mkdir(parents=True, exist_ok=True)
+    for kind, chart in charts.items():
+        if chart is not None:
+            (target / f"{kind}.png").write_bytes(chart.read_bytes())
+    verdict = summary["verdict"]
     with transaction.atomic():
         FitAnalysis.objects.update_or_create(variant=variant, defaults={
-            "hardware": summary["hardware"]["label"], "context": report.context, "report": summary,
-            "verdict": report.verdict["verdict"], "margin_gb": report.verdict["margin_gb"],
-            "max_concurrent": report.verdict.get("max_concurrent") or 0})
-        ledger.append("variant.fit", actor="system:worker", target=variant.name, details={
-            "hardware": summary["hardware"]["label"], "context": report.context, "verdict": report.verdict["verdict"],
+            "hardware": summary["hardware"]["label"], "context": summary["context"], "report": summary,
+            "verdict": verdict["verdict"], "margin_gb": verdict["margin_gb"],
+            "max_concurrent": verdict.get("max_concurrent") or 0})
+        ledger.append("variant.fit", actor=ACTOR, target=variant.name, details={
+            "hardware": summary["hardware"]["label"], "context": summary["context"], "verdict": verdict["verdict"],
             "duration_ms": int((time.monotonic() - started) * 1000)})
+
+
+def _record(variant: ModelVariant, started: float, *, outcome: str, reason: str) -> None:
+    """Record an analysis that was refused, failed or stopped (no report is stored)."""
+    log.warning("fit analysis of %s %s: %s", variant.name, outcome, reason)
+    ledger.append("variant.fit", actor=ACTOR, target=variant.name, outcome=outcome, details={
+        "reason": reason[:500], "duration_ms": int((time.monotonic() - started) * 1000)})
 
 
 def measure_deployment(deployment_id: int, engine) -> None:

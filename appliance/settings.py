@@ -192,6 +192,9 @@ HTTP_BODY_TIMEOUT_S = env_int("APPLIANCE_BODY_TIMEOUT_S", 30)
 # planning spec such as "8xH20" or "cpu:512G", at this context length.
 FIT_HARDWARE = env_str("APPLIANCE_FIT_HARDWARE")
 FIT_CONTEXT = env_int("APPLIANCE_FIT_CONTEXT", 4096)
+# Longest a fit analysis may run: it runs in a child process that the worker kills after this many
+# seconds, or as soon as its variant is deleted.
+FIT_TIMEOUT_S = env_int("APPLIANCE_FIT_TIMEOUT_S", 300)
 
 # Each box (node) consumes its own queue, so several boxes can share a broker.
 CELERY_TASK_DEFAULT_QUEUE = env_str("APPLIANCE_QUEUE", "appliance")
