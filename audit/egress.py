@@ -6,17 +6,21 @@ outside the allowlist before any packet leaves, and records each refusal in the 
 
 It cannot be switched off quietly from Python. The hook runs private copies of this module's and
 audit.egress_policy's functions, against a private namespace (policy, queue of records, a snapshot
-of the builtins) made at install and reachable from no module, so assigning to this module, to
-`socket`, `ipaddress`, the builtins, `Policy` or `guard()` changes nothing the hook reads. Changes
-that it does see are refused or recorded: assignments to (or deletions from) either guard module
-are refused and recorded (`egress.tamper`); so is replacing the code or defaults of a guard function
-(the audit event "object.__setattr__"); `set_policy` is the one way to change the policy and is
-recorded (`egress.policy_changed`); `gc.get_objects` / `get_referrers` / `get_referents`, the way to
-reach the private namespace, are recorded once per caller (`egress.introspection`). Audit hooks
-cannot be removed.
+of the builtins) made at install and reachable from no module, and calls only C functions captured
+at import, so assigning to this module, to `socket`, `queue`, `ipaddress`, the builtins, `Policy` or
+`guard()` changes nothing it reads. What it does see is refused or recorded:
+- refused and recorded (`egress.tamper`): assigning to or deleting from either guard module or
+  `guard()`, replacing the code or defaults of a guard function ("object.__setattr__"), and adding
+  another audit hook after it (one could watch the guard's frames);
+- recorded (`egress.policy_changed`): `set_policy`, the one way to change the policy;
+- recorded once per calling place (`egress.introspection`): the ways to reach the private namespace,
+  `gc.get_objects` / `get_referrers` / `get_referents`, `sys.settrace` / `setprofile`,
+  `sys._current_frames`, and reading the frames of a traceback that passed through the hook.
+Audit hooks cannot be removed.
 
-What Python code can still do without a trace: write through ctypes into memory; use objects
-found through gc (recorded, as above, but not refused); rebind `vars(module)` entries or unseal a
+What Python code can still do without a trace: write through ctypes into memory; run a signal
+handler that lands while the hook runs and reads its frame through `sys._getframe` (called too
+widely to record); use what the recorded ways above reach; rebind `vars(module)` entries or unseal a
 module with `object.__setattr__` (the hook reads neither); replace `audit.ledger` so that records are
 lost (refusals still happen). And the hook never sees native code calling libc directly (database
 drivers, CUDA, anything loaded with ctypes) nor child processes that do not import the appliance.
@@ -24,11 +28,12 @@ It is a tripwire and a source of evidence, not a sandbox: the systemd units and 
 deploy/ are what stop those, and network attestations (audit.attestation) catch connections held by
 the appliance's processes and their children whichever way they were opened.
 """
+import _thread
 import builtins
+import collections
 import os
-import queue
 import sys
-import threading
+import time
 import types
 
 from audit import egress_policy
@@ -52,23 +57,30 @@ WATCHED = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg", "socke
 SET_POLICY_EVENT = "audit.egress.set_policy"
 QUERY_EVENT = "audit.egress.query"
 JUDGE_EVENT = "audit.egress.judge"
-INTROSPECTION = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents"})
+INTROSPECTION = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace",
+                           "sys.setprofile", "sys._current_frames"})
 _HANDLED = WATCHED | INTROSPECTION | {SET_POLICY_EVENT, QUERY_EVENT, JUDGE_EVENT, TAMPER_EVENT,
-                                      "object.__setattr__"}
+                                      "object.__setattr__", "object.__getattr__", "sys.addaudithook"}
 _GUARD_MODULES = frozenset({__name__, egress_policy.__name__})
 # Captured at import, before anything else can replace them.
 _audit = sys.audit
 _getframe = sys._getframe
 _getpid = os.getpid
 _FunctionType = types.FunctionType
-_Thread = threading.Thread
+_start_thread = _thread.start_new_thread
+_sleep = time.sleep
 
 # The installed hook's private namespace holds the real values of these; here they stay empty.
 _rules: tuple = ((), (), "none", ())
-_pending: queue.Queue | None = None
+_pending: collections.deque = collections.deque()
 _local = None
 _seen: set = set()
-_recorder = None
+_recorder_pid = 0
+_privates: tuple = ()  # id() of the hook's private namespaces
+
+
+class HookRefused(RuntimeError):
+    """Raised to stop another audit hook being added (CPython then drops the hook and this error)."""
 
 
 def set_offline_environment() -> None:
@@ -84,14 +96,19 @@ def _hook(event: str, args: tuple) -> None:
         _judge_socket(event, args)
     elif event == "object.__setattr__":
         _judge_setattr(args)
+    elif event == "object.__getattr__":
+        _watch_traceback(args)
     elif event == QUERY_EVENT:
-        args[0].append((_rules, _pending.unfinished_tasks))
+        args[0].append((_rules, len(_pending)))
     elif event == JUDGE_EVENT:
         args[2].append(judge_address(_rules, args[0], args[1]))
     elif event == SET_POLICY_EVENT:
         _change_policy(args[0])
     elif event == TAMPER_EVENT:
         _queue("egress.tamper", "audit.egress", "refused", {"what": str(args[0])[:300]})
+    elif event == "sys.addaudithook":
+        _queue("egress.tamper", "audit.egress", "refused", {"what": "adding another audit hook"})
+        raise HookRefused("egress guard: no audit hook may be added after it (recorded in the ledger)")
     else:
         _introspected(event)
 
@@ -127,6 +144,19 @@ def _judge_setattr(args: tuple) -> None:
     what = f"setting {name} of {module}.{getattr(target, '__qualname__', '?')}"
     _queue("egress.tamper", "audit.egress", "refused", {"what": what})
     raise PermissionError(f"egress guard: {what} refused (recorded in the ledger)")
+
+
+def _watch_traceback(args: tuple) -> None:
+    """Record reading the frame of a traceback entry that belongs to the hook (it leads to its namespace)."""
+    if args[1] != "tb_frame" or getattr(_local, "busy", False):
+        return
+    _local.busy = True  # reading tb_frame below raises this event again
+    try:
+        ours = id(args[0].tb_frame.f_globals) in _privates
+    finally:
+        _local.busy = False
+    if ours:
+        _introspected("traceback.tb_frame")
 
 
 def _change_policy(rules: tuple) -> None:
@@ -166,12 +196,12 @@ def _introspected(event: str) -> None:
 def _queue(action: str, target: str, outcome: str, details: dict) -> str:
     """Queue one event for the recorder thread and return the calling place."""
     caller = _caller()
-    _pending.put((action, target, outcome, {**details, "caller": caller, "process": _process_name(),
-                                            "pid": _getpid(), "allowlist": _rules[2]}))
-    global _recorder
-    if _recorder is None or not _recorder.is_alive():
-        _recorder = _Thread(target=_record_forever, args=(_pending,), name="egress-recorder", daemon=True)
-        _recorder.start()
+    _pending.append((action, target, outcome, {**details, "caller": caller, "process": _process_name(),
+                                               "pid": _getpid(), "allowlist": _rules[2]}))
+    global _recorder_pid
+    if _recorder_pid != _getpid():  # once per process (a forked child has no recorder thread)
+        _recorder_pid = _getpid()
+        _start_thread(_record_forever, (_pending,))
     return caller
 
 
@@ -210,26 +240,27 @@ def _caller() -> str:
 
 def _process_name() -> str:
     """Return a short name of this process: the program and its first argument."""
-    argv = [os.path.basename(a) for a in sys.argv[:3] if a]
+    argv = [a.rsplit("/", 1)[-1] for a in sys.argv[:3] if a]
     return " ".join(a for a in argv if not a.startswith("-")) or sys.executable
 
 
-def _record_forever(pending: queue.Queue) -> None:
+def _record_forever(pending: collections.deque) -> None:
     """Append each queued event to the ledger once Django is ready, in this thread's connection."""
     while True:
-        item = pending.get()
+        if not pending:
+            _sleep(0.05)
+            continue
+        item = pending[0]  # removed only once recorded, so flush() waits for it
         try:
             _record(*item)
         except Exception as exc:  # the refusal already happened; losing its record must not crash us
             print(f"egress guard: could not record {item}: {exc!r}", file=sys.stderr)
         finally:
-            pending.task_done()
+            pending.popleft()
 
 
 def _record(action: str, target: str, outcome: str, details: dict) -> None:
     """Append one guard event, waiting for Django's apps to be ready."""
-    import time
-
     from django.apps import apps
 
     deadline = time.monotonic() + 600
@@ -265,8 +296,8 @@ def _private_namespace(policy: Policy) -> dict:
     namespace = _isolated(sys.modules[__name__], {**vars(sys.modules[__name__]), "__builtins__": snapshot})
     for name in ("judge_address", "judge_name"):
         namespace[name] = rules_namespace[name]
-    namespace.update(_rules=_frozen_rules(policy.rules()), _pending=queue.Queue(), _local=threading.local(),
-                     _seen=set(), _recorder=None)
+    namespace.update(_rules=_frozen_rules(policy.rules()), _pending=collections.deque(), _local=_thread._local(),
+                     _seen=set(), _recorder_pid=0, _privates=(id(namespace), id(rules_namespace)))
     return namespace
 
 
@@ -325,8 +356,6 @@ def set_policy(policy: Policy) -> None:
 
 def flush(timeout: float = 10.0) -> bool:
     """Wait until queued guard events are in the ledger; return whether that happened in time."""
-    import time
-
     deadline = time.monotonic() + timeout
     while (state := _query()) is not None and state[1]:
         if time.monotonic() > deadline:

@@ -5,9 +5,9 @@ functions take the policy as plain tuples of ints and strings (`Policy.rules()`)
 names captured here at import, so that the guard can run private copies of them which later
 assignments to this module, to `socket`, `ipaddress` or the builtins do not reach.
 """
+import _socket
 import ipaddress
 import os
-import socket
 import sys
 import time
 import types
@@ -20,13 +20,13 @@ LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", 
 # The custom audit event through which a refused change to the guard's modules is recorded.
 TAMPER_EVENT = "audit.egress.tamper"
 
-# Captured once: the guard's copies call these, whatever `socket` or `time` hold later.
-_inet_pton = socket.inet_pton
-_getaddrinfo = socket.getaddrinfo
+# Captured once, C functions all: the guard's copies call these, whatever `socket` or `time` hold later.
+_inet_pton = _socket.inet_pton
+_getaddrinfo = _socket.getaddrinfo  # the C function itself: socket.getaddrinfo is Python code
 _monotonic = time.monotonic
 _from_bytes = int.from_bytes
 _audit = sys.audit
-_FAMILIES = ((4, socket.AF_INET), (6, socket.AF_INET6))
+_FAMILIES = ((4, _socket.AF_INET), (6, _socket.AF_INET6))
 _resolve_cache: dict = {}
 
 

@@ -258,3 +258,25 @@ def test_gc_searches_that_can_reach_the_hook_are_recorded_once_per_place(committ
 def test_a_malformed_allowlist_entry_is_named():
     with pytest.raises(ValueError, match="'db:fivefour': the port is not a number"):
         egress.parse_allowlist(["127.0.0.1/32", "db:fivefour"], "APPLIANCE_EGRESS_ALLOW")
+
+
+def test_no_audit_hook_can_be_added_after_the_guard_and_the_attempt_is_recorded(committed_ledger):
+    seen = []
+    sys.addaudithook(lambda event, args: seen.append(event))  # CPython drops it: the guard refused
+    sys.audit("tests.egress.probe")
+    assert seen == []
+    assert [(e.details["what"], e.outcome) for e in events("egress.tamper")] == [("adding another audit hook",
+                                                                                   "refused")]
+
+
+def test_reading_the_guards_frames_from_a_refusals_traceback_or_setting_a_tracer_is_recorded(committed_ledger):
+    with listener(OUTSIDE) as server, only_127_0_0_1(), socket.socket() as client:
+        with pytest.raises(PermissionError) as refused:
+            client.connect(server.getsockname())
+    entry, modules = refused.value.__traceback__, []
+    while entry is not None:
+        modules.append(entry.tb_frame.f_globals["__name__"])
+        entry = entry.tb_next
+    assert "audit.egress" in modules  # the hook's own frame, whose globals are its private namespace
+    sys.settrace(sys.gettrace())
+    assert [e.target for e in events("egress.introspection")] == ["traceback.tb_frame", "sys.settrace"]

@@ -180,4 +180,10 @@ def test_each_appliance_process_attests_its_own_sockets_at_start(box):
     assert [p["pid"] for p in by_actor["system:web"][1]] == [box.procs["web"].pid]
     assert [p["pid"] for p in by_actor["system:worker"][1]] == [box.procs["worker"].pid]
     assert os.getpid() not in {p["pid"] for _, processes in by_actor.values() for p in processes}
+    # Serving as usual trips none of the guard's tamper or introspection wires: each event there means something.
+    quiet = shell(box, "from audit.models import AuditEvent\n"
+                       "print(list(AuditEvent.objects.filter(action__in=['egress.tamper', 'egress.introspection'], "
+                       f"details__pid__in=[{box.procs['web'].pid}, {box.procs['worker'].pid}])"
+                       ".values_list('action', 'target', 'details__caller')))")
+    assert quiet == "[]"
     box_is_sound(box)
