@@ -43,8 +43,8 @@ def test_pages_do_not_fail_on_a_bad_name_already_in_the_database(console, name):
     usage.record(team=name, key_prefix="", variant=name, prompt_tokens=1, completion_tokens=1, latency_ms=1,
                  ttft_ms=1, outcome="ok")
     usage.roll_up()
-    for url in ["/admin/", reverse("admin:appliance_team_changelist"), reverse("admin:appliance_modelvariant_changelist"),
-                "/admin/usage/", reverse("console-usage-team", args=[name]),
+    for url in ["/admin/", "/admin/usage/", reverse("admin:appliance_team_changelist"),
+                reverse("admin:appliance_modelvariant_changelist"), reverse("console-usage-team", args=[name]),
                 reverse("console-usage-variant", args=[name])]:
         assert console.get(url).status_code == 200, url
 

@@ -5,16 +5,15 @@ itself and `--name ..` all of APPLIANCE_HOME; a non-slug team or variant made th
 Each test checks that nothing outside the store changed, the store is intact, web and worker are alive and the
 ledger verifies.
 """
-import hashlib
 import html
 import json
-import os
 import re
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
+
+from .probes import assert_alive, shell, tree_digest
 
 # (name, what the refusal must say); NUL cannot travel in argv, so it goes through call_command and the console.
 FUZZ = [
@@ -24,22 +23,6 @@ FUZZ = [
     ("Demo", "upper-case letter 'D'"), ("-rf", "does not start with a letter or digit"),
 ]
 ARGV_FUZZ = [(n, p) for n, p in FUZZ if "\x00" not in n]
-
-
-def tree_digest(root: Path) -> dict:
-    """Return {relative path: sha256 or 'dir' or 'link -> target'} of everything under root, following no link."""
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                found[rel] = f"link -> {os.readlink(path)}"
-            elif path.is_dir():
-                found[rel] = "dir"
-            else:
-                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
 
 
 @pytest.fixture
@@ -58,14 +41,8 @@ def guarded(box, tmp_path):
     yield absolute
     assert [tree_digest(sibling), tree_digest(absolute), tree_digest(store)] == before
     assert top_level <= {p.name for p in box.home.iterdir()}
-    assert box.procs["web"].poll() is None and box.procs["worker"].poll() is None
+    assert_alive(box)
     box.manage("audit_verify")
-
-
-def shell(box, code: str):
-    """Run code in the box's Django shell; return the JSON it prints on its last line."""
-    out = box.manage("shell", "--no-imports", "-c", code).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_the_cli_refuses_hostile_variant_and_team_names_with_a_clear_error(box, guarded):
