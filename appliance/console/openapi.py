@@ -69,6 +69,8 @@ ERRORS = {
     "401": _error("Missing, unknown, revoked or expired API key."),
     "403": _error("The key's team (or the key itself) may not use this model."),
     "404": _error("No such model."),
+    "408": _error("The body did not arrive within APPLIANCE_BODY_TIMEOUT_S; the connection is closed."),
+    "413": _error("The body is larger than APPLIANCE_MAX_BODY_BYTES; it is not read, the connection is closed."),
     "429": _error("A rate limit or token budget is reached, or the engine's queue is full.", retry_after=True),
     "503": _error("The model exists but is not loaded (deploy it), or is being unloaded."),
 }

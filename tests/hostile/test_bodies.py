@@ -114,6 +114,25 @@ def test_a_50_mb_body_is_a_413_before_it_is_read(served):
     box.manage("audit_verify")
 
 
+def test_a_client_that_asks_before_sending_is_told_413_without_a_100_continue(served):
+    box, key = served
+    with connect(box) as conn:
+        conn.sendall(head(CHAT, key, Content_Length=str(50 * MiB), Expect="100-continue"))
+        status, _, body = read_response(conn)  # curl's way with large bodies: nothing sent until told to
+        assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    alive(box)
+
+
+def test_the_console_refuses_a_50_mb_body_too(served):
+    box, key = served
+    with connect(box) as conn:
+        conn.sendall(head("/admin/login/", None, Content_Length=str(50 * MiB)) + b"u" * 65536)
+        status, _, body = read_response(conn)
+        assert status == 413 and b"APPLIANCE_MAX_BODY_BYTES" in body
+        assert closed_by_server(conn)
+    assert_serving(box, key)
+
+
 def test_a_chunked_body_is_cut_once_it_passes_the_limit(served):
     box, key = served
     sent = 0
