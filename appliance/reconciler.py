@@ -18,7 +18,9 @@ from inference.engine import Engine
 
 from . import actions, fitting
 from .importer import check_store, quarantine
+from .modelfiles import InvalidModelDir
 from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
+from .weightcheck import check_model_dir
 
 log = logging.getLogger(__name__)
 ACTOR = "system:web"
@@ -47,6 +49,7 @@ def engine_options() -> dict:
 
 
 def load(dep: Deployment) -> None:
+    """Verify, bound and load a deployment's variant; drop the engine if it was undeployed while building."""
     variant = dep.variant
     Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.LOADING, detail="verifying files")
     problems = check_store(variant)
@@ -56,6 +59,14 @@ def load(dep: Deployment) -> None:
         ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="refused",
                       details={"reason": "files do not match the manifest", "problems": problems[:20]})
         return
+    try:
+        # A variant imported before the weight checks existed may still lie; a build cannot be stopped.
+        check_model_dir(Path(variant.store_path))
+    except InvalidModelDir as exc:
+        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail=f"refused: {exc}")
+        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="refused",
+                      details={"reason": str(exc)[:500]})
+        return
     started = time.monotonic()
     try:
         engine = Engine(Path(variant.store_path), **engine_options())
@@ -64,6 +75,14 @@ def load(dep: Deployment) -> None:
         Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail=f"load failed: {exc}")
         ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="failed",
                       details={"error": str(exc)[:500]})
+        return
+    if not still_wanted(dep):
+        # Undeploy or delete arrived while the build ran (this thread cannot see it until now): drop it at once.
+        engine.close()
+        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.UNDEPLOYED, device="", detail="")
+        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="cancelled", details={
+            "reason": "undeployed or deleted while loading",
+            "duration_ms": int((time.monotonic() - started) * 1000)})
         return
     serving.register(variant.name, engine)
     with transaction.atomic():
@@ -76,6 +95,12 @@ def load(dep: Deployment) -> None:
     except Exception:
         # A measurement is evidence for the console, never a reason to stop serving.
         log.exception("measuring %s failed", variant.name)
+
+
+def still_wanted(dep: Deployment) -> bool:
+    """Return whether the registry still asks for this deployment's variant to be served."""
+    return Deployment.objects.filter(pk=dep.pk, desired=DesiredState.DEPLOYED, variant__status__in=(
+        VariantStatus.READY, VariantStatus.DEPLOYED)).exists()
 
 
 def unload(name: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ from inference.engine_router import OutputRouter, RequestHandle, deliver_now
 from inference.engine_runner import Runner, load_model, resolve_device
 from inference.engine_scheduler import SCHEDULERS, StepPlan
 from inference.engine_stats import EngineStats, auto_kv_budget, eos_token_ids
+from inference.fit.bounds import check_model_dir
 from inference.request_state import (
     Chunk,
     EngineBusy,
@@ -63,6 +65,11 @@ class Engine:
         threads = cfg.threads or (max(1, (os.cpu_count() or 2) // 2) if self.device == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
+        config_path = self.model_dir / "config.json"
+        if config_path.is_file():
+            # Arithmetic on the config and the weight files' sizes: a config of millions of layers is refused
+            # here, because once from_pretrained starts building it nothing can stop it.
+            check_model_dir(self.model_dir, json.loads(config_path.read_text(encoding="utf-8")))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True, trust_remote_code=False)
         self.model = load_model(self.model_dir, self.device)
         model_config = self.model.config
