@@ -130,3 +130,48 @@ def test_fuzzed_safetensors_headers_are_refused_cleanly_and_the_worker_survives(
     assert_box_sound(box, key, names)
     # The worker still imports a sound model after all of that.
     box.manage("import_model", str(box.demo_dir / "demo-dense"), "--name", "after-fuzz", "--kind", "dense", "--wait")
+
+
+def shell(box, code: str):
+    """Run code in the box's Django shell; return the JSON it prints on its last line."""
+    out = box.manage("shell", "--no-imports", "-c", code).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_lying_variant_already_in_the_store_is_neither_analysed_nor_loaded(box, key):
+    name = "stored-liar"
+    box.manage("import_model", str(box.demo_dir / "demo-dense"), "--name", name, "--kind", "dense", "--wait")
+    # As a variant imported before the weight checks: its stored config lies, and its manifest agrees with it.
+    shell(box, f"""
+import json
+from pathlib import Path
+from appliance.actions import do_analyse_fit
+from appliance.modelfiles import hash_dir
+from appliance.models import ModelVariant
+v = ModelVariant.objects.get(name={name!r})
+config = Path(v.store_path) / "config.json"
+config.write_text(json.dumps({{**json.loads(config.read_text()), "num_hidden_layers": 10_000_000}}))
+v.manifest = hash_dir(Path(v.store_path))
+v.save()
+do_analyse_fit(v, actor="test")
+print(json.dumps(True))
+""")
+    result = box.manage("deploy", name, "--wait", "--timeout", "120", check=False)
+    assert result.returncode != 0
+    assert f"{name} failed to load: refused:" in result.stderr and "num_hidden_layers=10,000,000" in result.stderr
+    refused_fit = f"""
+import json, time
+from audit.models import AuditEvent
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    event = AuditEvent.objects.filter(action="variant.fit", target={name!r}, outcome="refused").first()
+    if event:
+        break
+    time.sleep(0.3)
+print(json.dumps(event and event.details["reason"]))
+"""
+    assert "num_hidden_layers=10,000,000" in shell(box, refused_fit)
+    assert box.procs["web"].poll() is None and box.procs["worker"].poll() is None
+    listed = httpx.get(f"{box.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert listed.status_code == 200 and name not in {m["id"] for m in listed.json()["data"]}
+    box.manage("audit_verify")
