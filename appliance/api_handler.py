@@ -11,6 +11,7 @@ and without a known key gets none (its view answers 401), a Content-Length over 
 byte is read, and a body that grows past the limit or arrives too slowly is cut (413, 408). Each such refusal
 closes the connection, so the rest of the body is never taken.
 """
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import ThreadSensitiveContext
@@ -23,6 +24,7 @@ from inference.errors import error
 
 from . import http_limits
 
+log = logging.getLogger(__name__)
 API_PREFIX = "/v1/"
 # The thread that runs the API's little sync work (Django's request signals, closing the response). Django's
 # handler gives every request a thread context of its own, which starts and stops a thread per request.
@@ -36,8 +38,14 @@ class ApiHandler(ASGIHandler):
     async def __call__(self, scope, receive, send):
         """Handle one HTTP request (appliance.asgi routes only those here), its sync parts on one kept thread."""
         async with ThreadSensitiveContext(executor=_sync_thread):
-            if http_limits.has_body(scope) and not await api.key_may_send_body(
-                    api.bearer_token(http_limits.header(scope, b"authorization"))):
+            try:
+                known = not http_limits.has_body(scope) or await api.key_may_send_body(
+                    api.bearer_token(http_limits.header(scope, b"authorization")))
+            except Exception:  # the gatekeeper could not answer (a database outage): a 5xx, counted like any
+                log.exception("checking the key of %s %s failed", scope["method"], scope["path"])
+                await self.send_response(api.server_error(scope["path"], "key check"), http_limits.closing(send))
+                return
+            if not known:
                 # Not a byte of the body is read: the view answers 401 from the flag alone.
                 await self.handle({**scope, api.KEY_REFUSED: True}, http_limits.replay(b"", receive),
                                   http_limits.closing(send))

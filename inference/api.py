@@ -96,17 +96,26 @@ def api_view(view):
         except Exception as exc:
             log.exception("%s %s failed", request.method, request.path)
             flight: InFlight | None = getattr(request, "in_flight", None)
-            if flight is not None:  # admitted: its usage row counts the error
-                flight.settle("failed")
-            else:  # nobody to charge it to: the ledger event is what the dashboard and /metrics count
-                record_soon(action="api.error", actor="anonymous", target=request.path, outcome="error",
-                            details={"status": 500, "in_usage": False, "error": type(exc).__name__})
-            response = error("The server had an error while processing your request.", 500)
+            if flight is None:  # nobody to charge it to: the ledger event is what the dashboard and /metrics count
+                return server_error(request.path, type(exc).__name__)
+            flight.settle("failed")  # admitted: its usage row counts the error
+            response = error(SERVER_ERROR, 500)
         if response.status_code >= 500:
             metrics.count_server_error(response.status_code)
         return response
 
     return wrapper
+
+
+SERVER_ERROR = "The server had an error while processing your request."
+
+
+def server_error(path: str, cause: str) -> JsonResponse:
+    """Return the 500 of a request that no admission counts, recorded as an api.error event and in /metrics."""
+    record_soon(action="api.error", actor="anonymous", target=path, outcome="error",
+                details={"status": 500, "in_usage": False, "error": cause})
+    metrics.count_server_error(500)
+    return error(SERVER_ERROR, 500)
 
 
 def unauthorized():
@@ -366,7 +375,7 @@ class Exchange:
             if not self.finished:
                 self.finish("failed", "error", f"{type(exc).__name__}: {exc}")
                 metrics.count_server_error(500)
-                yield sse(error_payload("The server had an error while processing your request."))
+                yield sse(error_payload(SERVER_ERROR))
 
     finished = False
 

@@ -445,3 +445,27 @@ def test_an_unexpected_error_after_admission_is_a_500_counted_as_failed(faulty) 
     _ledger_writer.submit(lambda: None).result()
     assert [r.outcome for r in SETTLED] == ["failed"]
     assert server_errors("500") == before + 1
+
+
+class UnreachableGatekeeper(OneKeyGatekeeper):
+    """Knows the key, but cannot admit: the registry's database is gone."""
+
+    def authenticate_and_admit(self, requests: list[tuple[str, str]]) -> list:
+        raise RuntimeError("the registry's database is unreachable")
+
+
+def test_a_500_before_admission_is_an_api_error_event_and_counted(api, settings) -> None:
+    from audit.models import AuditEvent
+    from inference.api import _ledger_writer
+
+    settings.INFERENCE_GATEKEEPER = f"{__name__}.UnreachableGatekeeper"
+    gatekeeper.cache_clear()
+    before = server_errors("500")
+    status, _, answer = post(chat(api))
+    assert (status, answer["error"]["type"]) == (500, "server_error")
+    assert "unreachable" not in answer["error"]["message"]
+    _ledger_writer.submit(lambda: None).result()
+    event = AuditEvent.objects.get(action="api.error")
+    assert (event.target, event.details["in_usage"], event.details["error"]) == (
+        "/v1/chat/completions", False, "RuntimeError")
+    assert server_errors("500") == before + 1
