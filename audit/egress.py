@@ -186,7 +186,7 @@ def _exact(value, kind):
 
 
 def _introspected(event: str) -> None:
-    """Record, once per calling place, a gc call that can reach the hook's private state."""
+    """Record, once per calling place, a call that can reach the hook's private state (gc, tracers, frames)."""
     caller = _caller()
     if (event, caller) not in _seen:
         _seen.add((event, caller))
