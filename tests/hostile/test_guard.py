@@ -19,7 +19,7 @@ NARROW = {"APPLIANCE_EGRESS_ALLOW": "127.0.0.1/32"}
 
 # Run by `manage.py shell` in the box's environment: each way of turning the guard off, then a connect.
 TRICKS = r"""
-import gc, json, os, socket, types
+import gc, json, os, socket, sys, types
 from audit import egress, egress_policy
 
 results = {"pid": os.getpid()}
@@ -47,6 +47,11 @@ def unseen():
     egress._rules = ((), (), "attacker", ())
 
 attempt("unseen", unseen)
+# Another audit hook could watch the guard's frames: CPython drops it silently when the guard refuses it.
+watched = []
+sys.addaudithook(lambda event, args: watched.append(event))
+sys.audit("tests.hostile.probe")
+results["extra hook ran"] = bool(watched)
 with socket.socket() as client:
     try:
         client.connect(("127.0.0.2", int(os.environ["GUARD_TEST_PORT"])))
@@ -117,11 +122,11 @@ def test_switching_the_guard_off_from_inside_a_process_is_refused_or_recorded(bo
                "audit.egress_policy.judge_name": "assignment to audit.egress_policy.judge_name",
                "judge_address.__code__": "setting __code__ of audit.egress_policy.judge_address"}
     assert {name: results[name] for name in refused} == dict.fromkeys(refused, "refused")
-    assert results["unseen"] == "done" and results["flushed"] is True
+    assert results["unseen"] == "done" and results["extra hook ran"] is False and results["flushed"] is True
     assert results["connect"].startswith(f"egress refused: socket.connect to {OUTSIDE}:{port}")
     events = json.loads(shell(box, EVENTS, GUARD_TEST_PID=str(results["pid"])))
     tampering = [(details["what"], outcome) for action, _, outcome, details in events if action == "egress.tamper"]
-    assert tampering == [(what, "refused") for what in refused.values()]
+    assert tampering == [(what, "refused") for what in [*refused.values(), "adding another audit hook"]]
     assert [(a, t, o) for a, t, o, _ in events if a == "egress.blocked"] == [
         ("egress.blocked", f"{OUTSIDE}:{port}", "refused")]
     assert [t for a, t, _, _ in events if a == "egress.introspection"] == ["gc.get_referrers"]
