@@ -124,3 +124,13 @@ def test_deleting_an_import_in_progress_removes_its_partial_files(
     with django_capture_on_commit_callbacks(execute=True):
         actions.do_delete(ModelVariant.objects.get(pk=variant.pk), actor="t")
     assert not partial.exists()
+
+
+def test_a_worker_that_starts_reclaims_expired_leases(demo_dir, django_capture_on_commit_callbacks, settings):
+    from celery.signals import worker_ready
+
+    variant = queue(demo_dir, django_capture_on_commit_callbacks)
+    partial = held_by_a_dead_worker(variant, settings, expired=True)
+    worker_ready.send(sender=None)
+    assert ModelVariant.objects.get(pk=variant.pk).status == VariantStatus.FAILED
+    assert not partial.exists()
