@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.fit.bounds import MAX_PACKING, TOLERANCE, Implied, ModelOutOfBounds, check_buildable
+from inference.fit.bounds import MAX_PACKING, TOLERANCE, Implied, ModelOutOfBounds, check_buildable, figure
 
 from .modelfiles import InvalidModelDir
 
@@ -136,7 +136,7 @@ def _tensor(rel: str, name: str, entry) -> Tensor:
     if not isinstance(entry, dict):
         raise InvalidWeights(f"{where} is not an object with dtype, shape and data_offsets")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise InvalidWeights(f"{where} has unknown dtype {dtype!r} (known: {', '.join(DTYPE_BYTES)})")
     if not isinstance(shape, list) or not all(_whole(d) for d in shape):
         raise InvalidWeights(f"{where} has shape {shape!r}; expected a list of whole numbers")
@@ -148,7 +148,7 @@ def _tensor(rel: str, name: str, entry) -> Tensor:
     tensor = Tensor(rel, dtype, tuple(shape), offsets[0], offsets[1])
     need = tensor.numel * DTYPE_BYTES[dtype]
     if tensor.end - tensor.begin != need:
-        raise InvalidWeights(f"{where}: shape {list(shape)} of {dtype} needs {need:,} bytes but data_offsets "
+        raise InvalidWeights(f"{where}: shape {list(shape)} of {dtype} needs {figure(need)} bytes but data_offsets "
                              f"{offsets} hold {tensor.end - tensor.begin:,}")
     return tensor
 
@@ -206,7 +206,7 @@ def check_no_remote_code(root: Path) -> None:
     if (root / "custom_generate").exists():
         raise InvalidWeights("custom_generate/ holds a generate() for transformers to import; "
                              "the box runs no model-supplied code")
-    for path in sorted(root.rglob("*.json")):
+    for path in sorted(p for p in root.rglob("*.json") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         value = _read_json(path, rel)
         # Configs are searched at every depth (sub-configs of multimodal models); other JSON (tokenizer.json,

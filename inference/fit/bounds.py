@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datasheets import NARROWEST_BYTES_PER_PARAM, largest_box
+from .datasheets import NARROWEST_BITS_PER_PARAM, largest_box
 
 # Families whose parameter count this module computes exactly (tests/fit/test_bounds.py checks each against
 # the meta-device build); for any other model_type the count is a lower bound (embedding + one norm a layer).
@@ -24,8 +24,8 @@ TOLERANCE = 0.05
 # A quantized checkpoint packs several weights into one stored element (int4 in int32: 8; 2-bit: 16).
 MAX_PACKING = 16
 # The narrowest a weight is stored without a quantization_config (fp8/int8 checkpoints), and with one (2 bits).
-MIN_STORED_BYTES = 1.0
-MIN_QUANTIZED_BYTES = 0.25
+MIN_STORED_BITS = 8
+MIN_QUANTIZED_BITS = 2
 
 
 class ModelOutOfBounds(ValueError):
@@ -48,7 +48,13 @@ class Implied:
 
     def describe(self) -> str:
         """Return the figures that make the count, as `key=value` pairs."""
-        return ", ".join(f"{k}={v:,}" for k, v in self.figures.items())
+        return ", ".join(f"{k}={figure(v)}" for k, v in self.figures.items())
+
+
+def figure(n: int) -> str:
+    """Return a count with thousands separators, or its order of magnitude when too long to print."""
+    # Python refuses to print integers of more than 4,300 digits; a lying config can imply one.
+    return f"{n:,}" if n < 10**30 else f"about 10^{int(n.bit_length() * 0.30103)}"
 
 
 def text_config(config: dict) -> dict:
@@ -183,23 +189,23 @@ def check_buildable(config: dict, source: str = "config.json") -> Implied:
     """Return what a config implies, or refuse one that no box the advisor knows could hold at 4 bits."""
     implied = implied_parameters(config, source)
     label, capacity_gb = largest_box()
-    need_gb = implied.total * NARROWEST_BYTES_PER_PARAM / 1e9
-    if need_gb > capacity_gb:
+    need_bytes = implied.total * NARROWEST_BITS_PER_PARAM // 8  # integers: the count may not fit a float
+    if need_bytes > int(capacity_gb * 1e9):
         raise ModelOutOfBounds(
-            f"{source} implies {implied.total:,} parameters ({implied.describe()}): {need_gb:,.0f} GB even at "
-            f"4 bits, more than the largest box the advisor knows ({label}, {capacity_gb:,.0f} GB)")
+            f"{source} implies {figure(implied.total)} parameters ({implied.describe()}): "
+            f"{figure(need_bytes // 10**9)} GB even at 4 bits, more than the largest box the advisor knows "
+            f"({label}, {capacity_gb:,.0f} GB)")
     return implied
 
 
 def check_weight_bytes(config: dict, weight_bytes: int, source: str = "config.json") -> Implied:
     """Refuse a config that implies more parameters than the weight files' size can hold (sizes only)."""
     implied = check_buildable(config, source)
-    per_param = MIN_QUANTIZED_BYTES if implied.quantized else MIN_STORED_BYTES
-    need = implied.total * per_param
+    need = implied.total * (MIN_QUANTIZED_BITS if implied.quantized else MIN_STORED_BITS) // 8
     if need > weight_bytes * (1 + TOLERANCE):
         raise ModelOutOfBounds(
-            f"{source} implies {implied.total:,} parameters ({implied.describe()}), at least {need / 1e9:,.1f} GB "
-            f"of weights, but the *.safetensors files hold {weight_bytes / 1e9:,.3f} GB")
+            f"{source} implies {figure(implied.total)} parameters ({implied.describe()}), "
+            f"at least {need / 1e9:,.1f} GB of weights, but the *.safetensors files hold {weight_bytes / 1e9:,.3f} GB")
     return implied
 
 

@@ -47,7 +47,7 @@ CPU_HOST = {"bandwidth_tbs": 0.614, "bf16_tflops": 218.0,
 # (Intel ARK, "Max Memory Size"). A model that cannot be held there, even at 4 bits a weight, fits no box.
 GPUS_PER_BOX = 8
 HOST_RAM_CEILING_GB = 8000.0
-NARROWEST_BYTES_PER_PARAM = 0.5  # int4, the narrowest dtype the advisor plans (memory.DTYPE_BYTES)
+NARROWEST_BITS_PER_PARAM = 4  # int4, the narrowest dtype the advisor plans (memory.DTYPE_BYTES)
 
 
 def largest_box() -> tuple[str, float]:

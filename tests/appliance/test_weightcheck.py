@@ -133,8 +133,9 @@ def test_random_headers_are_always_a_clean_refusal(tmp_path):
             body = rng.randbytes(rng.randrange(64))
             path.write_bytes(struct.pack("<Q", rng.randrange(2**rng.randrange(1, 64))) + body)
         else:
-            header = {f"t{i}": {"dtype": rng.choice([*DTYPE_BYTES, "X", 3, None]),
-                                "shape": [rng.choice([0, 1, 7, -1, 2**70, "8", 1.5]) for _ in range(rng.randrange(4))],
+            header = {f"t{i}": {"dtype": rng.choice([*DTYPE_BYTES, "X", 3, None, ["F32"], {}]),
+                                "shape": [rng.choice([0, 1, 7, -1, 2**70, 10**4000, "8", 1.5, [2]])
+                                          for _ in range(rng.randrange(5))],
                                 "data_offsets": [rng.randrange(-2, 64) for _ in range(rng.choice([1, 2, 2, 3]))]}
                       for i in range(rng.randrange(1, 5))}
             write_safetensors(path, header, rng.randbytes(rng.randrange(64)))

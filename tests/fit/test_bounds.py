@@ -67,10 +67,11 @@ def test_an_unknown_architecture_gets_a_lower_bound():
 
 
 def test_it_refuses_a_model_no_known_box_holds_without_building_it():
-    config = {"model_type": "llama", **SMALL, "num_hidden_layers": 10**9, "hidden_size": 8192, "intermediate_size": 8192,
-              "num_attention_heads": 64, "num_key_value_heads": 8}
+    config = {"model_type": "llama", **SMALL, "num_hidden_layers": 10**9, "hidden_size": 8192,
+              "intermediate_size": 8192, "num_attention_heads": 64, "num_key_value_heads": 8}
     label, capacity = largest_box()
-    with pytest.raises(ModelOutOfBounds, match=r"num_hidden_layers=1,000,000,000.*" + re.escape(f"{label}, {capacity:,.0f} GB")):
+    box = re.escape(f"{label}, {capacity:,.0f} GB")
+    with pytest.raises(ModelOutOfBounds, match=r"num_hidden_layers=1,000,000,000.*" + box):
         check_buildable(config)
 
 
@@ -93,3 +94,10 @@ def test_loading_a_directory_refuses_an_absurd_config_before_building(tmp_path, 
     (target / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10_000_000}))
     with pytest.raises(ModelOutOfBounds, match="num_hidden_layers=10,000,000"):
         load_source(target)
+
+
+def test_a_count_too_long_to_print_is_refused_by_its_order_of_magnitude():
+    # 4,000-digit figures multiply into a count Python cannot print or turn into a float.
+    config = {"model_type": "llama", **SMALL, "hidden_size": 10**4000, "intermediate_size": 10**4000}
+    with pytest.raises(ModelOutOfBounds, match=r"implies about 10\^8\d\d\d parameters"):
+        check_buildable(config)
