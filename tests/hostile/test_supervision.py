@@ -136,9 +136,13 @@ def test_make_run_restarts_each_child_killed_with_sigkill_and_stops_on_ctrl_c(tm
         launcher.wait_for(r"\[appliance\] web stopped", timeout=30)  # the last one stopped
         assert [f"[appliance] {name} stopped" in launcher.output for name in children] == [True] * 3
         assert not [name for name, pid in children.items() if psutil.pid_exists(pid)]
+        # Every start of every child attested that child's own sockets (restarted ones included).
         starts = launcher.manage("shell", "--no-imports", "-c", "from audit.models import NetworkAttestation\n"
-                                 "print(sorted(set(NetworkAttestation.objects.values_list('actor', flat=True))))")
-        assert "['system:beat', 'system:web', 'system:worker']" in starts.stdout, starts.stderr
+                                 "print(sorted({(e.actor, p['name'], p['pid']) for e in NetworkAttestation.objects.all()"
+                                 " for p in e.details['snapshot']['processes'] if len(e.details['snapshot']"
+                                 "['processes']) == 1}))")
+        assert all(f"('system:{name}', '{name}', {pid})" in starts.stdout for name, pid in children.items()), (
+            starts.stdout + starts.stderr)
         assert launcher.manage("audit_verify").returncode == 0
     finally:
         if launcher.proc.poll() is None:
