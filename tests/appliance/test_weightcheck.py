@@ -239,3 +239,15 @@ def test_an_import_of_lying_weights_is_refused_and_never_ready(dense, weights, d
     assert "model.safetensors: tensor model.norm.weight" in variant.status_detail
     event = AuditEvent.objects.filter(action="variant.import", target="liar").latest("seq")
     assert event.outcome == "refused"
+
+
+def test_the_checks_import_no_torch(demo_dir):
+    # The worker runs them on multi-GB checkpoints: headers only, no torch or transformers loaded.
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from appliance.weightcheck import check_model_dir; "
+            f"check_model_dir(Path({str(demo_dir / 'demo-moe')!r})); "
+            "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
