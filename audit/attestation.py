@@ -58,6 +58,8 @@ def registered() -> list[Member]:
             alive = psutil.Process(member.pid).create_time() == member.create_time
         except (OSError, ValueError, TypeError, psutil.NoSuchProcess):
             alive = False
+        except psutil.AccessDenied:
+            alive = True  # cannot tell: kept, and the snapshot says its sockets were unreadable
         if alive:
             members.append(member)
         else:
@@ -109,9 +111,14 @@ def _tree(pid: int) -> list:
     """Return the process and all its descendants, or [] when it has ended."""
     try:
         root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return []
+    try:
         return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+    except psutil.AccessDenied:
+        return [root]  # its sockets are tried (and reported unreadable if they are)
 
 
 def attest(actor: str = "system:beat", members: list[Member] | None = None,
