@@ -12,6 +12,7 @@ from django.utils import timezone
 from inference.gatekeeper import Admission, Caller, Gatekeeper, ModelCard, UsageReport
 
 from . import quotas, usage
+from .names import is_valid_name
 from .models import ApiKey, ModelVariant, Outcome, VariantStatus, hash_api_key
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class RegistryGatekeeper(Gatekeeper):
 
     def exists(self, caller: Caller, name: str) -> bool:
         """Return whether name is a registered variant (whether or not the caller may use it)."""
-        return ModelVariant.objects.filter(name=name).exclude(status=VariantStatus.IMPORTING).exists()
+        return is_valid_name(name) and (
+            ModelVariant.objects.filter(name=name).exclude(status=VariantStatus.IMPORTING).exists())
 
     def admit(self, caller: Caller, model: str) -> Admission:
         """Check access and limits for one request to model, and count it."""
@@ -78,7 +80,9 @@ class RegistryGatekeeper(Gatekeeper):
         """Check access and limits for `count` requests of one key to model, and count the admitted ones."""
         if key is None:
             return [Admission(False, 403, "This API key was revoked or has expired.", "key_inactive")] * count
-        variant = ModelVariant.objects.filter(name=model).exclude(status=VariantStatus.IMPORTING).first()
+        # A name no variant can have (a NUL, a path, 10k characters) is never sent to the database.
+        variant = ModelVariant.objects.filter(name=model).exclude(status=VariantStatus.IMPORTING).first() \
+            if is_valid_name(model) else None
         if variant is None:
             # Not charged: the API answers 404 for an unknown model, as OpenAI does.
             return [Admission(True)] * count

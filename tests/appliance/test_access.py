@@ -94,6 +94,16 @@ def test_admit_lets_an_unknown_model_through_uncharged_so_the_api_answers_404(ca
     assert not gk.exists(gk.authenticate(cast["alice"]), "half-imported")
 
 
+@pytest.mark.parametrize("model", ["a\x00b", "../general", "General", "x" * 10_000, ""])
+def test_a_model_name_no_variant_can_have_is_unknown_without_a_query(cast, model, django_assert_num_queries):
+    caller = gk.authenticate(cast["alice"])
+    with django_assert_num_queries(1):  # the key's own read, never a lookup of the name
+        admission = gk.admit(caller, model)
+    assert admission.allowed and admission.ticket is None  # the API answers 404, uncharged
+    with django_assert_num_queries(0):
+        assert not gk.exists(caller, model)
+
+
 def test_revocation_takes_effect_on_the_next_request(cast):
     caller = gk.authenticate(cast["alice"])
     assert gk.admit(caller, "general").allowed
