@@ -15,6 +15,7 @@ from django.utils.safestring import mark_safe
 from . import actions, fitting
 from .templatetags.humanize_fit import count
 from .actions import do_update_api_key, do_update_team
+from .modelfiles import OutsideStore
 from .models import ApiKey, Deployment, ModelVariant, Team
 
 admin.site.site_header = "LLM appliance console"
@@ -78,14 +79,17 @@ class ModelVariantAdmin(admin.ModelAdmin):
         variant = get_object_or_404(self.get_queryset(request), pk=object_id)
         users = positive_int(request.GET.get("users"), 8)
         context = positive_int(request.GET.get("context"), settings.FIT_CONTEXT)
-        charts = fitting.charts_dir(variant)
+        try:
+            charts = fitting.charts_dir(variant)
+        except OutsideStore:  # a name stored before names were checked ('../x'): no charts rather than a 500
+            charts = None
         live = fitting.live_telemetry(variant) or {}
         return TemplateResponse(request, "admin/appliance/modelvariant/fit.html", {
             "expert_hits": live.get("expert_hits"), "telemetry": live.get("snapshot"),
             "telemetry_svg": mark_safe(live.get("chart_svg", "")),
             **self.admin_site.each_context(request), "title": f"Fit of {variant.name}", "variant": variant,
             "fit": getattr(variant, "fit", None), "comparison": fitting.predicted_vs_measured(variant),
-            "memory_chart": png_base64(charts / "memory.png"), "expert_chart": png_base64(charts / "experts.png"),
+            "memory_chart": png_base64(charts, "memory.png"), "expert_chart": png_base64(charts, "experts.png"),
             "users": users, "context": context, "recommendation": fitting.recommendation(users, context),
         })
 
@@ -203,9 +207,10 @@ def positive_int(raw, default: int) -> int:
         return default
 
 
-def png_base64(path: Path) -> str:
-    """Return a chart file inlined for an <img src="data:…">, or "" when it does not exist."""
-    return base64.b64encode(path.read_bytes()).decode() if path.is_file() else ""
+def png_base64(folder: Path | None, name: str) -> str:
+    """Return a chart file inlined for an <img src="data:…">, or "" when it (or its folder) does not exist."""
+    path = None if folder is None else folder / name
+    return base64.b64encode(path.read_bytes()).decode() if path is not None and path.is_file() else ""
 
 
 class ApiKeyInline(admin.TabularInline):

@@ -20,7 +20,7 @@ from django.db import transaction
 
 from audit import ledger
 
-from .modelfiles import InvalidModelDir
+from .modelfiles import InvalidModelDir, in_store
 from .models import Deployment, FitAnalysis, ModelVariant
 from .weightcheck import check_model_dir
 
@@ -31,7 +31,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def charts_dir(variant: ModelVariant) -> Path:
-    return Path(settings.APPLIANCE_HOME) / "fit" / variant.name
+    """Return the folder of a variant's fit charts, checked to stay inside APPLIANCE_HOME/fit (a row written before
+    names were validated could hold '../x')."""
+    return in_store(Path(settings.APPLIANCE_HOME) / "fit", variant.name)
 
 
 def run_fit(variant_id: int) -> None:

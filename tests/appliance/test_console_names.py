@@ -45,7 +45,8 @@ def test_pages_do_not_fail_on_a_bad_name_already_in_the_database(console, name):
     usage.roll_up()
     for url in ["/admin/", "/admin/usage/", reverse("admin:appliance_team_changelist"),
                 reverse("admin:appliance_modelvariant_changelist"), reverse("console-usage-team", args=[name]),
-                reverse("console-usage-variant", args=[name])]:
+                reverse("console-usage-variant", args=[name]),
+                reverse("admin:appliance_modelvariant_fit", args=[ModelVariant.objects.get(name=name).pk])]:
         assert console.get(url).status_code == 200, url
 
 

@@ -6,7 +6,8 @@ from django.urls import reverse
 
 from appliance import fitting, importer
 from appliance.actions import do_deploy, do_start_import
-from appliance.models import Deployment, FitAnalysis
+from appliance.modelfiles import OutsideStore
+from appliance.models import Deployment, FitAnalysis, ModelVariant
 from inference.engine import Engine
 
 pytestmark = pytest.mark.django_db
@@ -75,3 +76,9 @@ def test_the_fit_page_sets_measured_expert_hits_beside_the_prediction(moe, admin
     assert "measured on the loaded engine" in page
     assert "experts hit (measured)" in page
     assert "<svg" in page
+
+
+@pytest.mark.parametrize("name", ["../outside", "..", ""])
+def test_a_charts_folder_never_lies_outside_the_fit_folder(name):
+    with pytest.raises(OutsideStore):
+        fitting.charts_dir(ModelVariant(name=name))  # a row stored before names were checked
