@@ -2,6 +2,7 @@
 reconciler, engine), the analysis runs in a child killed when its time is up or its variant is gone, and an
 engine whose deployment was undeployed while it was being built is dropped as soon as the build returns."""
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
@@ -43,8 +44,17 @@ def fit_event(name: str) -> AuditEvent:
     return last_event("variant.fit", name)
 
 
+def cmdline(process: psutil.Process) -> list[str]:
+    """Return a process's command line, or [] once it has gone."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def fit_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if "fit" in p.cmdline()]
+    """Return this test process's own analyses (direct children: a live box's worker may run analyses of its own)."""
+    return [p for p in psutil.Process().children() if "fit" in cmdline(p)]
 
 
 @pytest.mark.django_db
@@ -73,12 +83,15 @@ def test_an_analysis_past_its_time_limit_is_killed_and_recorded(demo_dir, settin
 
 def test_a_cancelled_analysis_is_killed_with_everything_it_started(tmp_path):
     # The child starts a grandchild, as a build that forks would; cancelling kills both.
-    cmd = [sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"]
+    marker = f"analysis-{uuid.uuid4().hex}"  # tells this child from the test run's others (a live box's processes)
+    script = f"import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)  # {marker}"
+    cmd = [sys.executable, "-c", script]
     seen = []
 
     def cancelled() -> bool:
         # Cancel once both processes run (the task's check that its variant still exists answers here).
-        seen[:] = psutil.Process().children(recursive=True)
+        seen[:] = [tree for child in psutil.Process().children() if marker in " ".join(cmdline(child))
+                   for tree in (child, *child.children(recursive=True))]
         return len(seen) == 2
 
     assert fitting.supervise(cmd, tmp_path, timeout_s=120, cancelled=cancelled) == "cancelled"
