@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from inference.demo_models import make_demo_models
+from tests.livebox import Box, ConsoleAdmin, make_console_admin, start_box
 
 # Markers of tests that start processes which use the database and the broker themselves.
 SERVICE_MARKERS = ("e2e", "browser")
@@ -33,7 +34,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def uses_services(item: pytest.Item) -> bool:
-    """Return True for a test that touches the database (pytest-django's marker or fixtures) or the broker."""
+    """Return True for a test that touches the database (pytest-django's marker or fixtures) or the broker in a way
+    whose outcome could depend on which ones (a backend_neutral test checks what they cannot change)."""
+    if item.get_closest_marker("backend_neutral"):
+        return False
     if item.get_closest_marker("django_db") or "_django_db_helper" in item.fixturenames:
         return True
     return any(item.get_closest_marker(name) for name in SERVICE_MARKERS)
@@ -63,3 +67,18 @@ def close_ledger_writer_connections(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
         for thread in api.DATABASE_THREADS:
             thread.submit(connections.close_all).result()
+
+
+@pytest.fixture(scope="session")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Box:
+    """Return the session's live box (web + worker on loopback), shared by the e2e, browser and hostile tests.
+
+    One box rather than one per folder: starting one costs ~15 s per test run. A test that kills a process or
+    needs other settings starts a box of its own with tests.livebox.start_box.
+    """
+    yield from start_box(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def console_admin(box: Box) -> ConsoleAdmin:
+    return make_console_admin(box)

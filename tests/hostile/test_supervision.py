@@ -13,8 +13,13 @@ import uuid
 
 import httpx
 import psutil
+import pytest
 
 from tests.livebox import ROOT, PostgresDatabase, free_port
+
+# make run is the embedded-defaults command, and restarting a dead child does not depend on the backends:
+# CI runs this once.
+pytestmark = pytest.mark.backend_neutral
 
 STARTED = re.compile(r"\[appliance\] (web|worker|beat) started \(pid (\d+), log (.+)\)")
 
