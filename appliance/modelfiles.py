@@ -142,9 +142,9 @@ def _create(target: Path):
     return os.fdopen(fd, "wb")
 
 
-def make_store_dir(path: Path) -> None:
-    """Create a directory (and missing parents) with the store's permissions."""
-    path.mkdir(parents=True, exist_ok=True)
+def make_store_dir(path: Path, *, exist_ok: bool = True) -> None:
+    """Create a directory (and missing parents) with the store's permissions, whatever the umask."""
+    path.mkdir(parents=True, exist_ok=exist_ok)
     os.chmod(path, DIR_MODE)
 
 
@@ -158,12 +158,10 @@ def copy_and_hash(src: Path, dst: Path, progress: Callable[[int, int], None] = l
     total = tree_size(root) or 1
     done = 0
     manifest = {}
-    dst.mkdir(parents=True)
-    os.chmod(dst, DIR_MODE)
+    make_store_dir(dst, exist_ok=False)
     for rel, name, dirfd, st in _entries(root):
         if stat.S_ISDIR(st.st_mode):
-            (dst / rel).mkdir(DIR_MODE)
-            os.chmod(dst / rel, DIR_MODE)
+            make_store_dir(dst / rel, exist_ok=False)
             continue
         _refuse_odd(src, [f"{rel} ({kind})" for kind in [_odd_kind(st.st_mode)] if kind])
         digest = hashlib.sha256()
