@@ -1,6 +1,6 @@
 """ASGI entry point of the web process: console, chat API and the engine.
 
-The chat API (/v1/) is served by a lean Django handler (see appliance.api_handler); everything else by
+The chat API (/v1/) is served by a lean Django handler (see appliance.api.handler); everything else by
 Django's own, with the console's middleware.
 """
 import os
@@ -14,7 +14,7 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 console_application = get_asgi_application()
 
 from appliance import http_limits  # noqa: E402
-from appliance.api_handler import API_PREFIX, ApiHandler  # noqa: E402
+from appliance.api.handler import API_PREFIX, ApiHandler  # noqa: E402
 
 api_application = ApiHandler()
 
@@ -30,8 +30,8 @@ async def application(scope, receive, send):
 
 
 from appliance import reconciler  # noqa: E402
-from inference import bookkeeping  # noqa: E402
+from appliance.api import settlement  # noqa: E402
 
 reconciler.start()
 # Requests that an earlier web process of this host was serving when it died become chat.interrupted events.
-bookkeeping.recover_interrupted_soon()
+settlement.recover_interrupted_soon()

@@ -180,11 +180,11 @@ def recommendation(users: int, context: int):
 
 def live_telemetry(variant: ModelVariant) -> dict | None:
     """Return the loaded engine's router telemetry with the uniform-routing prediction beside it."""
-    from inference import serving
+    from appliance import engine_client
     from inference.fit import experts_hit
-    from inference.telemetry import render_expert_chart_svg, snapshot
+    from inference.engine.telemetry import render_expert_chart_svg, snapshot
 
-    engine = serving.get(variant.name)
+    engine = engine_client.get(variant.name)
     if engine is None:
         return None
     snap = snapshot(engine)

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 
 from audit import attestation, egress, ledger
-from inference import serving
+from appliance import engine_client
 from inference.engine import Engine
 
 from . import actions, fitting
@@ -33,11 +33,11 @@ def reconcile_once() -> None:
     for dep in Deployment.objects.select_related("variant"):
         if dep.desired == DesiredState.DEPLOYED and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED):
             wanted[dep.variant.name] = dep
-    for name in serving.names():
+    for name in engine_client.names():
         if name not in wanted:
             unload(name)
     for name, dep in wanted.items():
-        if serving.get(name) is None and dep.actual != ActualState.FAILED:
+        if engine_client.get(name) is None and dep.actual != ActualState.FAILED:
             load(dep)
 
 
@@ -84,7 +84,7 @@ def load(dep: Deployment) -> None:
             "reason": "undeployed or deleted while loading",
             "duration_ms": int((time.monotonic() - started) * 1000)})
         return
-    serving.register(variant.name, engine)
+    engine_client.register(variant.name, engine)
     with transaction.atomic():
         Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.DEPLOYED, device=engine.device, detail="")
         ModelVariant.objects.filter(pk=variant.pk, status=VariantStatus.READY).update(status=VariantStatus.DEPLOYED)
@@ -93,7 +93,7 @@ def load(dep: Deployment) -> None:
     try:
         fitting.measure_deployment(dep.pk, engine)
     except Exception:
-        # A measurement is evidence for the console, never a reason to stop serving.
+        # A measurement is evidence for the console, never a reason to stop engine_client.
         log.exception("measuring %s failed", variant.name)
 
 
@@ -104,7 +104,7 @@ def still_wanted(dep: Deployment) -> bool:
 
 
 def unload(name: str) -> None:
-    engine = serving.unregister(name)
+    engine = engine_client.unregister(name)
     if engine is None:
         return
     engine.close()

@@ -66,7 +66,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "audit",
-    "inference",
     "appliance",
 ]
 
@@ -164,7 +163,7 @@ ENGINE_KV_BUDGET_BYTES = _kv_budget_mb * 1024 * 1024 or None
 # torch intra-op threads of the web process on CPU. Unset (0): the engine's default, half the cores, which
 # leaves the rest to the event loop that serves HTTP.
 ENGINE_THREADS = env_int("APPLIANCE_ENGINE_THREADS", 0) or None
-# Bit-exact batching: each request's numbers equal running it alone (see inference/engine_exact.py). "auto" is
+# Bit-exact batching: each request's numbers equal running it alone (see inference/engine/exact.py). "auto" is
 # on for CPU float32 and off on GPUs (bf16); "off" on CPU trades that guarantee for about a third more
 # batched throughput (greedy answers then match unbatched generate except where last bits flip a near-tie).
 _engine_exact = env_str("APPLIANCE_ENGINE_EXACT", "auto").strip().lower()
@@ -180,8 +179,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("APPLIANCE_LOG_LEVEL", "INFO")},
 }
 
-# The chat API (inference/) asks the registry about keys and variants through this.
-INFERENCE_GATEKEEPER = "appliance.gatekeeper.RegistryGatekeeper"
+# The team API (appliance/api/) asks the registry about keys and variants through this.
+API_GATEKEEPER = "appliance.api.admission.RegistryGatekeeper"
 # Request limits of the web process (appliance/http_limits.py): the largest body (413 beyond), and how long a
 # client may take to send its headers and its body (a slow-loris drip is cut after that).
 API_MAX_BODY_BYTES = env_int("APPLIANCE_MAX_BODY_BYTES", 1024 * 1024)

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path, re_path, register_converter
 
-from .console import chat, dashboard, metrics, openapi, security, usage_views
+from .console import chat, dashboard, metrics, security, usage_views
 
 
 class RowName:
@@ -41,8 +41,7 @@ urlpatterns = [
     path("admin/chat/key", staff(chat.chat_key), name="console-chat-key"),
     path("admin/", admin.site.urls),
     path("metrics", metrics.metrics, name="metrics"),
-    path("v1/openapi.json", openapi.openapi, name="v1-openapi"),
-    path("v1/", include("inference.urls")),
+    path("v1/", include("appliance.api.urls")),
     # The console's CSS and scripts come from the apps' static folders: the box serves
     # itself, with no web server in front and nothing fetched from the internet.
     re_path(r"^static/(?P<path>.*)$", serve_static, {"insecure": True}),

@@ -26,8 +26,8 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from bench.serve_load import chat_messages  # noqa: E402
 from inference.demo_models import DEMO_SPECS, make_demo_models  # noqa: E402
-from inference.engine_cache import KVStore  # noqa: E402
-from inference.engine_runner import Runner, load_model  # noqa: E402
+from inference.engine.cache import KVStore  # noqa: E402
+from inference.engine.runner import Runner, load_model  # noqa: E402
 
 
 def chat_texts(tokenizer, rows: int) -> list[str]:

@@ -1,10 +1,14 @@
 """Fixtures shared by every test package."""
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from inference.demo_models import make_demo_models
+from inference.demo_models import DEMO_SPECS, make_demo_models
+from inference.engine import Engine
 from tests.livebox import Box, ConsoleAdmin, make_console_admin, start_box
+
+DEMO_NAMES = tuple(DEMO_SPECS)
 
 # Markers of tests that start processes which use the database and the broker themselves.
 SERVICE_MARKERS = ("e2e", "browser")
@@ -51,6 +55,21 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out_dir
 
 
+@pytest.fixture(scope="session")
+def engines(demo_dir: Path) -> Iterator[dict[str, Engine]]:
+    """Return a running CPU engine per demo model, shared by tests that leave it as they found it."""
+    running = {name: Engine(demo_dir / name, device="cpu") for name in DEMO_NAMES}
+    yield running
+    for engine in running.values():
+        engine.close()
+
+
+@pytest.fixture
+def dense(engines: dict[str, Engine]) -> Engine:
+    """Return the shared engine for the Llama-architecture demo model."""
+    return engines["demo-dense"]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def close_ledger_writer_connections(django_db_setup, django_db_blocker):
     """Close the chat API's database threads' connections (ledger writer, gatekeeper) before the test database
@@ -62,10 +81,10 @@ def close_ledger_writer_connections(django_db_setup, django_db_blocker):
     yield
     from django.db import connections
 
-    from inference import api
+    from appliance.api import settlement
 
     with django_db_blocker.unblock():
-        for thread in api.DATABASE_THREADS:
+        for thread in settlement.DATABASE_THREADS:
             thread.submit(connections.close_all).result()
 
 

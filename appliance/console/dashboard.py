@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from audit import ledger
 from audit.models import AuditEvent
-from inference import serving
+from appliance import engine_client
 
 from .. import usage
 from ..models import ModelVariant, Outcome, Period, UsageRecord
@@ -22,7 +22,7 @@ VERIFY_CACHE_S = 60  # walking a long chain on every page load would make the pa
 
 def engine_stats(name: str) -> dict:
     """Return the loaded engine's live figures (queue depth, running, KV-cache use), or {} when not loaded."""
-    engine = serving.get(name)
+    engine = engine_client.get(name)
     if engine is None:
         return {}
     try:
@@ -64,7 +64,7 @@ def variants() -> list[dict]:
     for v in ModelVariant.objects.select_related("deployment"):
         dep = getattr(v, "deployment", None)
         stats = engine_stats(v.name)
-        loaded = serving.get(v.name) is not None
+        loaded = engine_client.get(v.name) is not None
         memory = stats.get("memory_bytes")
         rows.append({"variant": v, "deployment": dep, "loaded": loaded, "stats": stats,
                      "memory": memory if memory is not None else (v.size_bytes if loaded else None),

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from inference import metrics as engine_metrics
+from appliance.api import metrics as engine_metrics
 
 from .. import usage
 from ..models import ModelVariant

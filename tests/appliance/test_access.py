@@ -10,10 +10,10 @@ import pytest
 from django.utils import timezone
 
 from appliance import actions
-from appliance.gatekeeper import RegistryGatekeeper
+from appliance.api.admission import RegistryGatekeeper
 from appliance.models import ApiKey, VariantStatus, hash_api_key
 from appliance.quotas import current_usage
-from inference.gatekeeper import Caller
+from appliance.api.gatekeeper import Caller
 
 from tests.audit.tamper import wipe_ledger
 
@@ -189,15 +189,15 @@ def committed(transactional_db):
 @pytest.fixture
 def loaded(demo_dir):
     """Load one real demo engine as `general` and `sales-model`, as the reconciler would have (names only matter)."""
-    from inference import serving
+    from appliance import engine_client
     from inference.engine import Engine
 
     engine = Engine(demo_dir / "demo-dense", device="cpu")
     for name in ("general", "sales-model"):
-        serving.register(name, engine)
+        engine_client.register(name, engine)
     yield
     for name in ("general", "sales-model"):
-        serving.unregister(name)
+        engine_client.unregister(name)
     engine.close()
 
 
@@ -224,7 +224,7 @@ def test_a_revoked_key_is_refused_on_its_next_request(committed, cast, client, l
     assert client.get("/v1/models", **bearer(cast["alice"])).status_code == 401
 
 
-# Needs the gatekeeper wired into inference/api.py (admit before the engine lookup).
+# Needs the gatekeeper wired into appliance/api/views.py (admit before the engine lookup).
 def test_chat_answers_each_caller_by_access(committed, cast, client):
     body = json.dumps({"model": "general", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     alice = client.post("/v1/chat/completions", body, content_type="application/json", **bearer(cast["alice"]))

@@ -57,7 +57,7 @@ def test_the_console_shows_the_fit_page(moe, admin_client):
 def test_the_fit_page_sets_measured_expert_hits_beside_the_prediction(moe, admin_client):
     import asyncio
 
-    from inference import serving
+    from appliance import engine_client
     from inference.engine import SamplingParams
 
     async def generate(engine):
@@ -67,12 +67,12 @@ def test_the_fit_page_sets_measured_expert_hits_beside_the_prediction(moe, admin
             pass
 
     with Engine(Path(moe.store_path), device="cpu") as engine:
-        serving.register(moe.name, engine)
+        engine_client.register(moe.name, engine)
         try:
             asyncio.run(generate(engine))
             page = admin_client.get(reverse("admin:appliance_modelvariant_fit", args=[moe.pk])).content.decode()
         finally:
-            serving.unregister(moe.name)
+            engine_client.unregister(moe.name)
     assert "measured on the loaded engine" in page
     assert "experts hit (measured)" in page
     assert "<svg" in page

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from appliance import actions, quotas
-from appliance.gatekeeper import RegistryGatekeeper
+from appliance.api.admission import RegistryGatekeeper
 from appliance.models import UsageCounter, UsageRecord, Window
 from audit.models import AuditEvent
-from inference.gatekeeper import UsageReport
+from appliance.api.gatekeeper import UsageReport
 from tests.livebox import PostgresDatabase, free_port, start, wait_http
 
 from .teams import team_with_key, variant
@@ -154,7 +154,7 @@ def test_old_counters_are_pruned(general):
 # --- across processes: each process is a separate database client -----------------------------
 
 ADMIT_SCRIPT = """
-from appliance.gatekeeper import RegistryGatekeeper
+from appliance.api.admission import RegistryGatekeeper
 gk = RegistryGatekeeper()
 caller = gk.authenticate(open({key_file!r}).read().strip())
 print(sum(gk.admit(caller, 'general').allowed for _ in range({n})))
@@ -223,7 +223,7 @@ def test_two_processes_share_one_limit_in_the_database(separate_box, tmp_path):
     assert sum(admitted) == 25, admitted
 
 
-# Needs the gatekeeper wired into inference/api.py: two web processes, one limit.
+# Needs the gatekeeper wired into appliance/api/views.py: two web processes, one limit.
 @pytest.mark.e2e
 def test_two_web_processes_share_one_limit(separate_box, tmp_path):
     env, manage = separate_box

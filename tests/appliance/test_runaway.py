@@ -13,7 +13,7 @@ from appliance.actions import do_deploy, do_start_import, do_undeploy
 from appliance.modelfiles import hash_dir
 from appliance.models import Deployment, FitAnalysis, ModelVariant
 from audit.models import AuditEvent
-from inference import serving
+from appliance import engine_client
 from inference.engine import Engine
 from inference.fit.bounds import ModelOutOfBounds
 from tests.weightlies import copy_model, edit_json
@@ -114,7 +114,7 @@ def test_the_loader_refuses_a_lying_stored_variant_before_building(demo_dir, dja
     deployment.refresh_from_db()
     assert deployment.actual == "failed" and "num_hidden_layers=10,000,000" in deployment.detail
     assert last_event("deployment.load", variant.name).outcome == "refused"
-    assert serving.get(variant.name) is None
+    assert engine_client.get(variant.name) is None
 
 
 @pytest.mark.django_db
@@ -125,7 +125,7 @@ def test_an_engine_undeployed_while_it_was_built_is_dropped_when_the_build_retur
     picked = Deployment.objects.select_related("variant").get(pk=picked.pk)
     do_undeploy(variant, actor="test")  # arrives during the build
     reconciler.load(picked)
-    assert serving.get(variant.name) is None
+    assert engine_client.get(variant.name) is None
     picked.refresh_from_db()
     assert picked.actual == "undeployed"
     event = last_event("deployment.load", variant.name)

@@ -8,9 +8,9 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from appliance import tasks, usage
-from appliance.gatekeeper import RegistryGatekeeper
+from appliance.api.admission import RegistryGatekeeper
 from appliance.models import Period, UsageRecord, UsageRollup
-from inference.gatekeeper import UsageReport
+from appliance.api.gatekeeper import UsageReport
 
 from .teams import team_with_key, variant
 

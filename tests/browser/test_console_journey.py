@@ -98,7 +98,7 @@ def test_the_request_appears_in_the_ledger_view(page, console_admin, shot):
     shot(page, "06-ledger")
 
 
-# Needs the gatekeeper's settle() wired into inference/api.py: usage is recorded there.
+# Needs the gatekeeper's settle() wired into appliance/api/views.py: usage is recorded there.
 def test_the_request_appears_on_the_usage_page(page, console_admin, shot):
     page.goto("/admin/")
     expect(page.locator("#variant-states")).to_contain_text(VARIANT)

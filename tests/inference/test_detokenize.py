@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inference.demo_models import train_tokenizer
-from inference.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer, StopMatcher, TextStream
+from inference.engine.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer, StopMatcher, TextStream
 
 
 @pytest.fixture(scope="module")

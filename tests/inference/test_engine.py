@@ -19,10 +19,10 @@ from inference.engine import (
     EngineClosed,
     PromptTooLong,
     RequestState,
-    RequestStatus,
     SamplingParams,
-    resolve_device,
 )
+from inference.engine.request import RequestStatus
+from inference.engine.runner import resolve_device
 from tests.inference.conftest import run
 
 CHAT = [{"role": "user", "content": "How many experts are active for each token?"}]

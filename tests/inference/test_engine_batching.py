@@ -203,7 +203,7 @@ def test_frequency_penalty_stops_a_greedy_loop(engines: dict[str, Engine]) -> No
 
 
 def test_moe_telemetry_counts_every_routed_token(engines: dict[str, Engine]) -> None:
-    from inference.telemetry import render_expert_chart_svg, snapshot
+    from inference.engine.telemetry import render_expert_chart_svg, snapshot
 
     engine = engines["demo-moe"]
     before = snapshot(engine)
@@ -224,7 +224,7 @@ def test_moe_telemetry_counts_every_routed_token(engines: dict[str, Engine]) -> 
 
 
 def test_dense_models_report_no_moe_telemetry(engines: dict[str, Engine]) -> None:
-    from inference.telemetry import render_expert_chart_svg, snapshot
+    from inference.engine.telemetry import render_expert_chart_svg, snapshot
 
     snap = snapshot(engines["demo-dense"])
     assert snap == {"model": "demo-dense", "moe": False}

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, GenerationConfig, MixtralConfig, 
 
 from inference.demo_models import DEMO_SPECS, _token_ids, train_tokenizer
 from inference.engine import Engine, SamplingParams
-from inference.engine_cache import KVStore
-from inference.engine_exact import StepLayout, grouped_mm_rows, linear_rows, linear_runs, unary_rows
-from inference.engine_runner import Runner, load_model
+from inference.engine.cache import KVStore
+from inference.engine.exact import StepLayout, grouped_mm_rows, linear_rows, linear_runs, unary_rows
+from inference.engine.runner import Runner, load_model
 from tests.inference.conftest import run
 from tests.inference.test_engine_batching import assert_overlapped, run_staggered
 
@@ -127,7 +127,7 @@ def test_batched_steps_give_bit_identical_logits(model_dir: Path) -> None:
 
 
 def test_a_request_alone_runs_unsplit_and_still_equals_generate(model_dir: Path, monkeypatch) -> None:
-    import inference.engine_exact as exact
+    import inference.engine.exact as exact
 
     split = []
     for name in ("linear_rows", "linear_runs", "unary_rows", "unary_runs"):
@@ -153,7 +153,7 @@ def test_a_request_alone_runs_unsplit_and_still_equals_generate(model_dir: Path,
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
 def test_engine_serves_other_moe_architectures_exactly(moe_arch_dirs: dict[str, Path], name: str) -> None:
-    from inference.telemetry import snapshot
+    from inference.engine.telemetry import snapshot
 
     with Engine(moe_arch_dirs[name], device="cpu") as engine:
         prompts = [engine.encode_chat([{"role": "user", "content": "word " * n}]) for n in (1, 4, 9, 20)]

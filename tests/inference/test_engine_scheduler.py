@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from inference.engine_config import EngineConfig
-from inference.engine_router import OutputRouter
-from inference.engine_scheduler import SCHEDULERS, FifoScheduler
-from inference.request_state import Chunk, EngineBusy, EngineClosed, RequestState, SamplingParams
+from inference.engine.config import EngineConfig
+from inference.engine.outputs import OutputRouter
+from inference.engine.scheduler import SCHEDULERS, FifoScheduler
+from inference.engine.request import Chunk, EngineBusy, EngineClosed, RequestState, SamplingParams
 
 PER_TOKEN = 10  # bytes of KV cache per token, to keep the arithmetic readable
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.sampling import apply_penalties, logits_to_probs, make_generator, sample, sample_rows
+from inference.engine.sampling import apply_penalties, logits_to_probs, make_generator, sample, sample_rows
 
 
 def test_greedy_picks_the_argmax() -> None:
@@ -69,7 +69,7 @@ def test_penalties_lower_tokens_already_generated() -> None:
 
 
 def test_sample_rows_gives_each_row_its_own_parameters() -> None:
-    from inference.request_state import SamplingParams
+    from inference.engine.request import SamplingParams
 
     logits = torch.tensor([[0.0, 5.0, 1.0], [4.0, 0.0, 1.0], [0.0, 1.0, 9.0]])
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0, frequency_penalty=2.0),

@@ -9,11 +9,11 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from inference.gatekeeper import Admission, Caller, Gatekeeper, ModelCard, UsageReport
+from appliance.api.gatekeeper import Admission, Caller, Gatekeeper, ModelCard, UsageReport
 
-from . import quotas, usage
-from .names import is_valid_name
-from .models import ApiKey, ModelVariant, Outcome, VariantStatus, hash_api_key
+from .. import quotas, usage
+from ..names import is_valid_name
+from ..models import ApiKey, ModelVariant, Outcome, VariantStatus, hash_api_key
 
 log = logging.getLogger(__name__)
 SERVABLE = (VariantStatus.READY, VariantStatus.DEPLOYED)

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from inference.request_state import Chunk, RequestState
+from inference.engine.request import Chunk, RequestState
 
 
 def merge(first: Chunk, second: Chunk) -> Chunk:

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import is_accelerate_available
 
-from inference.engine_cache import DIRECT_MODEL_TYPES, BatchCache, KVStore
-from inference.engine_attention import ATTENTION_NAME
-from inference.engine_exact import StepLayout, make_exact, step_context
+from inference.engine.cache import DIRECT_MODEL_TYPES, BatchCache, KVStore
+from inference.engine.attention import ATTENTION_NAME
+from inference.engine.exact import StepLayout, make_exact, step_context
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import copy
 
 from django.http import JsonResponse
 
-from inference.schemas import ChatCompletionRequest
+from appliance.api.schemas import ChatCompletionRequest
 
 from ..models import ModelVariant, VariantStatus
 

@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from inference.detokenize import TextStream
-from inference.engine_cache import GROWTH_TOKENS, KVStore
-from inference.engine_config import EngineConfig
-from inference.engine_router import OutputRouter, RequestHandle, deliver_now
-from inference.engine_runner import Runner, load_model, resolve_device
-from inference.engine_scheduler import SCHEDULERS, StepPlan
-from inference.engine_stats import EngineStats, auto_kv_budget, eos_token_ids
+from inference.engine.detokenize import TextStream
+from inference.engine.cache import GROWTH_TOKENS, KVStore
+from inference.engine.config import EngineConfig
+from inference.engine.outputs import OutputRouter, RequestHandle, deliver_now
+from inference.engine.runner import Runner, load_model, resolve_device
+from inference.engine.scheduler import SCHEDULERS, StepPlan
+from inference.engine.stats import EngineStats, auto_kv_budget, eos_token_ids
 from inference.fit.bounds import check_model_dir
-from inference.request_state import (
+from inference.engine.request import (
     Chunk,
     EngineBusy,
     EngineClosed,
@@ -40,8 +40,8 @@ from inference.request_state import (
     RequestStatus,
     SamplingParams,
 )
-from inference.sampling import make_generator, sample_rows
-from inference.telemetry import ExpertProbe
+from inference.engine.sampling import make_generator, sample_rows
+from inference.engine.telemetry import ExpertProbe
 
 __all__ = [
     "Chunk", "Engine", "EngineBusy", "EngineClosed", "EngineConfig", "PromptTooLong", "RequestHandle",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from inference.engine_exact import current_layout
+from inference.engine.exact import current_layout
 
 ATTENTION_NAME = "appliance_rows"
 

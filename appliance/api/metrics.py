@@ -12,14 +12,14 @@ from django.http import HttpRequest, HttpResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from . import serving
+from appliance import engine_client
 
 
 class EngineCollector:
     """Collect the figures of every engine this web process has loaded, at scrape time."""
 
     def collect(self) -> Iterator[Metric]:
-        engines = [(name, serving.get(name)) for name in serving.names()]
+        engines = [(name, engine_client.get(name)) for name in engine_client.names()]
         engines = [(name, engine) for name, engine in engines if engine is not None]
         gauges = {
             "running": GaugeMetricFamily("appliance_engine_requests_running", "Requests in the running batch.",
@@ -75,7 +75,7 @@ class EngineCollector:
 
 def telemetry_snapshot(engine) -> dict:
     """Return an engine's MoE telemetry; imported here so URL loading (every manage.py command) skips torch."""
-    from .telemetry import snapshot
+    from inference.engine.telemetry import snapshot
 
     return snapshot(engine)
 

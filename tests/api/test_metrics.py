@@ -7,9 +7,9 @@ import pytest
 from django.test import RequestFactory
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference import serving
+from appliance import engine_client
 from inference.engine import Engine, SamplingParams
-from inference.metrics import metrics_view
+from appliance.api.metrics import metrics_view
 from tests.inference.conftest import run
 
 
@@ -18,10 +18,10 @@ def served(engines: dict[str, Engine]):
     """Register the shared demo-moe and demo-dense engines under test names for the view to find."""
     names = {"metrics-moe": engines["demo-moe"], "metrics-dense": engines["demo-dense"]}
     for name, engine in names.items():
-        serving.register(name, engine)
+        engine_client.register(name, engine)
     yield names
     for name in names:
-        serving.unregister(name)
+        engine_client.unregister(name)
 
 
 def scrape() -> dict[str, list]:

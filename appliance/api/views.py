@@ -15,16 +15,15 @@ import jinja2
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from appliance import engine_client
 from audit import ledger
+from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
 
-from . import metrics, serving
-from .bookkeeping import (  # noqa: F401  (the database threads and queues are the tests' handles too)
-    DATABASE_THREADS, InFlight, _admissions, _gate, _ledger_writer, _transcripts, admit_on_gate, new_request_id,
-    on_gate, record, record_soon)
-from .request_state import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
+from . import metrics
 from .errors import error, error_payload
 from .gatekeeper import Admission, Caller, gatekeeper
 from .schemas import parse_chat_request
+from .settlement import InFlight, _transcripts, admit_on_gate, new_request_id, on_gate, record, record_soon
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
@@ -133,7 +132,7 @@ async def list_models(request: HttpRequest):
     cards = await on_gate(gatekeeper().models, caller)
     # What the caller can use now: a variant it may use (ready or deployed, never quarantined) that this process
     # has loaded. Administrators see every variant, loaded or not, on the console's Model variants page.
-    loaded = set(serving.names())
+    loaded = set(engine_client.names())
     data = [{"id": c.name, "object": "model", "created": c.created, "owned_by": c.owned_by,
              "kind": c.kind, "loaded": True, "random_weights": c.random_weights}
             for c in cards if c.name in loaded]
@@ -186,7 +185,7 @@ async def chat_completions(request: HttpRequest):
 
 async def answer(request: HttpRequest, body, flight: InFlight):
     """Run an admitted request on its engine: the answer, its stream, or the error that stopped it."""
-    engine = serving.get(body.model)
+    engine = engine_client.get(body.model)
     if engine is None:
         if await on_gate(gatekeeper().exists, flight.caller, body.model):
             flight.settle("failed")  # a 503: the box could not serve what the caller may use

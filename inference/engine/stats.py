@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from inference.engine_config import DEFAULT_CPU_KV_FRACTION, DEFAULT_GPU_KV_FRACTION
-from inference.request_state import RequestState
+from inference.engine.config import DEFAULT_CPU_KV_FRACTION, DEFAULT_GPU_KV_FRACTION
+from inference.engine.request import RequestState
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

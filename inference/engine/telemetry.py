@@ -17,7 +17,7 @@ import threading
 import torch
 from torch import nn
 
-from inference.engine_exact import is_experts_module
+from inference.engine.exact import is_experts_module
 
 HISTORY_STEPS = 512  # steps kept for the per-step figures
 EXTREMES = 3  # hottest / coldest experts listed per layer

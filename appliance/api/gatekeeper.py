@@ -1,7 +1,7 @@
-"""What the chat API needs to know about callers and variants, without importing the registry.
+"""What the team API needs to know about callers and variants, as a protocol.
 
-`inference` may not import `appliance` (dependencies point one way), so the
-registry plugs its implementation in through settings.INFERENCE_GATEKEEPER.
+The views speak to this protocol only; the registry's implementation (appliance.api.admission) is plugged in
+through settings.API_GATEKEEPER, so the API's own behaviour is testable against a gatekeeper without a database.
 """
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -88,4 +88,4 @@ class Gatekeeper(Protocol):
 
 @lru_cache(maxsize=1)
 def gatekeeper() -> Gatekeeper:
-    return import_string(settings.INFERENCE_GATEKEEPER)()
+    return import_string(settings.API_GATEKEEPER)()

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from django.test import AsyncClient
 
-from inference import serving
-from inference.api import Exchange, admit_on_gate, sse
+from appliance import engine_client
+from appliance.api.settlement import admit_on_gate
+from appliance.api.views import Exchange, sse
 from inference.engine import Engine
-from inference.gatekeeper import Admission, Caller, Gatekeeper, UsageReport, gatekeeper
+from appliance.api.gatekeeper import Admission, Caller, Gatekeeper, UsageReport, gatekeeper
 from tests.audit.tamper import wipe_ledger
 from tests.inference.conftest import run
 
@@ -51,11 +52,11 @@ BURSTS: list[int] = []  # how many requests each admission call answered
 @pytest.fixture
 def api(transactional_db, settings, engines: dict[str, Engine]):
     """Serve the shared dense engine as `api-dense` behind the stand-in gatekeeper."""
-    settings.INFERENCE_GATEKEEPER = f"{__name__}.OneKeyGatekeeper"
+    settings.API_GATEKEEPER = f"{__name__}.OneKeyGatekeeper"
     gatekeeper.cache_clear()
-    serving.register("api-dense", engines["demo-dense"])
+    engine_client.register("api-dense", engines["demo-dense"])
     yield "api-dense"
-    serving.unregister("api-dense")
+    engine_client.unregister("api-dense")
     gatekeeper.cache_clear()
     wipe_ledger()  # the ledger's triggers refuse the flush that ends a transactional test
 
@@ -140,11 +141,11 @@ def test_a_stop_string_ends_with_finish_reason_stop(api) -> None:
 
 def serve_own_engine(settings, name: str, engine: Engine):
     """Serve an engine of the test's own as `name` behind the stand-in gatekeeper; close it afterwards."""
-    settings.INFERENCE_GATEKEEPER = f"{__name__}.OneKeyGatekeeper"
+    settings.API_GATEKEEPER = f"{__name__}.OneKeyGatekeeper"
     gatekeeper.cache_clear()
-    serving.register(name, engine)
+    engine_client.register(name, engine)
     yield engine
-    serving.unregister(name)
+    engine_client.unregister(name)
     engine.close()
     gatekeeper.cache_clear()
     wipe_ledger()
@@ -218,7 +219,7 @@ def test_a_failed_stream_ends_with_an_error_event(broken) -> None:
 
 
 def test_each_admitted_request_is_settled_with_its_usage(api) -> None:
-    from inference.api import _ledger_writer
+    from appliance.api.settlement import _ledger_writer
 
     SETTLED.clear()
     post(chat(api, max_tokens=5, temperature=0))
@@ -232,7 +233,7 @@ def test_each_admitted_request_is_settled_with_its_usage(api) -> None:
 
 def hold_the_gatekeeper() -> threading.Event:
     """Keep the gatekeeper thread busy until the returned event is set, as a burst's first request does."""
-    from inference.api import _gate
+    from appliance.api.settlement import _gate
 
     release = threading.Event()
     _gate.submit(release.wait, 30)
@@ -240,7 +241,7 @@ def hold_the_gatekeeper() -> threading.Event:
 
 
 async def until_waiting(count: int) -> None:
-    from inference.api import _admissions
+    from appliance.api.settlement import _admissions
 
     for _ in range(3000):  # an upper bound on waiting, not a timing assertion
         if _admissions.queued() >= count:
@@ -366,7 +367,7 @@ def test_text_the_tokenizer_refuses_is_a_400_naming_the_message(picky) -> None:
 
 
 def test_a_model_that_is_not_loaded_is_a_503_counted_as_failed(api) -> None:
-    from inference.api import _ledger_writer
+    from appliance.api.settlement import _ledger_writer
 
     SETTLED.clear()
     status, _, answer = post(chat("registered-but-not-loaded"))
@@ -376,7 +377,7 @@ def test_a_model_that_is_not_loaded_is_a_503_counted_as_failed(api) -> None:
 
 
 def test_a_stream_read_to_done_is_settled_ok_before_done_is_sent(api) -> None:
-    from inference.api import _ledger_writer
+    from appliance.api.settlement import _ledger_writer
 
     async def go():
         response = await AsyncClient().post("/v1/chat/completions", json.dumps(chat(api, max_tokens=3, stream=True)),
@@ -398,7 +399,7 @@ def test_a_stream_read_to_done_is_settled_ok_before_done_is_sent(api) -> None:
 
 def test_an_admitted_request_is_recorded_in_flight_until_it_is_settled(api) -> None:
     from audit.models import InFlightRequest
-    from inference.api import _ledger_writer
+    from appliance.api.settlement import _ledger_writer
 
     def in_flight(request_id: str) -> bool:
         return InFlightRequest.objects.filter(request_id=request_id).exists()
@@ -429,13 +430,13 @@ def faulty(transactional_db, settings, demo_dir: Path):
 
 
 def server_errors(status: str) -> float:
-    from inference.metrics import REGISTRY
+    from appliance.api.metrics import REGISTRY
 
     return REGISTRY.get_sample_value("appliance_api_server_errors_total", {"status": status}) or 0.0
 
 
 def test_an_unexpected_error_after_admission_is_a_500_counted_as_failed(faulty) -> None:
-    from inference.api import _ledger_writer
+    from appliance.api.settlement import _ledger_writer
 
     SETTLED.clear()
     before = server_errors("500")
@@ -456,9 +457,9 @@ class UnreachableGatekeeper(OneKeyGatekeeper):
 
 def test_a_500_before_admission_is_an_api_error_event_and_counted(api, settings) -> None:
     from audit.models import AuditEvent
-    from inference.api import _ledger_writer
+    from appliance.api.settlement import _ledger_writer
 
-    settings.INFERENCE_GATEKEEPER = f"{__name__}.UnreachableGatekeeper"
+    settings.API_GATEKEEPER = f"{__name__}.UnreachableGatekeeper"
     gatekeeper.cache_clear()
     before = server_errors("500")
     status, _, answer = post(chat(api))

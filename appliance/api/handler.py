@@ -19,10 +19,10 @@ from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 from django.middleware.security import SecurityMiddleware
 
-from inference import api
-from inference.errors import error
+from . import views
+from .errors import error
 
-from . import http_limits
+from .. import http_limits
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/v1/"
@@ -39,15 +39,15 @@ class ApiHandler(ASGIHandler):
         """Handle one HTTP request (appliance.asgi routes only those here), its sync parts on one kept thread."""
         async with ThreadSensitiveContext(executor=_sync_thread):
             try:
-                known = not http_limits.has_body(scope) or await api.key_may_send_body(
-                    api.bearer_token(http_limits.header(scope, b"authorization")))
+                known = not http_limits.has_body(scope) or await views.key_may_send_body(
+                    views.bearer_token(http_limits.header(scope, b"authorization")))
             except Exception:  # the gatekeeper could not answer (a database outage): a 5xx, counted like any
                 log.exception("checking the key of %s %s failed", scope["method"], scope["path"])
-                await self.send_response(api.server_error(scope["path"], "key check"), http_limits.closing(send))
+                await self.send_response(views.server_error(scope["path"], "key check"), http_limits.closing(send))
                 return
             if not known:
                 # Not a byte of the body is read: the view answers 401 from the flag alone.
-                await self.handle({**scope, api.KEY_REFUSED: True}, http_limits.replay(b"", receive),
+                await self.handle({**scope, views.KEY_REFUSED: True}, http_limits.replay(b"", receive),
                                   http_limits.closing(send))
                 return
             try:

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from appliance.api_handler import ApiHandler
+from appliance.api.handler import ApiHandler
 from tests.audit.tamper import wipe_ledger
 
 

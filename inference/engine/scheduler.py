@@ -10,7 +10,7 @@ import collections
 import threading
 from dataclasses import dataclass, field
 
-from inference.request_state import EngineBusy, EngineClosed, RequestState
+from inference.engine.request import EngineBusy, EngineClosed, RequestState
 
 
 @dataclass

@@ -2,9 +2,9 @@
 import pytest
 
 from appliance.models import VariantStatus
-from inference.schemas import ChatCompletionRequest
+from appliance.api.schemas import ChatCompletionRequest
 
-from .teams import variant
+from tests.appliance.teams import variant
 
 pytestmark = pytest.mark.django_db
 

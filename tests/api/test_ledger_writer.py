@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 
 from audit.models import AuditEvent
-from inference import bookkeeping
+from appliance.api import settlement
 from tests.audit.tamper import wipe_ledger
 
 
@@ -20,18 +20,18 @@ def ledger_db(transactional_db):
 
 
 def _writer_connection():
-    return bookkeeping._ledger_writer.submit(lambda: connection.connection).result()
+    return settlement._ledger_writer.submit(lambda: connection.connection).result()
 
 
 def on_writer(fn, *args, **kwargs):
     """Run fn on the writer thread as its batched jobs run: with the kept connection."""
-    return bookkeeping._ledger_writer.submit(bookkeeping._with_kept_connection, fn, *args, **kwargs)
+    return settlement._ledger_writer.submit(settlement._with_kept_connection, fn, *args, **kwargs)
 
 
 def test_the_writer_keeps_its_connection_between_jobs(ledger_db) -> None:
     on_writer(AuditEvent.objects.count).result()  # opens the writer's connection
     first = _writer_connection()
-    bookkeeping.record_soon(action="test.writer", actor="tests", target="kept", outcome="ok")
+    settlement.record_soon(action="test.writer", actor="tests", target="kept", outcome="ok")
     on_writer(AuditEvent.objects.count).result()
     assert first is not None
     assert _writer_connection() is first
@@ -40,8 +40,8 @@ def test_the_writer_keeps_its_connection_between_jobs(ledger_db) -> None:
 def test_an_event_queued_after_the_connection_died_is_still_written(ledger_db) -> None:
     on_writer(AuditEvent.objects.count).result()
     # Close the DB-API connection under Django's feet, as a database restart would.
-    bookkeeping._ledger_writer.submit(lambda: connection.connection.close()).result()
-    bookkeeping._events.submit(dict(action="test.writer", actor="tests", target="after-restart", outcome="ok")).result()
+    settlement._ledger_writer.submit(lambda: connection.connection.close()).result()
+    settlement._events.submit(dict(action="test.writer", actor="tests", target="after-restart", outcome="ok")).result()
     assert AuditEvent.objects.filter(target="after-restart").count() == 1
     assert _writer_connection() is not None
 
@@ -61,13 +61,13 @@ def test_an_error_on_a_working_connection_is_not_retried(ledger_db) -> None:
 
 def test_a_malformed_event_in_a_burst_fails_alone(ledger_db) -> None:
     release = threading.Event()
-    bookkeeping._ledger_writer.submit(release.wait, 30)  # busy, so that the three events go in one call
+    settlement._ledger_writer.submit(release.wait, 30)  # busy, so that the three events go in one call
     good = dict(action="test.writer", actor="tests", target="burst", outcome="ok")
-    futures = [bookkeeping._events.submit(good), bookkeeping._events.submit({**good, "details": {"x": 0.5}}),
-               bookkeeping._events.submit(good)]
-    assert bookkeeping._events.queued() == 3
+    futures = [settlement._events.submit(good), settlement._events.submit({**good, "details": {"x": 0.5}}),
+               settlement._events.submit(good)]
+    assert settlement._events.queued() == 3
     release.set()
     assert isinstance(futures[1].exception(), ValueError)  # floats are refused, naming the key
     assert all(f.exception() is None for f in (futures[0], futures[2]))
     assert AuditEvent.objects.filter(target="burst").count() == 2
-    assert bookkeeping.ledger.verify().ok
+    assert settlement.ledger.verify().ok

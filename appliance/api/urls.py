@@ -1,0 +1,9 @@
+from django.urls import path
+
+from . import openapi, views
+
+urlpatterns = [
+    path("models", views.list_models, name="v1-models"),
+    path("chat/completions", views.chat_completions, name="v1-chat-completions"),
+    path("openapi.json", openapi.openapi, name="v1-openapi"),
+]

@@ -1,0 +1,32 @@
+"""The engine core: it takes a model directory and token ids, and yields tokens. It imports no Django.
+
+    core.py        Engine: the step loop (schedule, forward, sample, postprocess) on its own thread
+    scheduler.py   which requests run in the next step, within the KV budget
+    cache.py       the KV cache the batch shares
+    runner.py      loads the model and runs one forward over the step's batch
+    attention.py   the attention function the runner registers with transformers
+    exact.py       opt-in bit-exact batching: every row's numbers equal running it alone
+    sampling.py    penalties, temperature, top-k/top-p, seeded generators
+    detokenize.py  incremental detokenization and stop sequences
+    request.py     one request's state, its sampling parameters, its chunks, the engine's refusals
+    outputs.py     hands chunks from the engine thread to the callers' event loops
+    stats.py       figures for /metrics and the console; the KV budget the box can afford
+    telemetry.py   MoE expert routing counts per layer
+
+`Engine` is imported lazily: the request types and the config are what the web process needs on every
+path, and they do not load torch.
+"""
+
+from inference.engine.config import EngineConfig
+from inference.engine.request import Chunk, EngineBusy, EngineClosed, PromptTooLong, RequestState, SamplingParams
+
+__all__ = ["Chunk", "Engine", "EngineBusy", "EngineClosed", "EngineConfig", "PromptTooLong", "RequestState",
+           "SamplingParams"]
+
+
+def __getattr__(name: str):
+    if name == "Engine":
+        from inference.engine.core import Engine
+
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,34 @@
+"""The dependency rule of the layout: inference/ (engine core, fit advisor, demo models) imports no Django and
+nothing of the registry or the ledger, so the engine can run in a process of its own and the advisor anywhere.
+"""
+import ast
+from pathlib import Path
+
+import inference
+
+FORBIDDEN = ("django", "appliance", "audit", "celery")
+ROOT = Path(inference.__file__).parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Return the top-level names of every module path imports, at any depth (lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_inference_imports_no_django_registry_or_ledger():
+    sources = sorted(ROOT.rglob("*.py"))
+    assert len(sources) > 20  # the walk found the package, not an empty folder
+    offenders = {str(p.relative_to(ROOT)): sorted(imported_modules(p) & set(FORBIDDEN)) for p in sources}
+    assert {p: names for p, names in offenders.items() if names} == {}
+
+
+def test_the_rule_catches_a_django_import(tmp_path):
+    module = tmp_path / "bad.py"
+    module.write_text("def view():\n    from django.http import HttpResponse\n    return HttpResponse()\n")
+    assert "django" in imported_modules(module)
