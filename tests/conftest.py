@@ -58,7 +58,8 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def engines(demo_dir: Path) -> Iterator[dict[str, Engine]]:
     """Return a running CPU engine per demo model, shared by tests that leave it as they found it."""
-    running = {name: Engine(demo_dir / name, device="cpu") for name in DEMO_NAMES}
+    # Exact mode: the engine tests compare batched answers with unbatched generate, bit for bit.
+    running = {name: Engine(demo_dir / name, device="cpu", exact=True) for name in DEMO_NAMES}
     yield running
     for engine in running.values():
         engine.close()

@@ -76,7 +76,7 @@ class Engine:
         self.context_length = int(getattr(model_config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
-        self.exact = cfg.exact if cfg.exact is not None else self.device == "cpu"
+        self.exact = cfg.exact
         self.runner = Runner.prepare(self.model, exact=self.exact)
         self.probe = ExpertProbe(self.model) if cfg.telemetry else None
         self.kv_bytes_per_token = self.runner.kv_bytes_per_token()

@@ -18,7 +18,7 @@ def settings_value(name: str, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("value, expected", [("auto", "None"), ("on", "True"), ("OFF", "False")])
+@pytest.mark.parametrize("value, expected", [("on", "True"), ("OFF", "False")])
 def test_engine_exact_is_read_from_the_environment(value: str, expected: str) -> None:
     result = settings_value("ENGINE_EXACT", APPLIANCE_ENGINE_EXACT=value)
     assert result.returncode == 0, result.stderr
@@ -28,7 +28,7 @@ def test_engine_exact_is_read_from_the_environment(value: str, expected: str) ->
 def test_a_bad_engine_exact_names_the_variable() -> None:
     result = settings_value("ENGINE_EXACT", APPLIANCE_ENGINE_EXACT="maybe")
     assert result.returncode != 0
-    assert "APPLIANCE_ENGINE_EXACT must be auto, on or off, not 'maybe'" in result.stderr
+    assert "APPLIANCE_ENGINE_EXACT must be on or off, not 'maybe'" in result.stderr
 
 
 def test_the_reconciler_builds_engines_with_the_configured_exactness(settings, demo_dir) -> None:
@@ -37,6 +37,14 @@ def test_the_reconciler_builds_engines_with_the_configured_exactness(settings, d
     assert options["exact"] is False
     with Engine(demo_dir / "demo-distilled", **options) as engine:
         assert engine.exact is False
-    settings.ENGINE_EXACT = None
+    settings.ENGINE_EXACT = True
     with Engine(demo_dir / "demo-distilled", **engine_options()) as engine:
-        assert engine.exact is True  # auto: exact on CPU
+        assert engine.exact is True
+
+
+def test_plain_batched_products_are_the_default_on_every_device(demo_dir) -> None:
+    result = settings_value("ENGINE_EXACT")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    with Engine(demo_dir / "demo-dense", device="cpu") as engine:
+        assert engine.exact is False
