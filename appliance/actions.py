@@ -182,6 +182,30 @@ def do_undeploy(variant: ModelVariant, *, actor: str) -> None:
         ledger.append("deployment.undeploy", actor=actor, target=variant.name, outcome="requested")
 
 
+def do_record_engine_exit(deployment_id: int, name: str, *, reason: str, pid: int, crashes: int,
+                          restarts_allowed: int, window_s: int, actor: str) -> bool:
+    """Record that a deployment's engine process ended unasked; return whether it may be started again.
+
+    Within the restart budget the deployment goes back to loading (the reconciler starts a new process);
+    past it, the deployment is failed with the reason, and the variant is no longer deployed.
+    """
+    restart = crashes <= restarts_allowed
+    detail = (f"restarting: the engine process {reason} (crash {crashes} of {restarts_allowed} allowed in "
+              f"{window_s // 60} minutes)" if restart else
+              f"failed: the engine process {reason}; {crashes} crashes in {window_s // 60} minutes, not restarted")
+    with transaction.atomic():
+        Deployment.objects.filter(pk=deployment_id).update(
+            actual=ActualState.LOADING if restart else ActualState.FAILED, detail=detail[:500])
+        variant = ModelVariant.objects.select_for_update().filter(name=name).first()
+        if not restart and variant is not None and variant.status == VariantStatus.DEPLOYED:
+            variant.transition(VariantStatus.READY)
+            variant.save(update_fields=["status", "status_detail"])
+        ledger.append("deployment.crashed", actor=actor, target=name, outcome="restarting" if restart else "failed",
+                      details={"reason": reason, "pid": pid, "crashes_in_window": crashes,
+                               "restarts_allowed": restarts_allowed, "window_s": window_s})
+    return restart
+
+
 def do_delete(variant: ModelVariant, *, actor: str) -> None:
     """Remove the variant from the registry and its files from the store (refused if they lie outside it)."""
     from .importer import discard_attempt

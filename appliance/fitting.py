@@ -127,17 +127,11 @@ def _record(variant: ModelVariant, started: float, *, outcome: str, reason: str)
         "reason": reason[:500], "duration_ms": int((time.monotonic() - started) * 1000)})
 
 
-def measure_deployment(deployment_id: int, engine) -> None:
-    """Record what the loaded engine really allocated, next to the advisor's prediction."""
-    from inference.fit import count_parameters, measure_kv_bytes_per_token, measure_weights
-
-    model, tokenizer = engine.model, engine.tokenizer
-    measured = {
-        "parameters": count_parameters(model),
-        "weights": measure_weights(model),
-        "kv": measure_kv_bytes_per_token(model, tokenizer),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    }
+def record_measurement(deployment_id: int, measured: dict) -> None:
+    """Record what the loaded engine really allocated (measured in its process), next to the advisor's prediction."""
+    if "error" in measured:  # the engine could not measure itself; it serves anyway
+        log.warning("deployment %d has no measurement: %s", deployment_id, measured["error"])
+        return
     Deployment.objects.filter(pk=deployment_id).update(measured=measured)
 
 
@@ -182,12 +176,12 @@ def live_telemetry(variant: ModelVariant) -> dict | None:
     """Return the loaded engine's router telemetry with the uniform-routing prediction beside it."""
     from appliance import engine_client
     from inference.fit import experts_hit
-    from inference.engine.telemetry import render_expert_chart_svg, snapshot
+    from inference.engine.telemetry import render_expert_chart_svg
 
     engine = engine_client.get(variant.name)
     if engine is None:
         return None
-    snap = snapshot(engine)
+    snap = engine.telemetry()
     if not snap.get("moe"):
         return None
     experts, k = snap["num_experts"], snap["experts_per_token"]

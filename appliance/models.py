@@ -122,7 +122,7 @@ class Deployment(models.Model):
     actual = models.CharField(max_length=16, choices=ActualState.choices, default=ActualState.UNDEPLOYED)
     device = models.CharField(max_length=100, blank=True)
     detail = models.TextField(blank=True)
-    # What the loaded engine really allocated (appliance.fitting.measure_deployment),
+    # What the loaded engine really allocated (measured in its engine process, appliance.fitting.record_measurement),
     # shown next to the fit advisor's prediction.
     measured = models.JSONField(default=dict, blank=True)
     updated_at = models.DateTimeField(auto_now=True)

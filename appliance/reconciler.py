@@ -1,9 +1,11 @@
-"""Make the engines loaded in this web process match the deployments in the registry.
+"""Make the engines of this web process match the deployments in the registry.
 
-Runs as one background thread of the web process, the only process that puts
-weights on the GPUs. Before loading it re-hashes the files, so a variant
-tampered with after import is quarantined instead of served.
+Runs as one background thread of the web process, the only owner of deployments: each deployment's engine is
+a child process of the web process (appliance.engine_client), the only processes that put weights on the GPUs.
+Before loading it re-hashes the files, so a variant tampered with after import is quarantined instead of
+served. An engine process that dies unasked is recorded and started again, a bounded number of times.
 """
+import collections
 import logging
 import threading
 import time
@@ -14,7 +16,7 @@ from django.db import close_old_connections, transaction
 
 from audit import attestation, egress, ledger
 from appliance import engine_client
-from inference.engine import Engine
+from inference.engine import EngineConfig
 
 from . import actions, fitting
 from .importer import check_store, quarantine
@@ -25,6 +27,11 @@ from .weightcheck import check_model_dir
 log = logging.getLogger(__name__)
 ACTOR = "system:web"
 _started = threading.Event()
+_wake = threading.Event()  # set when an engine process ends, so its restart does not wait for the next tick
+# Crashes of an engine process allowed within the window before its deployment is failed instead of restarted.
+RESTARTS_ALLOWED = 3
+RESTART_WINDOW_S = 600
+_crashes: dict[str, collections.deque] = collections.defaultdict(collections.deque)
 
 
 def reconcile_once() -> None:
@@ -36,16 +43,35 @@ def reconcile_once() -> None:
     for name in engine_client.names():
         if name not in wanted:
             unload(name)
+        elif not engine_client.get(name).alive:
+            restart_or_fail(wanted[name])
     for name, dep in wanted.items():
         if engine_client.get(name) is None and dep.actual != ActualState.FAILED:
             load(dep)
 
 
-def engine_options() -> dict:
-    """Return the Engine settings this box's configuration asks for (see the README's table)."""
-    return dict(device=settings.ENGINE_DEVICE, queue_limit=settings.ENGINE_QUEUE_LIMIT,
-                kv_budget_bytes=settings.ENGINE_KV_BUDGET_BYTES, threads=settings.ENGINE_THREADS,
-                exact=settings.ENGINE_EXACT)
+def engine_config() -> EngineConfig:
+    """Return the engine settings this box's configuration asks for (see the README's table)."""
+    return EngineConfig(device=settings.ENGINE_DEVICE, queue_limit=settings.ENGINE_QUEUE_LIMIT,
+                        kv_budget_bytes=settings.ENGINE_KV_BUDGET_BYTES, threads=settings.ENGINE_THREADS,
+                        exact=settings.ENGINE_EXACT)
+
+
+def restart_or_fail(dep: Deployment) -> None:
+    """Record an engine process that ended unasked; the next load starts it again unless it crashes too often."""
+    name = dep.variant.name
+    client = engine_client.unregister(name)
+    now = time.monotonic()
+    crashes = _crashes[name]
+    crashes.append(now)
+    while crashes and now - crashes[0] > RESTART_WINDOW_S:
+        crashes.popleft()
+    restart = actions.do_record_engine_exit(dep.pk, name, reason=client.exit_reason, pid=client.pid,
+                                            crashes=len(crashes), restarts_allowed=RESTARTS_ALLOWED,
+                                            window_s=RESTART_WINDOW_S, actor=ACTOR)
+    dep.refresh_from_db()
+    if not restart:
+        crashes.clear()  # a new deploy is a new attempt with a fresh budget
 
 
 def load(dep: Deployment) -> None:
@@ -69,7 +95,7 @@ def load(dep: Deployment) -> None:
         return
     started = time.monotonic()
     try:
-        engine = Engine(Path(variant.store_path), **engine_options())
+        engine = engine_client.start_engine(variant.name, Path(variant.store_path), engine_config())
     except Exception as exc:
         log.exception("loading %s failed", variant.name)
         Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail=f"load failed: {exc}")
@@ -88,13 +114,12 @@ def load(dep: Deployment) -> None:
     with transaction.atomic():
         Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.DEPLOYED, device=engine.device, detail="")
         ModelVariant.objects.filter(pk=variant.pk, status=VariantStatus.READY).update(status=VariantStatus.DEPLOYED)
+        # The engine process's own account of its guard and offline settings, as every appliance process gives.
+        ledger.append("process.start", actor=f"system:engine:{variant.name}", target=variant.name,
+                      details=engine.process_report)
         ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="ok", details={
-            "device": engine.device, "duration_ms": int((time.monotonic() - started) * 1000)})
-    try:
-        fitting.measure_deployment(dep.pk, engine)
-    except Exception:
-        # A measurement is evidence for the console, never a reason to stop engine_client.
-        log.exception("measuring %s failed", variant.name)
+            "device": engine.device, "pid": engine.pid, "duration_ms": int((time.monotonic() - started) * 1000)})
+    fitting.record_measurement(dep.pk, engine.measured)
 
 
 def still_wanted(dep: Deployment) -> bool:
@@ -121,7 +146,8 @@ def _loop() -> None:
             reconcile_once()
         except Exception:
             log.exception("reconcile failed; retrying")
-        time.sleep(settings.RECONCILE_INTERVAL_S)
+        _wake.wait(settings.RECONCILE_INTERVAL_S)
+        _wake.clear()
 
 
 def start() -> None:
@@ -129,6 +155,7 @@ def start() -> None:
     if _started.is_set():
         return
     _started.set()
+    engine_client.on_engine_gone(lambda client: _wake.set())
     actions.forget_loaded_state()
     # Evidence for the auditor: the guard's allowlist and the offline values the
     # Hugging Face libraries (imported by the engine above) actually read.

@@ -160,8 +160,8 @@ ENGINE_QUEUE_LIMIT = env_int("APPLIANCE_QUEUE_LIMIT", 64)
 # out of memory. Unset: a quarter of free RAM on CPU, 85% of free GPU memory.
 _kv_budget_mb = env_int("APPLIANCE_KV_BUDGET_MB", 0)
 ENGINE_KV_BUDGET_BYTES = _kv_budget_mb * 1024 * 1024 or None
-# torch intra-op threads of the web process on CPU. Unset (0): the engine's default, half the cores, which
-# leaves the rest to the event loop that serves HTTP.
+# torch intra-op threads of each engine process on CPU. Unset (0): the engine's default, half the cores, which
+# leaves the rest to the web process's event loop that serves HTTP.
 ENGINE_THREADS = env_int("APPLIANCE_ENGINE_THREADS", 0) or None
 # Bit-exact batching, an opt-in mode on every device: each request's numbers equal running it alone (see
 # inference/engine/exact.py), at about 1.4x the cost of a plain batched step. Off (the default): plain batched

@@ -60,7 +60,7 @@ class EngineCollector:
                 family.add_metric([name], figures[key])
             for reason, count in figures["finished"].items():
                 finished.add_metric([name, reason], count)
-            moe = telemetry_snapshot(engine)
+            moe = engine.telemetry()
             for layer in moe.get("layers", []):
                 labels = [name, str(layer["layer"])]
                 if layer["idle_fraction"] is not None:
@@ -71,13 +71,6 @@ class EngineCollector:
         yield from gauges.values()
         yield from counters.values()
         yield from (finished, idle, per_active, expert_tokens)
-
-
-def telemetry_snapshot(engine) -> dict:
-    """Return an engine's MoE telemetry; imported here so URL loading (every manage.py command) skips torch."""
-    from inference.engine.telemetry import snapshot
-
-    return snapshot(engine)
 
 
 REGISTRY = CollectorRegistry(auto_describe=False)

@@ -203,6 +203,7 @@ async def answer(request: HttpRequest, body, flight: InFlight):
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k_cut, stop=body.stop_sequences,
             seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
         handle = engine.submit(prompt_ids, params)
+        await handle.accepted()  # an engine process answers whether it took the request
     except Untokenizable as exc:
         flight.settle("refused")
         return error(str(exc), 400, param=exc.param)

@@ -21,11 +21,11 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from inference.engine.detokenize import TextStream
 from inference.engine.cache import GROWTH_TOKENS, KVStore
 from inference.engine.config import EngineConfig
+from inference.engine.prompt import encode_chat, load_tokenizer
 from inference.engine.outputs import OutputRouter, RequestHandle, deliver_now
 from inference.engine.runner import Runner, load_model, resolve_device
 from inference.engine.scheduler import SCHEDULERS, StepPlan
@@ -41,7 +41,7 @@ from inference.engine.request import (
     SamplingParams,
 )
 from inference.engine.sampling import make_generator, sample_rows
-from inference.engine.telemetry import ExpertProbe
+from inference.engine.telemetry import ExpertProbe, snapshot
 
 __all__ = [
     "Chunk", "Engine", "EngineBusy", "EngineClosed", "EngineConfig", "PromptTooLong", "RequestHandle",
@@ -70,7 +70,7 @@ class Engine:
             # Arithmetic on the config and the weight files' sizes: a config of millions of layers is refused
             # here, because once from_pretrained starts building it nothing can stop it.
             check_model_dir(self.model_dir, json.loads(config_path.read_text(encoding="utf-8")))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True, trust_remote_code=False)
+        self.tokenizer = load_tokenizer(self.model_dir)
         self.model = load_model(self.model_dir, self.device)
         model_config = self.model.config
         self.context_length = int(getattr(model_config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
@@ -102,9 +102,7 @@ class Engine:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Return the prompt ids for a chat, ending with the prompt for the assistant's turn."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # The template writes its own special tokens (BOS, turn markers); adding them again would double BOS.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_chat(self.tokenizer, messages)
 
     def max_request_tokens(self) -> int:
         """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""
@@ -318,6 +316,10 @@ class Engine:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             **self.stats.as_dict(),
         }
+
+    def telemetry(self) -> dict:
+        """Return the deployment's MoE routing telemetry (inference.engine.telemetry.snapshot)."""
+        return snapshot(self)
 
     def close(self) -> None:
         """Stop the worker thread, fail requests still queued, and free the model and GPU memory."""

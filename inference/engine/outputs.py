@@ -93,6 +93,9 @@ class RequestHandle:
     def request_id(self) -> str:
         return self.state.request_id
 
+    async def accepted(self) -> None:
+        """Return at once: Engine.submit raised whatever refused the request (an engine process's handle waits)."""
+
     def cancel(self) -> None:
         """Ask the engine to drop this request; a final "cancelled" chunk follows unless it already finished."""
         self._engine._cancel(self.state)
@@ -104,17 +107,22 @@ class RequestHandle:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Chunk]:
-        """Yield chunks until the final one; on early exit (break, task cancelled) cancel the request."""
-        finished = False
-        try:
-            while not finished:
-                chunk = await self._chunks.get()
-                # A consumer slower than the engine gets the waiting chunks merged into one, so a busy server
-                # writes fewer, larger events instead of falling further behind.
-                while chunk.finish_reason is None and not self._chunks.empty():
-                    chunk = merge(chunk, self._chunks.get_nowait())
-                finished = chunk.finish_reason is not None
-                yield chunk
-        finally:
-            if not finished:
-                self.cancel()
+        async for chunk in chunks_until_final(self._chunks, self.cancel):
+            yield chunk
+
+
+async def chunks_until_final(chunks: asyncio.Queue[Chunk], cancel) -> AsyncIterator[Chunk]:
+    """Yield a request's chunks until the final one; on early exit (break, task cancelled) call cancel()."""
+    finished = False
+    try:
+        while not finished:
+            chunk = await chunks.get()
+            # A consumer slower than the engine gets the waiting chunks merged into one, so a busy server
+            # writes fewer, larger events instead of falling further behind.
+            while chunk.finish_reason is None and not chunks.empty():
+                chunk = merge(chunk, chunks.get_nowait())
+            finished = chunk.finish_reason is not None
+            yield chunk
+    finally:
+        if not finished:
+            cancel()

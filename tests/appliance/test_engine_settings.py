@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from appliance.reconciler import engine_options
+from appliance.reconciler import engine_config
 from inference.engine import Engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,12 +33,12 @@ def test_a_bad_engine_exact_names_the_variable() -> None:
 
 def test_the_reconciler_builds_engines_with_the_configured_exactness(settings, demo_dir) -> None:
     settings.ENGINE_DEVICE, settings.ENGINE_EXACT = "cpu", False
-    options = engine_options()
-    assert options["exact"] is False
-    with Engine(demo_dir / "demo-distilled", **options) as engine:
+    config = engine_config()
+    assert config.exact is False
+    with Engine(demo_dir / "demo-distilled", config) as engine:
         assert engine.exact is False
     settings.ENGINE_EXACT = True
-    with Engine(demo_dir / "demo-distilled", **engine_options()) as engine:
+    with Engine(demo_dir / "demo-distilled", engine_config()) as engine:
         assert engine.exact is True
 
 

@@ -36,8 +36,10 @@ def test_an_imported_variant_gets_a_verdict_for_this_box(moe):
 
 def test_measured_allocation_matches_the_prediction(moe):
     deployment = do_deploy(moe, actor="test")
+    from inference.engine.server import measured_allocation
+
     with Engine(Path(moe.store_path), device="cpu") as engine:
-        fitting.measure_deployment(deployment.pk, engine)
+        fitting.record_measurement(deployment.pk, measured_allocation(engine))
     moe.deployment = Deployment.objects.get(pk=deployment.pk)
     rows = {row["figure"].split(" (")[0]: row for row in fitting.predicted_vs_measured(moe)}
     assert rows["parameters"]["difference"] == 0
