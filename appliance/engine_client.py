@@ -209,7 +209,10 @@ class EngineClient:
                 raise EngineClosed(f"the engine process {self.exit_reason}")
             self._pending[handle.request_id] = (loop, handle.answer)
             self._requests[handle.request_id] = handle
-        self._send(["submit", handle.request_id, prompt_ids, wire.params_fields(params), options])
+        try:
+            self._send(["submit", handle.request_id, prompt_ids, wire.params_fields(params), options])
+        except OSError:
+            pass  # the engine process is gone: its reader answers this submission with EngineClosed
         return handle
 
     def forget(self, request_id: str) -> None:
