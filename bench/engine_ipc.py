@@ -4,8 +4,9 @@
 
 Runs the same greedy load (C concurrent requests × N tokens, the same prompts, so both generate the same
 tokens) against an in-process `Engine` and against an `EngineClient` (the engine in a child process, over
-the socketpair), alternating, and prints the median tokens/s of each, their ratio, and the round trip of a
-submission (submit → accepted) on the wire. No HTTP here: bench/serve.py measures the whole web process.
+the socketpair), alternating, and prints the median tokens/s of each, their ratio, the round trip of a
+submission (submit → accepted) on the wire, and how long a SIGKILLed engine process takes to be seen gone and
+to answer again from a new process. No HTTP here: bench/serve.py measures the whole web process.
 Writes bench/out/engine-ipc-<time>.json. Not part of `make test`.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -64,6 +66,20 @@ async def round_trips(client, count: int) -> list[float]:
     return out
 
 
+def kill_and_restart(client, model_dir: Path, config: EngineConfig) -> dict:
+    """SIGKILL the engine process; return when its exit was seen and when a new one answered a request."""
+    killed = time.perf_counter()
+    os.kill(client.pid, signal.SIGKILL)
+    while client.alive:
+        time.sleep(0.001)
+    seen = time.perf_counter()
+    fresh = engine_client.start_engine(client.name, model_dir, config)
+    asyncio.run(load(fresh, 1, 1))
+    back = time.perf_counter()
+    fresh.close()
+    return {"exit_seen_s": seen - killed, "back_s": back - killed}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo-dense")
@@ -83,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, engine in engines.items():
                 figures[key][clients].append(asyncio.run(load(engine, clients, args.max_tokens)))
     trips = asyncio.run(round_trips(engines["engine process"], 50))
+    restart = kill_and_restart(engines["engine process"], model_dir, config)
     for engine in engines.values():
         engine.close()
     print(f"{args.model}, greedy, {args.max_tokens} tokens per request, median of {args.repeats} (tokens/s):")
@@ -93,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[clients] = {"in_process": inside, "engine_process": child, "ratio": child / inside}
         print(f"  {clients:3d} clients: in-process {inside:8.1f}   engine process {child:8.1f}   "
               f"ratio {child / inside:5.2f}")
+    print(f"  SIGKILL -> exit seen in {restart['exit_seen_s'] * 1000:.0f} ms; a new engine process answering "
+          f"{restart['back_s']:.1f} s after the kill (what the reconciler does on the exit)")
     trips_ms = sorted(t * 1000 for t in trips)
     print(f"  submit -> accepted round trip: p50 {trips_ms[len(trips_ms) // 2]:.2f} ms, "
           f"p95 {trips_ms[int(len(trips_ms) * 0.95)]:.2f} ms (50 requests)")
@@ -100,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"engine-ipc-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "tokens_per_s": figures,
-                                "summary": summary, "round_trip_ms": trips_ms}, indent=2))
+                                "summary": summary, "round_trip_ms": trips_ms,
+                                "restart": restart}, indent=2))
     print(f"wrote {path}")
     return 0
 
