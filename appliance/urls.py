@@ -4,7 +4,8 @@ from django.contrib import admin
 from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path, re_path, register_converter
 
-from .console import chat, dashboard, metrics, security, usage_views
+from . import metrics
+from .console import chat, dashboard, security, usage_views
 
 
 class RowName:

@@ -9,7 +9,6 @@
     admission.py   the registry's answers: keys, access, limits, usage rows
     settlement.py  the database work off the event loop, in bursts: admission, ledger events, usage, transcripts
     openapi.py     the OpenAPI document, built from the request schema
-    metrics.py     the engines' figures and the API's 5xx count for /metrics
 
 The engines themselves are reached through appliance.engine_client.
 """

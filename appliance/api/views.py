@@ -19,7 +19,7 @@ from appliance import engine_client
 from audit import ledger
 from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
 
-from . import metrics
+from appliance import metrics
 from .errors import error, error_payload
 from .gatekeeper import Admission, Caller, gatekeeper
 from .schemas import parse_chat_request

@@ -1,1 +1,1 @@
-"""The console pages beyond the stock admin: dashboard, usage, staff chat, /metrics, OpenAPI, sign-in."""
+"""The console pages beyond the stock admin: dashboard, usage, staff chat, sign-in."""

@@ -430,7 +430,7 @@ def faulty(transactional_db, settings, demo_dir: Path):
 
 
 def server_errors(status: str) -> float:
-    from appliance.api.metrics import REGISTRY
+    from appliance.metrics import REGISTRY
 
     return REGISTRY.get_sample_value("appliance_api_server_errors_total", {"status": status}) or 0.0
 

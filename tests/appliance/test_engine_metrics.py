@@ -4,12 +4,11 @@ from __future__ import annotations
 
 
 import pytest
-from django.test import RequestFactory
+from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance import engine_client
 from inference.engine import Engine, SamplingParams
-from appliance.api.metrics import metrics_view
 from tests.inference.conftest import run
 
 
@@ -25,12 +24,13 @@ def served(engines: dict[str, Engine]):
 
 
 def scrape() -> dict[str, list]:
-    response = metrics_view(RequestFactory().get("/metrics"))
+    response = Client().get("/metrics", REMOTE_ADDR="127.0.0.1")
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/plain")
     return {f.name: f.samples for f in text_string_to_metric_families(response.content.decode())}
 
 
+@pytest.mark.django_db
 def test_metrics_show_each_engine_and_the_moe_idle_experts(served) -> None:
     engine = served["metrics-moe"]
 
@@ -53,5 +53,7 @@ def test_metrics_show_each_engine_and_the_moe_idle_experts(served) -> None:
     assert len(experts) == 2 * 16
 
 
+@pytest.mark.django_db
 def test_metrics_refuse_writes() -> None:
-    assert metrics_view(RequestFactory().post("/metrics")).status_code == 405
+    response = Client().post("/metrics", REMOTE_ADDR="127.0.0.1")
+    assert response.status_code == 405 and response["Allow"] == "GET, HEAD"
