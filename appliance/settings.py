@@ -16,16 +16,44 @@ def env_str(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+
+
 def env_bool(name: str, default: bool = False) -> bool:
+    """Read a yes/no variable; a value that is neither (a typo such as "ture") stops the process, naming it."""
     value = os.environ.get(name)
-    if value is None:
+    if value is None or value.strip() == "":
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    word = value.strip().lower()
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise ValueError(f"{name} must be one of {sorted(TRUE_WORDS)} or {sorted(FALSE_WORDS)}, not {value!r}")
+    return word in TRUE_WORDS
 
 
 def env_int(name: str, default: int) -> int:
+    """Read a whole-number variable; anything else stops the process, naming the variable."""
     value = os.environ.get(name)
-    return default if value in (None, "") else int(value)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {value!r}") from None
+
+
+def env_float(name: str, default: float) -> float:
+    """Read a number variable; anything else (nan included) stops the process, naming the variable."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if number != number:
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    return number
 
 
 def env_secret(name: str, default: str = "") -> str:
@@ -154,7 +182,7 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(APPLIANCE_HOME / "celerybeat-schedule")
 # The engine: which device the web process puts weights on ("auto" picks CUDA
 # when present), and how often it reconciles deployments with the registry.
 ENGINE_DEVICE = env_str("APPLIANCE_DEVICE", "auto")
-RECONCILE_INTERVAL_S = float(env_str("APPLIANCE_RECONCILE_INTERVAL", "1.0"))
+RECONCILE_INTERVAL_S = env_float("APPLIANCE_RECONCILE_INTERVAL", 1.0)
 ENGINE_QUEUE_LIMIT = env_int("APPLIANCE_QUEUE_LIMIT", 64)
 # KV-cache memory each deployment may hold; requests wait for room rather than run the box
 # out of memory. Unset: a quarter of free RAM on CPU, 85% of free GPU memory.

@@ -1,4 +1,4 @@
-"""The engine settings of the environment reach the engines the reconciler loads."""
+"""Settings from the environment: unreadable values stop the process naming the variable; the engine settings reach the engines the reconciler loads."""
 import os
 import subprocess
 import sys
@@ -48,3 +48,21 @@ def test_plain_batched_products_are_the_default_on_every_device(demo_dir) -> Non
     assert result.stdout.strip() == "False"
     with Engine(demo_dir / "demo-dense", device="cpu") as engine:
         assert engine.exact is False
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("APPLIANCE_PRODUCTION", "ture", "APPLIANCE_PRODUCTION must be one of"),
+    ("APPLIANCE_QUEUE_LIMIT", "64k", "APPLIANCE_QUEUE_LIMIT must be a whole number, not '64k'"),
+    ("APPLIANCE_RECONCILE_INTERVAL", "fast", "APPLIANCE_RECONCILE_INTERVAL must be a number, not 'fast'"),
+])
+def test_an_unreadable_setting_stops_the_process_naming_the_variable(variable, value, message) -> None:
+    result = settings_value("DEBUG", **{variable: value})
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("value, expected", [("off", "False"), ("YES", "True"), ("", "False")])
+def test_yes_no_settings_read_their_words(value, expected) -> None:
+    result = settings_value("APPLIANCE_PRODUCTION", APPLIANCE_PRODUCTION=value)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
