@@ -31,7 +31,7 @@ def engine_stats(name: str) -> dict:
         log.exception("describe() of engine %s failed", name)
         return {}
     budget = live.get("kv_budget_bytes") or 0
-    return {"queue_depth": live["waiting"], "running": live["running"],
+    return {"queue_depth": live["waiting"], "running": live["running"], "memory_bytes": live.get("resident_bytes"),
             "kv_cache_used_ratio": live["kv_reserved_bytes"] / budget if budget else 0.0}
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+import psutil
 import torch
 
 from inference.engine.detokenize import TextStream
@@ -145,7 +146,7 @@ class Engine:
         finally:
             handle.cancel()  # a no-op when the request already finished
 
-    def _cancel(self, state: RequestState) -> None:
+    def cancel(self, state: RequestState) -> None:
         """Cancel a request: drop it from the queue, or flag it so the next step retires it."""
         if state.finished:
             return
@@ -314,6 +315,8 @@ class Engine:
             "kv_budget_bytes": self.scheduler.kv_budget_bytes,
             "kv_reserved_bytes": self.scheduler.kv_reserved_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
+            # The host memory of the process holding this engine (its engine process): weights on CPU, KV cache.
+            "resident_bytes": psutil.Process().memory_info().rss,
             **self.stats.as_dict(),
         }
 

@@ -98,7 +98,7 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Ask the engine to drop this request; a final "cancelled" chunk follows unless it already finished."""
-        self._engine._cancel(self.state)
+        self._engine.cancel(self.state)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         if self._iterated:
