@@ -182,6 +182,44 @@ def do_undeploy(variant: ModelVariant, *, actor: str) -> None:
         ledger.append("deployment.undeploy", actor=actor, target=variant.name, outcome="requested")
 
 
+def _move_variant(name: str, frm: str, to: str) -> None:
+    """Move a variant from one status to another through its transition rule (in the caller's transaction)."""
+    variant = ModelVariant.objects.select_for_update().filter(name=name).first()
+    if variant is not None and variant.status == frm:
+        variant.transition(to)
+        variant.save(update_fields=["status", "status_detail"])
+
+
+def do_record_loading(deployment_id: int, detail: str) -> None:
+    """Say what a load attempt is doing now (the console shows it); no ledger event until it ends."""
+    Deployment.objects.filter(pk=deployment_id).update(actual=ActualState.LOADING, detail=detail)
+
+
+def do_record_load(deployment_id: int, name: str, *, outcome: str, details: dict, actor: str, detail: str = "",
+                   device: str = "", engine_process: dict | None = None) -> None:
+    """Record how a load attempt ended, with its deployment.load event: ok (deployed), refused, failed, cancelled.
+
+    A deployed variant moves from ready to deployed; `engine_process` (the engine process's own startup report)
+    becomes that process's process.start event.
+    """
+    actual = {"ok": ActualState.DEPLOYED, "cancelled": ActualState.UNDEPLOYED}.get(outcome, ActualState.FAILED)
+    with transaction.atomic():
+        Deployment.objects.filter(pk=deployment_id).update(actual=actual, device=device, detail=detail)
+        if outcome == "ok":
+            _move_variant(name, VariantStatus.READY, VariantStatus.DEPLOYED)
+        if engine_process is not None:
+            ledger.append("process.start", actor=f"system:engine:{name}"[:200], target=name, details=engine_process)
+        ledger.append("deployment.load", actor=actor, target=name, outcome=outcome, details=details)
+
+
+def do_record_unload(name: str, *, actor: str) -> None:
+    """Record that the web process unloaded a variant's engine: undeployed, the variant ready again."""
+    with transaction.atomic():
+        Deployment.objects.filter(variant__name=name).update(actual=ActualState.UNDEPLOYED, device="")
+        _move_variant(name, VariantStatus.DEPLOYED, VariantStatus.READY)
+        ledger.append("deployment.unload", actor=actor, target=name, outcome="ok")
+
+
 def do_record_engine_exit(deployment_id: int, name: str, *, reason: str, pid: int, crashes: int,
                           restarts_allowed: int, window_s: int, actor: str) -> bool:
     """Record that a deployment's engine process ended unasked; return whether it may be started again.
@@ -196,10 +234,8 @@ def do_record_engine_exit(deployment_id: int, name: str, *, reason: str, pid: in
     with transaction.atomic():
         Deployment.objects.filter(pk=deployment_id).update(
             actual=ActualState.LOADING if restart else ActualState.FAILED, detail=detail[:500])
-        variant = ModelVariant.objects.select_for_update().filter(name=name).first()
-        if not restart and variant is not None and variant.status == VariantStatus.DEPLOYED:
-            variant.transition(VariantStatus.READY)
-            variant.save(update_fields=["status", "status_detail"])
+        if not restart:
+            _move_variant(name, VariantStatus.DEPLOYED, VariantStatus.READY)
         ledger.append("deployment.crashed", actor=actor, target=name, outcome="restarting" if restart else "failed",
                       details={"reason": reason, "pid": pid, "crashes_in_window": crashes,
                                "restarts_allowed": restarts_allowed, "window_s": window_s})

@@ -12,16 +12,15 @@ import time
 from pathlib import Path
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections
 
 from audit import attestation, egress, ledger
-from appliance import engine_client
 from inference.engine import EngineConfig
 
-from . import actions, fitting
+from . import actions, engine_client, fitting
 from .importer import check_store, quarantine
 from .modelfiles import InvalidModelDir
-from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
+from .models import ActualState, DesiredState, Deployment, VariantStatus
 from .weightcheck import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -77,48 +76,39 @@ def restart_or_fail(dep: Deployment) -> None:
 def load(dep: Deployment) -> None:
     """Verify, bound and load a deployment's variant; drop the engine if it was undeployed while building."""
     variant = dep.variant
-    Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.LOADING, detail="verifying files")
+    actions.do_record_loading(dep.pk, "verifying files")
     problems = check_store(variant)
     if problems:
         quarantine(variant.pk, problems, actor=ACTOR)
-        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail="; ".join(problems))
-        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="refused",
-                      details={"reason": "files do not match the manifest", "problems": problems[:20]})
+        actions.do_record_load(dep.pk, variant.name, outcome="refused", actor=ACTOR, detail="; ".join(problems),
+                               details={"reason": "files do not match the manifest", "problems": problems[:20]})
         return
     try:
         # A variant imported before the weight checks existed may still lie; a build cannot be stopped.
         check_model_dir(Path(variant.store_path))
     except InvalidModelDir as exc:
-        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail=f"refused: {exc}")
-        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="refused",
-                      details={"reason": str(exc)[:500]})
+        actions.do_record_load(dep.pk, variant.name, outcome="refused", actor=ACTOR, detail=f"refused: {exc}",
+                               details={"reason": str(exc)[:500]})
         return
     started = time.monotonic()
     try:
         engine = engine_client.start_engine(variant.name, Path(variant.store_path), engine_config())
     except Exception as exc:
         log.exception("loading %s failed", variant.name)
-        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.FAILED, detail=f"load failed: {exc}")
-        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="failed",
-                      details={"error": str(exc)[:500]})
+        actions.do_record_load(dep.pk, variant.name, outcome="failed", actor=ACTOR, detail=f"load failed: {exc}",
+                               details={"error": str(exc)[:500]})
         return
+    duration_ms = int((time.monotonic() - started) * 1000)
     if not still_wanted(dep):
         # Undeploy or delete arrived while the build ran (this thread cannot see it until now): drop it at once.
         engine.close()
-        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.UNDEPLOYED, device="", detail="")
-        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="cancelled", details={
-            "reason": "undeployed or deleted while loading",
-            "duration_ms": int((time.monotonic() - started) * 1000)})
+        actions.do_record_load(dep.pk, variant.name, outcome="cancelled", actor=ACTOR, details={
+            "reason": "undeployed or deleted while loading", "duration_ms": duration_ms})
         return
     engine_client.register(variant.name, engine)
-    with transaction.atomic():
-        Deployment.objects.filter(pk=dep.pk).update(actual=ActualState.DEPLOYED, device=engine.device, detail="")
-        ModelVariant.objects.filter(pk=variant.pk, status=VariantStatus.READY).update(status=VariantStatus.DEPLOYED)
-        # The engine process's own account of its guard and offline settings, as every appliance process gives.
-        ledger.append("process.start", actor=f"system:engine:{variant.name}", target=variant.name,
-                      details=engine.process_report)
-        ledger.append("deployment.load", actor=ACTOR, target=variant.name, outcome="ok", details={
-            "device": engine.device, "pid": engine.pid, "duration_ms": int((time.monotonic() - started) * 1000)})
+    actions.do_record_load(dep.pk, variant.name, outcome="ok", actor=ACTOR, device=engine.device,
+                           engine_process=engine.process_report,
+                           details={"device": engine.device, "pid": engine.pid, "duration_ms": duration_ms})
     fitting.record_measurement(dep.pk, engine.measured)
 
 
@@ -133,10 +123,7 @@ def unload(name: str) -> None:
     if engine is None:
         return
     engine.close()
-    with transaction.atomic():
-        Deployment.objects.filter(variant__name=name).update(actual=ActualState.UNDEPLOYED, device="")
-        ModelVariant.objects.filter(name=name, status=VariantStatus.DEPLOYED).update(status=VariantStatus.READY)
-        ledger.append("deployment.unload", actor=ACTOR, target=name, outcome="ok")
+    actions.do_record_unload(name, actor=ACTOR)
 
 
 def _loop() -> None:
