@@ -4,6 +4,7 @@ Views, admin actions and management commands validate their input and then
 call one of these; nothing else writes registry rows.
 """
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -15,8 +16,10 @@ from audit import ledger
 from .models import (
     ActualState,
     ApiKey,
+    ConsolePassword,
     DesiredState,
     Deployment,
+    LoginFailure,
     ModelVariant,
     Team,
     VariantKind,
@@ -386,3 +389,37 @@ def do_issue_console_key(username: str, *, ttl_s: int) -> tuple[ApiKey, str]:
                       details={"key": key.prefix, "name": key.name, "expires_at": key.expires_at.isoformat(),
                                "revoked": replaced})
     return key, plaintext
+
+
+def sign_in_locked_out(username: str, address: str) -> bool:
+    """Return whether recent failed sign-ins for this user name or address exceed the limits."""
+    since = timezone.now() - timedelta(seconds=settings.CONSOLE_LOGIN_WINDOW_S)
+    recent = LoginFailure.objects.filter(created_at__gte=since)
+    return (recent.filter(username=username).count() >= settings.CONSOLE_LOGIN_MAX_FAILURES
+            or recent.filter(address=address).count() >= settings.CONSOLE_LOGIN_MAX_FAILURES_PER_ADDRESS)
+
+
+def do_record_sign_in_failure(username: str, address: str, *, shown: str) -> None:
+    """Count a failed console sign-in and record it (and the lockout it causes) in the ledger, never the password.
+
+    `shown` is the user name as the ledger may show it (escaped and cut by the caller).
+    """
+    with transaction.atomic():
+        LoginFailure.objects.create(username=username, address=address)
+        ledger.append("console.sign_in_failed", actor=f"sign-in:{shown}", target=shown, outcome="denied",
+                      details={"address": address, "username_length": len(username)})
+        if sign_in_locked_out(username, address):
+            ledger.append("console.lockout", actor="anonymous", target=shown, outcome="denied",
+                          details={"address": address, "window_s": settings.CONSOLE_LOGIN_WINDOW_S})
+
+
+def do_clear_sign_in_failures(username: str) -> None:
+    """Forget a user name's failed sign-ins once it signs in (its own lockout count starts again)."""
+    LoginFailure.objects.filter(username=username).delete()
+
+
+def do_record_password_change(user) -> None:
+    """Remember that a console user chose their own password, with its ledger event."""
+    with transaction.atomic():
+        ConsolePassword.objects.update_or_create(user=user, defaults={"changed_at": timezone.now()})
+        ledger.append("console.password_change", actor=f"admin:{user.get_username()}", target=user.get_username())

@@ -1,32 +1,19 @@
 """Console sign-in: throttling of failed attempts, and the forced password change of production mode."""
-from datetime import timedelta
-
 from django.conf import settings
 from django.contrib import admin
-from django.db import transaction
 from django.http import HttpResponse
 from django.shortcuts import redirect
 from django.urls import reverse
-from django.utils import timezone
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.debug import sensitive_post_parameters
 
-from audit import ledger
-
-from ..models import ConsolePassword, LoginFailure
+from .. import actions
+from ..models import ConsolePassword
 
 
 def client_address(request) -> str:
     """Return the peer address (the ASGI server's; a proxy in front must be trusted to set it)."""
     return request.META.get("REMOTE_ADDR", "")[:64]
-
-
-def locked_out(username: str, address: str) -> bool:
-    """Return whether recent failures for this user name or address exceed the limits."""
-    since = timezone.now() - timedelta(seconds=settings.CONSOLE_LOGIN_WINDOW_S)
-    recent = LoginFailure.objects.filter(created_at__gte=since)
-    return (recent.filter(username=username).count() >= settings.CONSOLE_LOGIN_MAX_FAILURES
-            or recent.filter(address=address).count() >= settings.CONSOLE_LOGIN_MAX_FAILURES_PER_ADDRESS)
 
 
 @sensitive_post_parameters("password")
@@ -37,32 +24,25 @@ def login(request, **kwargs):
         return admin.site.login(request, **kwargs)
     username = request.POST.get("username", "")[:150]
     address = client_address(request)
-    if locked_out(username, address):
+    if actions.sign_in_locked_out(username, address):
         minutes = max(1, settings.CONSOLE_LOGIN_WINDOW_S // 60)
         return HttpResponse(f"Too many failed sign-ins. Try again in {minutes} minutes.",
                             status=429, content_type="text/plain", headers={"Retry-After": str(60 * minutes)})
     response = admin.site.login(request, **kwargs)
     if request.user.is_authenticated and response.status_code == 302:
-        LoginFailure.objects.filter(username=username).delete()
+        actions.do_clear_sign_in_failures(username)
         return response
     record_failure(username, address)
     return response
 
 
 def record_failure(username: str, address: str) -> None:
-    """Count a failed sign-in and record it in the ledger (and the lockout it causes), never the password.
+    """Count a failed sign-in and record it in the ledger, never the password.
 
     Locked-out attempts are answered above without being recorded, so an address can add at most
     CONSOLE_LOGIN_MAX_FAILURES_PER_ADDRESS events per window.
     """
-    shown = printable(username)
-    with transaction.atomic():
-        LoginFailure.objects.create(username=username, address=address)
-        ledger.append("console.sign_in_failed", actor=f"sign-in:{shown}", target=shown, outcome="denied",
-                      details={"address": address, "username_length": len(username)})
-        if locked_out(username, address):
-            ledger.append("console.lockout", actor="anonymous", target=shown, outcome="denied",
-                          details={"address": address, "window_s": settings.CONSOLE_LOGIN_WINDOW_S})
+    actions.do_record_sign_in_failure(username, address, shown=printable(username))
 
 
 def printable(text: str, limit: int = 64) -> str:
@@ -75,9 +55,7 @@ def password_change(request):
     """Change one's password through the admin's view and remember that the user chose it."""
     response = admin.site.password_change(request)
     if request.method == "POST" and response.status_code == 302:
-        ConsolePassword.objects.update_or_create(user=request.user, defaults={"changed_at": timezone.now()})
-        ledger.append("console.password_change", actor=f"admin:{request.user.get_username()}",
-                      target=request.user.get_username())
+        actions.do_record_password_change(request.user)
     return response
 
 
