@@ -9,7 +9,10 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
-from .datasheets import _ALIASES, ACCELERATORS, CPU_HOST, Accelerator
+from .datasheets import _ALIASES, ACCELERATORS, CPU_HOST, GPUS_PER_BOX, Accelerator
+
+# DeepSeek's own decode unit is 18 boxes (experts.DEEPSEEK_DECODE_UNIT_GPUS); a few times that is still a plan.
+MAX_BOXES = 64
 
 
 @dataclass
@@ -18,7 +21,8 @@ class HardwareSpec:
 
     label: str
     accelerator: Accelerator | None = None
-    count: int = 0
+    count: int = 0  # accelerators in the whole deployment, all boxes together
+    boxes: int = 1  # boxes the accelerators are spread over ('9x8xH100': nine boxes of eight)
     host_ram_gb: float | None = None  # None: not stated, so offload to CPU RAM cannot be checked
     host_bandwidth_tbs: float | None = None
     host_bf16_tflops: float | None = None
@@ -46,6 +50,11 @@ class HardwareSpec:
         """Return the number of accelerators (0 for a CPU-only box)."""
         return self.count if self.accelerator else 0
 
+    @property
+    def gpus_per_box(self) -> int:
+        """Return the accelerators in one box (all of them for a single box)."""
+        return self.gpus // max(1, self.boxes)
+
     def to_dict(self) -> dict:
         """Return the spec as JSON-ready values."""
         out = asdict(self)
@@ -58,12 +67,16 @@ class HardwareSpecError(ValueError):
     """A planning spec that cannot be parsed; the message names the bad part."""
 
 
-_GPU_RE = re.compile(r"^(?:(\d+)\s*[x×*]\s*)?([A-Za-z0-9][A-Za-z0-9-]*)$")
+# '8xH20', 'H20' or '9x8xH100' (nine boxes of eight): the leading count is boxes when two are given.
+_GPU_RE = re.compile(r"^(?:(\d+)\s*[x×*]\s*)?(?:(\d+)\s*[x×*]\s*)?([A-Za-z0-9][A-Za-z0-9-]*)$")
 _CPU_RE = re.compile(r"^cpu:(\d+(?:\.\d+)?)([GT])B?(?:@(\d+(?:\.\d+)?)TB/s)?$", re.IGNORECASE)
 
 
 def parse_hardware(spec: str) -> HardwareSpec:
-    """Parse '8xH20', '4xA100-80G+cpu:2048G', 'cpu:512G' or 'cpu:1024G@0.4TB/s' into a HardwareSpec."""
+    """Parse '8xH20', '9x8xH100', '4xA100-80G+cpu:2048G', 'cpu:512G' or 'cpu:1024G@0.4TB/s' into a HardwareSpec.
+
+    Host RAM (cpu:...) is per box, as is bought; several boxes multiply it.
+    """
     if not spec or not spec.strip():
         raise HardwareSpecError("empty hardware spec; try 8xH20, 8xH200+cpu:2048G or cpu:1024G")
     hw = HardwareSpec(label=spec.strip())
@@ -74,6 +87,8 @@ def parse_hardware(spec: str) -> HardwareSpec:
             _apply_gpu(hw, part, spec)
     if hw.accelerator is None and hw.host_ram_gb is None:
         raise HardwareSpecError(f"{spec!r} names no GPU and no cpu:<RAM>")
+    if hw.boxes > 1 and hw.host_ram_gb is not None:
+        hw.host_ram_gb *= hw.boxes
     return hw
 
 
@@ -91,20 +106,26 @@ def _apply_cpu(hw: HardwareSpec, part: str, spec: str) -> None:
 
 
 def _apply_gpu(hw: HardwareSpec, part: str, spec: str) -> None:
-    """Set the accelerator side of `hw` from an 'NxNAME' part."""
+    """Set the accelerator side of `hw` from an 'NxNAME' or 'BxNxNAME' part."""
     match = _GPU_RE.match(part)
     if not match:
-        raise HardwareSpecError(f"bad GPU part {part!r} in {spec!r}; write e.g. 8xH20 or 2xRTX4090")
-    count = int(match.group(1) or 1)
-    name = lookup_accelerator(match.group(2))
+        raise HardwareSpecError(f"bad GPU part {part!r} in {spec!r}; write e.g. 8xH20, 2xRTX4090 or 2x8xH200")
+    first, second, gpu = match.groups()
+    boxes, per_box = (int(first), int(second)) if second else (1, int(first or 1))
+    name = lookup_accelerator(gpu)
     if name is None:
-        raise HardwareSpecError(f"unknown GPU {match.group(2)!r} in part {part!r} of {spec!r}; "
+        raise HardwareSpecError(f"unknown GPU {gpu!r} in part {part!r} of {spec!r}; "
                                 f"known: {', '.join(ACCELERATORS)}")
-    if count < 1:
-        raise HardwareSpecError(f"GPU count must be at least 1 in part {part!r} of {spec!r}")
+    if per_box < 1 or boxes < 1:
+        raise HardwareSpecError(f"GPU and box counts must be at least 1 in part {part!r} of {spec!r}")
+    if per_box > GPUS_PER_BOX:
+        raise HardwareSpecError(f"{per_box} GPUs in one box in part {part!r} of {spec!r}; a box carries at most "
+                                f"{GPUS_PER_BOX}: write several boxes as {-(-per_box // GPUS_PER_BOX)}x{GPUS_PER_BOX}x{gpu}")
+    if boxes > MAX_BOXES:
+        raise HardwareSpecError(f"{boxes} boxes in part {part!r} of {spec!r}; the advisor plans at most {MAX_BOXES}")
     if hw.accelerator is not None:
         raise HardwareSpecError(f"second GPU part {part!r} in {spec!r}; mixed GPU models are not supported")
-    hw.accelerator, hw.count = ACCELERATORS[name], count
+    hw.accelerator, hw.count, hw.boxes = ACCELERATORS[name], boxes * per_box, boxes
 
 
 def lookup_accelerator(name: str) -> str | None:

@@ -13,6 +13,7 @@ from . import experts as ex
 from .accounting import Accounting, account, meta_model_for
 from .activation import meta_forward_peak
 from .hardware import HardwareSpec, inventory, parse_hardware
+from .profile import build_profile
 from .memory import DTYPE_BYTES, PLANNED_DTYPES, KvLayout, kv_layout, normalise_dtype, weight_bytes
 from .roofline import (GB, OFFLOAD, RUNTIME_RESERVE_GB_PER_GPU, ActivationModel, Budget, decode_bound,
                        prefill_bound, step_cost, verdict)
@@ -43,6 +44,7 @@ class FitReport:
     prefill_tokens_per_s: float | None
     experts: dict | None
     notes: list[str] = field(default_factory=list)
+    profiles: dict[str, dict] = field(default_factory=dict)  # throughput profile per planned dtype
 
     def to_dict(self) -> dict:
         """Return the report as JSON-ready values."""
@@ -53,7 +55,7 @@ class FitReport:
             "kv_bytes_per_token": self.kv_bytes_per_token, "kv_layout": self.kv.layout,
             "activation": vars(self.activation), "reserve_gb": self.reserve_gb, "verdict": self.verdict,
             "decode": self.decode, "prefill_tokens_per_s": self.prefill_tokens_per_s, "experts": self.experts,
-            "notes": self.notes,
+            "notes": self.notes, "profiles": self.profiles,
         }
 
 
@@ -101,6 +103,8 @@ def analyze(source: str | Path | ModelSource, hardware: str | HardwareSpec | Non
         weights_by_component_gb={k: v / GB for k, v in chosen.by_component.items()},
         kv=layout, kv_bytes_per_token=kv, activation=act, reserve_gb=reserve, verdict=fit, decode=decode,
         prefill_tokens_per_s=prefill_bound(cost, hw, context), experts=None, notes=list(hw.notes),
+        profiles={d: build_profile(src.name, acc, w.by_component, w.dtype, src.config, kv).to_dict()
+                  for d, w in plans.items()},
     )
     if acc.moe:
         bytes_per_param = DTYPE_BYTES.get(chosen.dtype.split("(")[-1].rstrip(")"), 2.0)
