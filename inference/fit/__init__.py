@@ -10,13 +10,15 @@ from importlib import import_module
 _EXPORTS = {
     "accounting": ("Accounting", "account", "build_meta_model"),
     "activation": ("forward_peak", "meta_forward_peak"),
-    "charts": ("render_expert_chart", "render_memory_chart"),
+    "advice": ("advise", "parse_request"),
+    "charts": ("render_expert_chart", "render_memory_chart", "render_throughput_chart"),
     "experts": ("experts_hit", "idle_fraction", "tokens_per_working_expert"),
     "hardware": ("ACCELERATORS", "HardwareSpec", "HardwareSpecError", "inventory", "parse_hardware"),
     "measure": ("count_parameters", "measure_expert_hits", "measure_kv_bytes_per_token", "measure_weights"),
     "recommend": ("Recommendation", "recommend"),
     "report": ("FitReport", "analyze", "format_text"),
     "source": ("KNOWN_CONFIGS", "ConfigError", "load_source"),
+    "workload": ("Workload", "WorkloadError", "parse_workload"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

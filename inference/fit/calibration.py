@@ -74,10 +74,28 @@ def engine_params(engine: str, hw: HardwareSpec) -> EngineParams:
     raise ValueError(f"no efficiency factors for engine {engine!r}; known: {', '.join(sorted(load_fitted()))}")
 
 
+def params_for(engine: str, hw: HardwareSpec, profile: ModelProfile) -> EngineParams:
+    """Return the factors for one model: widened when it is of a kind (dense, MoE) no fitted point measured."""
+    params = engine_params(engine, hw)
+    kinds = {p["kind"] for p in load_points()["points"] if p["role"] == "fit" and p["engine"] == engine}
+    kind = "moe" if profile.experts else "dense"
+    if not kinds or kind in kinds:
+        return params
+    return EngineParams(params.bw_efficiency, params.layer_overhead_us, params.mfu, params.request_overhead_ms,
+                        2 * params.uncertainty + 0.25,
+                        params.basis + f"; extrapolated to a {kind} model (fitted on {', '.join(sorted(kinds))} only): "
+                                       "uncertainty doubled")
+
+
 def _params(entry: dict, basis: str) -> EngineParams:
     """Return EngineParams from one stored entry."""
     return EngineParams(entry["bw_efficiency"], entry["layer_overhead_us"], entry["mfu"], entry["request_overhead_ms"],
                         entry["uncertainty"], basis)
+
+
+def stored_params(entry: dict) -> EngineParams:
+    """Return the factors of one entry of fitted.json."""
+    return _params(entry, "stored")
 
 
 def scored(point: dict) -> bool:
@@ -172,7 +190,7 @@ def evaluate(profiles: dict, fitted: dict | None = None) -> list[dict]:
             continue
         hw = parse_hardware(point["hardware"])
         entry = fitted[point["engine"]][hardware_class(hw)]
-        pred = predict_point(point, profiles[point["model"], point["dtype"]], _params(entry, "stored"))
+        pred = predict_point(point, profiles[point["model"], point["dtype"]], stored_params(entry))
         measured = point["measured"]
         rows.append({"id": point["id"], "role": point["role"], "engine": point["engine"], "plan": point["plan"],
                      "workload": point["workload"], "measured": measured,

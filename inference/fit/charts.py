@@ -96,3 +96,46 @@ def render_expert_chart(report: FitReport) -> bytes:
                  fontsize=10)
     fig.tight_layout()
     return _png(fig)
+
+
+_ENGINE_MARKERS = {"vllm": "o", "sglang": "s", "builtin": "^", "deepseek": "D"}
+
+
+def render_throughput_chart(data: dict) -> bytes:
+    """Return a PNG: predicted output tokens/s per box against users per box (one box, an EP cluster), with
+    the uncertainty band, and the published measurements drawn next to the model's prediction for each."""
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    colours = ["#4f81bd", "#c0504d", "#9bbb59"]
+    for colour, s in zip(colours, data["series"]):
+        if not s["users_per_box"]:
+            continue
+        ax.plot(s["users_per_box"], s["output_per_box"], "-", color=colour, linewidth=2, label=f"predicted: {s['label']}")
+        ax.fill_between(s["users_per_box"], s["low"], s["high"], color=colour, alpha=0.15, linewidth=0)
+    for p in data["published"]:
+        marker = _ENGINE_MARKERS.get(p["engine"], "x")
+        tag = f"{p['engine']} {p['hardware']}" + (f" {p['workload']}" if p.get("workload") else "")
+        if p["users_per_box"] is None:  # a published figure without its concurrency: a level, not a point
+            ax.axhline(p["measured_per_box"], color="#7f7f7f", linestyle=":", linewidth=1)
+            ax.text(1, p["measured_per_box"] * 1.04, f"published, users not stated: {tag}", fontsize=7, color="#555555")
+            continue
+        filled = "black" if p["role"] == "held_out" else "#f79646"
+        ax.scatter([p["users_per_box"]], [p["measured_per_box"]], marker=marker, color=filled, zorder=3, s=28)
+        if p["predicted_per_box"]:
+            ax.scatter([p["users_per_box"]], [p["predicted_per_box"]], marker=marker, facecolors="none",
+                       edgecolors=filled, zorder=3, s=40)
+            ax.plot([p["users_per_box"]] * 2, [p["measured_per_box"], p["predicted_per_box"]], color=filled,
+                    linewidth=0.8)
+        ax.annotate(tag, (p["users_per_box"], p["measured_per_box"]), fontsize=6, xytext=(4, -8),
+                    textcoords="offset points", color="#555555")
+    # Legend entries for the point styles, drawn once.
+    ax.scatter([], [], color="#f79646", marker="o", label="published, fitted on (filled); model's prediction (open)")
+    ax.scatter([], [], color="black", marker="o", label="published, held out of the fit")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent users per box (published bursts: prompts sent at once)")
+    ax.set_ylabel("output tokens/s per box")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.set_title(data["title"] + "\npublished points at their own workload (in/out shown)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)

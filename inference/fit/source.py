@@ -16,6 +16,13 @@ KNOWN_CONFIGS = {
     "deepseek-v3": "deepseek-v3.json",
     # R1 is V3 post-trained: its config.json has the same fields and shapes.
     "deepseek-r1": "deepseek-v3.json",
+    # The distilled alternatives: dense models a single GPU or a few hold.
+    "deepseek-r1-distill-qwen-32b": "deepseek-r1-distill-qwen-32b.json",
+    "deepseek-r1-distill-llama-70b": "deepseek-r1-distill-llama-70b.json",
+}
+# For each large MoE model, the distilled dense models its publisher offers in its place.
+DISTILLED = {
+    "deepseek_v3": ("deepseek-r1-distill-qwen-32b", "deepseek-r1-distill-llama-70b"),
 }
 # Keys that describe how to fetch or run code, never the architecture; dropped before building.
 _IGNORED_KEYS = ("auto_map", "quantization_config", "_name_or_path")

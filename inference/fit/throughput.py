@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .datasheets import CPU_HOST
 from .experts import experts_hit
 from .hardware import HardwareSpec
 from .interconnect import links_for
@@ -28,11 +29,12 @@ from .profile import ModelProfile
 from .workload import Workload
 
 ENGINES = ("builtin", "vllm", "sglang")
-# Fraction of each GPU's memory the serving engines take for weights and cache (vLLM gpu_memory_utilization
-# default 0.9; SGLang's mem_fraction_static is chosen near it), less a per-GPU allowance for activations and
-# CUDA graphs that neither reports up front.
+# Fraction of each GPU's memory the serving engines take for weights, activations and cache (vLLM's
+# gpu_memory_utilization default 0.9; SGLang's mem_fraction_static is chosen near it). A model that only fits
+# above it is planned at TIGHT_MEMORY_FRACTION, the setting operators raise it to, and the prediction says so.
 MEMORY_FRACTION = 0.9
-ACTIVATION_ALLOWANCE_GB = 4.0
+TIGHT_MEMORY_FRACTION = 0.95
+ACTIVATION_ALLOWANCE_GB = 2.0  # per GPU: a prefill chunk's activations and CUDA graphs
 PREFILL_CHUNK_TOKENS = 8192  # vLLM's default max_num_batched_tokens on large GPUs: weights are read once per chunk
 ACTIVATION_BYTES = 2  # bf16 activations cross the links
 DISPATCH_BYTES = 1  # DeepEP dispatches tokens in FP8 and combines them in bf16
@@ -71,16 +73,29 @@ class Capacity:
     weights_gb_per_gpu: float
     free_gb_per_gpu: float
     reason: str = ""
+    memory_fraction: float = MEMORY_FRACTION
 
 
 def capacity(profile: ModelProfile, hw: HardwareSpec, plan: Plan, context: int, kv_per_token: float) -> Capacity:
     """Return how many sequences of `context` tokens one replica holds, or why the plan does not fit."""
+    cap = _capacity(profile, hw, plan, context, kv_per_token, MEMORY_FRACTION)
+    if not cap.fits and hw.accelerator:
+        tight = _capacity(profile, hw, plan, context, kv_per_token, TIGHT_MEMORY_FRACTION)
+        if tight.fits:
+            return tight
+    return cap
+
+
+def _capacity(profile: ModelProfile, hw: HardwareSpec, plan: Plan, context: int, kv_per_token: float,
+              fraction: float) -> Capacity:
+    """Return the capacity when the engine may use `fraction` of each GPU's memory."""
     g = plan.replica_gpus
     memory = hw.accelerator.memory_gb if hw.accelerator else (hw.host_ram_gb or 0.0)
     on_gpu = profile.weight_gb - (profile.routed_gb if plan.offload else 0.0)
     # Data-parallel attention keeps a whole copy of the attention weights on every GPU of its group.
     per_gpu = (on_gpu - profile.attention_gb) / g + profile.attention_gb / plan.attention_tp
-    free = memory * MEMORY_FRACTION - ACTIVATION_ALLOWANCE_GB - per_gpu
+    usable = memory * fraction - ACTIVATION_ALLOWANCE_GB
+    free = usable - per_gpu
     if plan.offload:
         host = hw.host_ram_gb
         if host is not None and host * MEMORY_FRACTION < profile.routed_gb:
@@ -88,18 +103,25 @@ def capacity(profile: ModelProfile, hw: HardwareSpec, plan: Plan, context: int, 
                                                      f"routed experts; the box has {host:,.0f} GB")
     if free <= 0:
         return Capacity(False, 0, per_gpu, free, f"weights take {per_gpu:,.1f} GB per GPU, more than the "
-                                                 f"{memory * MEMORY_FRACTION - ACTIVATION_ALLOWANCE_GB:,.1f} GB usable")
+                                                 f"{usable:,.1f} GB usable at {fraction:.0%} of each GPU's memory")
     per_sequence = context * kv_per_token / min(plan.attention_tp, profile.kv_heads) / 1e9
     sequences = int(free // per_sequence) * plan.attention_dp
     if sequences < 1:
         return Capacity(False, 0, per_gpu, free, f"no room for one sequence of {context:,} tokens "
                                                  f"({per_sequence:,.1f} GB of KV per GPU, {free:,.1f} GB free)")
-    return Capacity(True, sequences, per_gpu, free)
+    return Capacity(True, sequences, per_gpu, free, memory_fraction=fraction)
 
 
 def _attention_efficiency(params: EngineParams) -> float:
     """Return the attention kernels' fraction of peak (the roofline bound assumes peak everywhere)."""
     return 1.0 if params is ROOFLINE else ATTENTION_EFFICIENCY
+
+
+def _host(hw: HardwareSpec) -> tuple[float, float]:
+    """Return the (bytes/s, FLOP/s) offloaded experts run at: the stated host, else the datasheet host."""
+    bandwidth = hw.host_bandwidth_tbs or CPU_HOST["bandwidth_tbs"]
+    peak = hw.host_bf16_tflops or CPU_HOST["bf16_tflops"]
+    return bandwidth * 1e12 * HOST_EFFICIENCY, peak * 1e12 * HOST_EFFICIENCY
 
 
 def _device(hw: HardwareSpec) -> tuple[float, float]:
@@ -154,8 +176,7 @@ def decode_step(profile: ModelProfile, hw: HardwareSpec, plan: Plan, params: Eng
     comm_s = batch * _comm_s_per_token(profile, hw, plan)
     host_s = 0.0
     if plan.offload:
-        host_bw = (hw.host_bandwidth_tbs or 0.1) * 1e12 * HOST_EFFICIENCY
-        host_peak = (hw.host_bf16_tflops or 1.0) * 1e12 * HOST_EFFICIENCY
+        host_bw, host_peak = _host(hw)
         host_s = expert_bytes / host_bw + batch * routed_flops / host_peak
     fixed_s = profile.layers * params.layer_overhead_us * 1e-6
     parts = {"fixed": fixed_s, "memory": memory_s, "compute": compute_s, "communication": comm_s, "host": host_s}
@@ -179,8 +200,7 @@ def prefill_s_per_token(profile: ModelProfile, hw: HardwareSpec, plan: Plan, par
     weights = on_gpu * 1e9 / (g * bandwidth * params.bw_efficiency) / PREFILL_CHUNK_TOKENS
     host = 0.0
     if plan.offload:
-        host_peak = (hw.host_bf16_tflops or 1.0) * 1e12 * HOST_EFFICIENCY
-        host = routed_flops / host_peak
+        host = routed_flops / _host(hw)[1]
     return compute + weights + _comm_s_per_token(profile, hw, plan) + host
 
 
@@ -257,7 +277,14 @@ def predict(profile: ModelProfile, hw: HardwareSpec, plan: Plan, engine: str, pa
     total = plan.replicas * batch * workload.context / r["round_s"]
     roof = _round(profile, hw, plan, ROOFLINE, workload, batch, kv_per_token)
     bound_output = plan.replicas * batch * workload.output_tokens / roof["round_s"]
-    u = params.uncertainty
+    u, basis = params.uncertainty, params.basis
+    if plan.offload:
+        # No published offload run is fitted: the host side runs at an assumed HOST_EFFICIENCY.
+        u, basis = max(u, 1.0), basis + f"; offloaded experts at an assumed {HOST_EFFICIENCY:.0%} of the host's peak, not fitted: ±100%"
+    notes = [note] if note else []
+    if cap.memory_fraction > MEMORY_FRACTION:
+        notes.append(f"fits only with the engine allowed {cap.memory_fraction:.0%} of each GPU's memory "
+                     f"(vLLM --gpu-memory-utilization, SGLang --mem-fraction-static)")
     boxes = max(1, hw.boxes)
     out = {
         **base, "fits": True, "concurrency": concurrency, "batch_per_replica": batch,
@@ -269,11 +296,11 @@ def predict(profile: ModelProfile, hw: HardwareSpec, plan: Plan, engine: str, pa
         "decode_step_ms": {k: v * 1e3 for k, v in r["step"]["parts_s"].items()},
         "decode_bytes_per_gpu_gb": r["step"]["bytes_per_gpu_gb"], "experts_hit_per_layer": r["step"]["experts_hit_per_layer"],
         "uncertainty": {"relative": u, "output_tokens_per_s_low": output / (1 + u), "output_tokens_per_s_high": output * (1 + u),
-                        "basis": params.basis},
+                        "basis": basis},
         "params": params.to_dict(),
     }
-    if note:
-        out["note"] = note
+    if notes:
+        out["note"] = "; ".join(notes)
     return out
 
 
