@@ -91,6 +91,7 @@ class ModelVariantAdmin(admin.ModelAdmin):
             "fit": getattr(variant, "fit", None), "comparison": fitting.predicted_vs_measured(variant),
             "memory_chart": png_base64(charts, "memory.png"), "expert_chart": png_base64(charts, "experts.png"),
             "users": users, "context": context, "recommendation": fitting.recommendation(users, context),
+            "throughput": fitting.throughput_advice(variant, request.GET),
         })
 
     @admin.display(description="fit on this box", ordering="fit__verdict")

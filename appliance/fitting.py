@@ -4,6 +4,7 @@ Predictions come from config.json alone (inference.fit builds the model on the
 meta device); measurements come from the engine that really holds the weights.
 Both are stored so the console shows them side by side.
 """
+import base64
 import json
 import logging
 import os
@@ -193,3 +194,43 @@ def live_telemetry(variant: ModelVariant) -> dict | None:
              "calls": len(v)} for tokens, v in sorted(by_tokens.items())]
     return {"snapshot": snap, "expert_hits": hits, "chart_svg": render_expert_chart_svg(snap)}
 
+
+
+def stored_hardware(report: dict):
+    """Return the HardwareSpec a stored report was analysed for (this box's inventory included)."""
+    from inference.fit.datasheets import Accelerator
+    from inference.fit.hardware import HardwareSpec
+
+    hw = report["hardware"]
+    accel = hw.get("accelerator")
+    return HardwareSpec(label=hw["label"], accelerator=Accelerator(**accel) if accel else None, count=hw["count"],
+                        boxes=hw.get("boxes", 1), host_ram_gb=hw.get("host_ram_gb"),
+                        host_bandwidth_tbs=hw.get("host_bandwidth_tbs"), host_bf16_tflops=hw.get("host_bf16_tflops"))
+
+
+def throughput_advice(variant: ModelVariant, params) -> dict:
+    """Return the fit page's throughput section for the workload the admin entered (GET parameters).
+
+    Every figure comes from the stored report's profiles; the form's values are checked by the advisor's own
+    parsers, and what they refuse is shown as the error, never a 500.
+    """
+    from inference.fit import advice
+    from inference.fit.hardware import HardwareSpecError, parse_hardware
+
+    fit = getattr(variant, "fit", None)
+    form = {"in": params.get("in", "1000"), "out": params.get("out", "1000"), "concurrency": params.get("concurrency", "16"),
+            "engine": params.get("engine", ""), "plan": params.get("plan", ""), "hardware": params.get("hardware", "")}
+    out = {"form": form}
+    if fit is None or "in" not in params:
+        return out
+    if not fit.report.get("profiles"):
+        return {**out, "error": "this analysis predates throughput profiles; use “Analyse fit” to run it again"}
+    try:
+        spec = f"in={form['in']},out={form['out']},concurrency={form['concurrency']}"
+        request = advice.parse_request(spec, form["engine"] or None, form["plan"] or None)
+        hw = parse_hardware(form["hardware"]) if form["hardware"].strip() else stored_hardware(fit.report)
+        result = advice.advise(fit.report, request, hw)
+        chart = base64.b64encode(advice.throughput_chart(fit.report, request, hw)).decode()
+    except (HardwareSpecError, ValueError) as exc:
+        return {**out, "error": str(exc)}
+    return {**out, **result, "chart": chart}

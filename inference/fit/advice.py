@@ -12,7 +12,7 @@ from functools import lru_cache
 from . import alternatives, calibration
 from .hardware import HardwareSpec, parse_hardware
 from .profile import ModelProfile
-from .source import DISTILLED
+from .source import DISTILLED, is_full_size
 from .workload import Workload, parse_workload
 
 CHART_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -59,8 +59,10 @@ def distilled_profile(name: str) -> ModelProfile:
     return ModelProfile.from_dict(analyze(name, "cpu:64G", 4096, "stored").profiles["stored"])
 
 
-def distilled_for(model_type: str, name: str) -> dict[str, ModelProfile]:
-    """Return the distilled alternatives of a model family, by name (none for other families)."""
+def distilled_for(model_type: str, name: str, total_params: int) -> dict[str, ModelProfile]:
+    """Return the distilled alternatives of a full-size model of a family, by name (none otherwise)."""
+    if not is_full_size(model_type, total_params):
+        return {}
     return {d: distilled_profile(d) for d in DISTILLED.get(model_type, ()) if d != name}
 
 
@@ -73,7 +75,7 @@ def advise(report, request: Request, hw: HardwareSpec | None = None) -> dict:
     profile = profiles[dtype]
     predicted = alternatives.prediction(profile, hw, request.workload, engine, request.plan)
     rows = alternatives.plans(profiles, dtype, hw, request.workload, engine, request.plan,
-                              distilled_for(model_type, name))
+                              distilled_for(model_type, name, profile.total_params))
     return {"predicted": predicted, "plans": rows, "calibration": calibration_summary()}
 
 
@@ -135,7 +137,7 @@ def curves(report, request: Request, hw: HardwareSpec | None = None) -> dict:
         series.append(_series(f"{cluster.label}, {engine} EP{cluster.gpus}", profile, cluster, request, engine,
                               f"ep{cluster.gpus}"))
     return {"title": f"{name} ({profile.dtype}): {request.workload.input_tokens} in / "
-                     f"{request.workload.output_tokens} out", "series": series, "published": _published(name, model_type)}
+                     f"{request.workload.output_tokens} out", "series": series, "published": _published(model_type, profile.total_params)}
 
 
 def _cluster(profile: ModelProfile, hw: HardwareSpec) -> HardwareSpec | None:
@@ -162,9 +164,9 @@ def _series(label: str, profile: ModelProfile, hw: HardwareSpec, request: Reques
     return {"label": label, "users_per_box": xs, "output_per_box": ys, "low": lo, "high": hi}
 
 
-def _published(name: str, model_type: str) -> list[dict]:
+def _published(model_type: str, total_params: int) -> list[dict]:
     """Return the published points of this model family: measured, and predicted for their own configuration."""
-    if model_type != "deepseek_v3":
+    if model_type != "deepseek_v3" or not is_full_size(model_type, total_params):
         return []
     rows = []
     for point in calibration.load_points()["points"]:

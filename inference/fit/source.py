@@ -20,10 +20,17 @@ KNOWN_CONFIGS = {
     "deepseek-r1-distill-qwen-32b": "deepseek-r1-distill-qwen-32b.json",
     "deepseek-r1-distill-llama-70b": "deepseek-r1-distill-llama-70b.json",
 }
-# For each large MoE model, the distilled dense models its publisher offers in its place.
+# For each large MoE family, the distilled dense models its publisher offers in its place, and the size from
+# which a model of that family is the large one (a demo model of the same architecture is not).
 DISTILLED = {
     "deepseek_v3": ("deepseek-r1-distill-qwen-32b", "deepseek-r1-distill-llama-70b"),
 }
+FULL_SIZE_PARAMS = {"deepseek_v3": 600e9}
+
+
+def is_full_size(model_type: str, total_params: int) -> bool:
+    """Return whether a model is the published large member of its family (what published figures measured)."""
+    return total_params >= FULL_SIZE_PARAMS.get(model_type, float("inf"))
 # Keys that describe how to fetch or run code, never the architecture; dropped before building.
 _IGNORED_KEYS = ("auto_map", "quantization_config", "_name_or_path")
 

@@ -84,3 +84,21 @@ def test_the_fit_page_sets_measured_expert_hits_beside_the_prediction(moe, admin
 def test_a_charts_folder_never_lies_outside_the_fit_folder(name):
     with pytest.raises(OutsideStore):
         fitting.charts_dir(ModelVariant(name=name))  # a row stored before names were checked
+
+
+def test_the_fit_page_predicts_a_workload_with_plans_and_a_chart(moe, admin_client):
+    url = reverse("admin:appliance_modelvariant_fit", args=[moe.pk])
+    page = admin_client.get(url + "?in=64&out=32&concurrency=4").content.decode()
+    assert "Predicted throughput for a workload" in page and "output tokens/s" in page
+    assert "builtin tp1 on" in page and "Plans" in page and "as asked" in page  # a CPU box: the builtin engine
+    assert 'alt="predicted throughput against concurrency' in page
+    planned = admin_client.get(url + "?in=64&out=32&concurrency=4&engine=vllm&hardware=2xH200").content.decode()
+    assert "vllm tp2 on <b>2xH200</b>" in planned
+
+
+def test_the_fit_page_names_a_bad_workload_instead_of_failing(moe, admin_client):
+    url = reverse("admin:appliance_modelvariant_fit", args=[moe.pk])
+    for query, message in [("hardware=8xH2O", "unknown GPU"), ("engine=tgi", "unknown engine"),
+                           ("plan=tp4", "CPU only"), ("concurrency=0", "bad value"), ("in=" + "9" * 5000, "bad value")]:
+        response = admin_client.get(url + "?in=64&out=32&concurrency=4&" + query)
+        assert response.status_code == 200 and message in response.content.decode(), query
