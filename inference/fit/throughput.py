@@ -224,8 +224,10 @@ def _round(profile, hw, plan, params, workload: Workload, batch: int, kv_per_tok
         ttft = prefill_s / 2 + step["step_s"]
         tpot = (decode_s + prefill_s / 2) / workload.output_tokens
     else:
-        # A user's answer is interrupted by the other users' prefills; its own comes before the first token.
-        ttft = own + step["step_s"]
+        # A user's answer is interrupted by the other users' prefills; its own comes before the first token,
+        # after the prompts that arrived first: an M/D/1 queue whose load is prefill's share of the engine's time.
+        load = prefill_s / round_s
+        ttft = own + load * own / (2 * (1 - load)) + step["step_s"]
         tpot = (decode_s + (batch - 1) * own) / workload.output_tokens
     return {"round_s": round_s, "prefill_s": prefill_s, "decode_s": decode_s, "tpot_s": tpot, "ttft_s": ttft,
             "step": step, "prefill_s_per_token": t_prefill}
