@@ -11,7 +11,7 @@ from .datasheets import GPUS_PER_BOX
 from .hardware import MAX_BOXES, HardwareSpec, parse_hardware
 from .parallel import Plan, PlanError, default_plan, parse_plan
 from .profile import ModelProfile
-from .throughput import ENGINES, predict
+from .throughput import ENGINES, capacity, predict
 from .workload import Workload
 
 # Narrower checkpoints tried when the asked dtype does not fit, widest first.
@@ -43,8 +43,20 @@ def plan_for(profile: ModelProfile, hw: HardwareSpec, engine: str, plan: str | N
 
 def prediction(profile: ModelProfile, hw: HardwareSpec, workload: Workload, engine: str, plan: str | None = None) -> dict:
     """Return the predicted figures of one model on one deployment."""
-    chosen = plan_for(profile, hw, engine, plan)
+    chosen = asked_plan(profile, hw, engine, plan, workload)
     return predict(profile, hw, chosen, engine, params_for(engine, hw, profile), workload)
+
+
+def asked_plan(profile: ModelProfile, hw: HardwareSpec, engine: str, plan: str | None, workload: Workload) -> Plan:
+    """Return the plan to predict: the named one, else the engine's usual one, else plain TP where the usual one
+    does not fit (data-parallel attention keeps a copy of the attention weights on every GPU)."""
+    chosen = plan_for(profile, hw, engine, plan)
+    if plan or chosen.attention_dp == 1 or hw.gpus <= 1:
+        return chosen
+    kv = profile.kv_bytes_per_token_builtin if engine == "builtin" else profile.kv_bytes_per_token
+    if capacity(profile, hw, chosen, workload.context, kv).fits:
+        return chosen
+    return parse_plan(f"tp{hw.gpus}", hw.gpus)
 
 
 def _row(kind: str, profile: ModelProfile, hw: HardwareSpec, plan: Plan, engine: str, workload: Workload) -> dict:
@@ -67,11 +79,11 @@ def plans(profiles: dict[str, ModelProfile], dtype: str, hw: HardwareSpec, workl
     """Return the asked deployment and the alternatives, each with predicted throughput and GPU cost."""
     profile = profiles[dtype]
     rows = []
-    asked = plan_for(profile, hw, engine, plan)
+    asked = asked_plan(profile, hw, engine, plan, workload)
     first = _row("as asked", profile, hw, asked, engine, workload)
     rows.append(first)
     if first["predicted"]["fits"]:
-        if engine == "sglang" and profile.experts and not plan and hw.gpus > 1:
+        if engine == "sglang" and profile.experts and not plan and asked.attention_dp > 1:
             rows.append(_row("tensor parallel attention", profile, hw, parse_plan(f"tp{hw.gpus}", hw.gpus), engine, workload))
     elif hw.gpus:
         rows += _when_it_does_not_fit(profiles, dtype, hw, workload, engine)

@@ -114,7 +114,7 @@ def predict_point(point: dict, profile: ModelProfile, params: EngineParams) -> d
     """Return the model's prediction for the configuration of one published point."""
     hw = parse_hardware(point["hardware"])
     plan = parse_plan(point["plan"], hw.gpus)
-    return predict(profile, hw, plan, point["engine"], params, workload_of(point))
+    return predict(profile, hw, plan, point["engine"], params, workload_of(point), tight_memory=False)
 
 
 def error(predicted: float, measured: float) -> float:

@@ -76,12 +76,14 @@ class Capacity:
     memory_fraction: float = MEMORY_FRACTION
 
 
-def capacity(profile: ModelProfile, hw: HardwareSpec, plan: Plan, context: int, kv_per_token: float) -> Capacity:
-    """Return how many sequences of `context` tokens one replica holds, or why the plan does not fit."""
+def capacity(profile: ModelProfile, hw: HardwareSpec, plan: Plan, context: int, kv_per_token: float,
+             wanted: int = 1) -> Capacity:
+    """Return how many sequences of `context` tokens one replica holds, or why the plan does not fit; when the
+    usual memory fraction holds fewer than `wanted` sequences per replica, the tight one is planned instead."""
     cap = _capacity(profile, hw, plan, context, kv_per_token, MEMORY_FRACTION)
-    if not cap.fits and hw.accelerator:
+    if cap.sequences < wanted and hw.accelerator:
         tight = _capacity(profile, hw, plan, context, kv_per_token, TIGHT_MEMORY_FRACTION)
-        if tight.fits:
+        if tight.sequences > cap.sequences:
             return tight
     return cap
 
@@ -260,10 +262,15 @@ def _bound_of(r: dict) -> str:
 
 
 def predict(profile: ModelProfile, hw: HardwareSpec, plan: Plan, engine: str, params: EngineParams,
-            workload: Workload) -> dict:
-    """Return the deployment's predicted figures for `workload`, with the bound and the uncertainty."""
+            workload: Workload, tight_memory: bool = True) -> dict:
+    """Return the deployment's predicted figures for `workload`, with the bound and the uncertainty.
+
+    tight_memory: plan the engine at TIGHT_MEMORY_FRACTION when the usual fraction holds too few sequences
+    (what an operator would set); off for a published run, which used the engines' defaults.
+    """
     kv_per_token = profile.kv_bytes_per_token_builtin if engine == "builtin" else profile.kv_bytes_per_token
-    cap = capacity(profile, hw, plan, workload.context, kv_per_token)
+    wanted = math.ceil((workload.concurrency or 1) / plan.replicas)
+    cap = capacity(profile, hw, plan, workload.context, kv_per_token, wanted if tight_memory else 0)
     base = {"engine": engine, "plan": plan.to_dict(), "hardware": hw.label, "gpus": plan.gpus,
             "boxes": max(1, hw.boxes), "model": profile.name, "dtype": profile.dtype, "workload": workload.to_dict(),
             "kv_capacity_sequences": cap.sequences * plan.replicas, "weights_gb_per_gpu": cap.weights_gb_per_gpu}

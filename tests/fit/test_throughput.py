@@ -212,3 +212,14 @@ def test_roofline_is_the_bound(r1):
     roof = predict(r1, hw, plan, "vllm", ROOFLINE, w)
     real = predict(r1, hw, plan, "vllm", calibration.engine_params("vllm", hw), w)
     assert roof["output_tokens_per_s"] == pytest.approx(real["bound_output_tokens_per_s"])
+
+
+def test_a_tight_box_is_planned_as_an_operator_would(r1):
+    # 8xH20: DP attention's copy of the attention weights does not fit 96 GB, plain TP does once the engine may
+    # use 95% of each GPU's memory; the prediction says both.
+    hw = parse_hardware("8xH20")
+    w = parse_workload("in=1000,out=1000,concurrency=64")
+    p = alternatives.prediction(r1, hw, w, "sglang")
+    assert p["fits"] and p["plan"]["label"] == "tp8" and "95%" in p["note"]
+    named = alternatives.prediction(r1, hw, w, "sglang", "tp8-dpattn")
+    assert not named["fits"] and "per GPU" in named["reason"]
