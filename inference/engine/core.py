@@ -226,8 +226,7 @@ class Engine:
     def _admit(self, state: RequestState) -> None:
         """Give an admitted request its KV store (holding its cached prefix) and, the first time, its
         detokenizer and sampling state; a preempted request keeps those and recomputes only its KV."""
-        resumed = state.started_at is not None
-        state.start()
+        resumed = state.preemptions > 0
         # Exact mode reserves the worst case; the buffers still start small and double within it.
         state.cache = KVStore(min(state.kv_tokens, state.num_tokens + 128), state.kv_tokens)
         blocks, state.prefix_blocks = state.prefix_blocks, []
@@ -326,9 +325,9 @@ class Engine:
 
     def _retire(self, state: RequestState, reason: str, error: str | None = None, *, text: str = "") -> None:
         """Finish a running request on the worker: free its KV reservation and queue its final chunk."""
-        if reason != "error":  # an errored request's KV may be what failed; never hand it on
-            self._store_prefix(state)
         self.scheduler.finish(state)
+        if reason != "error":  # an errored request's KV may be what failed; never hand it on
+            self._store_prefix(state)  # after its reservation went back: the blocks may take that room
         state.finish(reason, error)
         self.stats.record_finish(state)
         self._emit(state, state.chunk(text))

@@ -25,9 +25,10 @@ from typing import Any
 from inference.engine.prefix_cache import Block, PrefixCache, extend_hashes
 from inference.engine.request import EngineBusy, EngineClosed, RequestState, RequestStatus
 
-# A running request's reservation grows to twice its size (at most this many tokens more) while the budget
-# has room, so its store is not regrown every block; when room is short it grows block by block.
-GROWTH_CAP_TOKENS = 1024
+# A running request's reservation grows by what it needs now plus this margin while the budget has room,
+# so its store is not regrown at every block; when room is short it grows by what it needs. Small, because
+# what one request holds beyond its need is room another may lack.
+GROWTH_MARGIN_TOKENS = 32
 @dataclass
 class StepPlan:
     """The work of one step: each scheduled request with the number of its tokens fed to the model."""
@@ -163,17 +164,18 @@ class FifoScheduler:
                 cached = self._match_prefix(state)
                 n = min(state.num_tokens - cached, budget)
                 need = cached + n
-            if not self._fits_at_admission(need):
+            target = self._admission_target(state, need)
+            if not self._fits_at_admission(target):
                 state.prefix_blocks = []
                 break  # FIFO: the head waits for memory rather than being overtaken
             self._waiting.popleft()
-            self._hold(state, self._admission_target(state, need))
+            self._hold(state, target)
             if state.started_at is None:  # the first admission reports what the cache saved
                 state.cached_tokens = cached
                 if self.prefix_cache is not None and state.cache_scope is not None:
                     self.prefix_cache.record_lookup(len(state.prompt_ids), cached)
             state.num_computed = cached
-            state.status = RequestStatus.RUNNING
+            state.start()
             self.running.append(state)
             plan.prefill.append(state)
             plan.scheduled.append((state, n))
@@ -212,12 +214,12 @@ class FifoScheduler:
         return state.max_total_tokens if self.exact else self._least(state, tokens + 1)
 
     def _growth_target(self, state: RequestState, tokens: int) -> int:
-        """Return the reservation to grow to for `tokens`: twice the current one (at most GROWTH_CAP_TOKENS
-        more) where the free budget allows it without evicting anything, else `tokens` in whole blocks."""
+        """Return the reservation to grow to for `tokens`: with GROWTH_MARGIN_TOKENS more where the free budget
+        allows it without evicting anything, else `tokens`; in whole blocks."""
         if self.exact:
             return state.max_total_tokens
         least = self._least(state, tokens)
-        generous = min(state.max_total_tokens, max(least, tokens + min(max(state.kv_tokens, tokens), GROWTH_CAP_TOKENS)))
+        generous = self._least(state, tokens + GROWTH_MARGIN_TOKENS)
         room = self.kv_free_bytes // self.kv_bytes_per_token + state.kv_tokens
         return max(least, min(generous, room))
 
@@ -284,7 +286,6 @@ class FifoScheduler:
             added = 0
             for i, key in enumerate(chain):
                 if key in cache:
-                    cache.touch(key)
                     continue
                 short = block_bytes - self.kv_free_bytes
                 # Older blocks make room for newer ones, but never this chain's own: a chain's tail is worth
@@ -294,6 +295,9 @@ class FifoScheduler:
                 start = i * cache.block_tokens
                 cache.insert(Block(key, payload_of(start, start + cache.block_tokens), block_bytes))
                 added += 1
+            for key in reversed(chain):  # the chain's head most recently used: its tail is evicted first
+                if key in cache:
+                    cache.touch(key)
             return added
 
     def finish(self, state: RequestState) -> None:
