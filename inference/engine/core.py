@@ -89,7 +89,8 @@ class Engine:
         budget = cfg.kv_budget_bytes or auto_kv_budget(self.device)
         self.scheduler = SCHEDULERS[cfg.scheduler](
             queue_limit=cfg.queue_limit, kv_budget_bytes=budget, kv_bytes_per_token=self.kv_bytes_per_token,
-            max_batch_size=cfg.max_batch_size, max_step_tokens=cfg.max_step_tokens, exact=self.exact,
+            max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
+            decoding_prefill_tokens=cfg.decoding_prefill_tokens, exact=self.exact,
             kv_headroom=cfg.kv_headroom,
             prefix_cache=PrefixCache(cfg.kv_block_tokens) if cfg.prefix_cache and not self.exact else None,
         )
@@ -365,7 +366,8 @@ class Engine:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             # The host memory of the process holding this engine (its engine process): weights on CPU, KV cache.
             "resident_bytes": psutil.Process().memory_info().rss,
-            "max_step_tokens": self.scheduler.max_step_tokens,
+            "max_prefill_tokens": self.scheduler.max_prefill_tokens,
+            "decoding_prefill_tokens": self.scheduler.decoding_prefill_tokens,
             "chunked_prefill": not self.exact,
             "preemptions": self.scheduler.preemptions,
             "prefix_cache": self.scheduler.prefix_cache is not None,

@@ -1,8 +1,8 @@
 """Which requests run in the next step: a token budget per step, KV admission, preemption, the prefix cache.
 
-Every step feeds at most `max_step_tokens` tokens to the model: each running decode one token, first, then
-prompt chunks in the rest of the budget, so a long prompt is prefilled over several steps while the others
-keep decoding. A request is admitted for the KV it uses now (its cached prefix and its first chunk) plus
+Every step has a token budget: each running decode feeds its one token, and prompt chunks take at most
+`decoding_prefill_tokens` while anyone decodes (`max_prefill_tokens` when nobody does), so a long prompt is
+prefilled over several steps while the others keep decoding. A request is admitted for the KV it uses now (its cached prefix and its first chunk) plus
 a headroom share of the budget kept free; its reservation grows as it runs, and when the budget runs out
 the most recently admitted request is preempted: its KV is dropped and it waits at the head of the queue
 to be recomputed. Prefix-cache blocks live in the same budget and are evicted before anyone is preempted.
@@ -60,7 +60,7 @@ class FifoScheduler:
 
     def __init__(
         self, *, queue_limit: int, kv_budget_bytes: int, kv_bytes_per_token: int, max_batch_size: int,
-        max_step_tokens: int, exact: bool = False, kv_headroom: float = 0.05,
+        max_prefill_tokens: int, decoding_prefill_tokens: int | None = None, exact: bool = False, kv_headroom: float = 0.05,
         prefix_cache: PrefixCache | None = None,
     ) -> None:
         if queue_limit < 1:
@@ -69,7 +69,8 @@ class FifoScheduler:
         self.kv_budget_bytes = kv_budget_bytes
         self.kv_bytes_per_token = max(1, kv_bytes_per_token)
         self.max_batch_size = max_batch_size
-        self.max_step_tokens = max_step_tokens
+        self.max_prefill_tokens = max_prefill_tokens
+        self.decoding_prefill_tokens = decoding_prefill_tokens or max_prefill_tokens
         self.exact = exact
         self.kv_headroom_bytes = int(kv_budget_bytes * kv_headroom)
         self.prefix_cache = None if exact else prefix_cache
@@ -125,9 +126,9 @@ class FifoScheduler:
             if self._closed:
                 return None
             plan = StepPlan()
-            budget = self.max_step_tokens
             decoding = [s for s in self.running if s.pending_tokens == 1]
             prefilling = [s for s in self.running if s.pending_tokens > 1]
+            budget = self.decoding_prefill_tokens if decoding else self.max_prefill_tokens
             for state in decoding + prefilling:
                 if state not in self.running:
                     continue  # preempted for an older request earlier in this loop
@@ -136,7 +137,8 @@ class FifoScheduler:
                     continue  # the budget is spent: this prompt's next chunk waits for the next step
                 if self._grow(state, state.num_computed + n):
                     plan.scheduled.append((state, n))
-                    budget -= n
+                    if n > 1 or not state.output_ids:  # a prompt's tokens; decodes are outside the budget
+                        budget -= n
             # A request preempted for an older one may already have been placed in this step.
             plan.scheduled = [(s, n) for s, n in plan.scheduled if s.status is RequestStatus.RUNNING]
             self._admit_waiting(plan, budget)
@@ -155,7 +157,7 @@ class FifoScheduler:
             if self.exact:
                 # A whole prompt per request; the first of a step runs even when it alone exceeds the budget.
                 n = state.pending_tokens
-                if plan.prefill and prefill_tokens + n > self.max_step_tokens:
+                if plan.prefill and prefill_tokens + n > self.max_prefill_tokens:
                     break
                 cached, need = 0, state.max_total_tokens
             else:

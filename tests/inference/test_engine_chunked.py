@@ -68,7 +68,7 @@ def test_a_chunk_after_cached_tokens_computes_what_the_whole_prompt_does(demo_di
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_fifteen_streams_decode(demo_dir: Path) -> None:
-    with Engine(demo_dir / "demo-dense", device="cpu", max_step_tokens=64) as engine:
+    with Engine(demo_dir / "demo-dense", device="cpu", decoding_prefill_tokens=48) as engine:
         engine.eos_token_ids = set()
         short = engine.encode_chat([{"role": "user", "content": "hi"}])
         prompt = long_prompt(engine, 1500)
@@ -89,9 +89,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_fifteen_streams_decode(demo_
     assert all(still_running)  # all fifteen decoded through the whole prefill
     assert long_state.finish_reason == "length" and len(long_state.output_ids) == 4
     chunk_steps = [plan for plan in plans if dict(plan).get(long_state, 0) > 1]
-    assert len(chunk_steps) >= 1500 // 64  # prefilled over many steps, not in one
+    assert len(chunk_steps) >= 1500 // 48  # prefilled over many steps, not in one
     for plan in chunk_steps:
-        assert sum(n for _, n in plan) <= 64  # the step's token budget
+        assert dict(plan)[long_state] <= 48  # the step's prompt budget while others decode
         in_step = dict(plan)
         assert all(in_step.get(d) == 1 for d in decoders)  # every decoder took a token in every chunk's step
     assert sum(dict(plan)[long_state] for plan in chunk_steps) == 1500
@@ -101,7 +101,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_fifteen_streams_decode(demo_
 def test_chunked_prefill_answers_as_a_whole_prefill_does(demo_dir: Path, name: str) -> None:
     answers = []
     for budget in (48, 4096):
-        with Engine(demo_dir / name, device="cpu", max_step_tokens=budget, prefix_cache=False) as engine:
+        with Engine(demo_dir / name, device="cpu", max_prefill_tokens=budget, prefix_cache=False) as engine:
             engine.eos_token_ids = set()
             prompt = long_prompt(engine, 400)
             answers.append(run(collect(engine, prompt, SamplingParams(max_tokens=12, temperature=0)))[1].output_ids)
@@ -111,7 +111,7 @@ def test_chunked_prefill_answers_as_a_whole_prefill_does(demo_dir: Path, name: s
 
 
 def test_exact_mode_prefills_a_long_prompt_whole_and_still_equals_generate(demo_dir: Path) -> None:
-    with Engine(demo_dir / "demo-dense", device="cpu", exact=True, max_step_tokens=32) as engine:
+    with Engine(demo_dir / "demo-dense", device="cpu", exact=True, max_prefill_tokens=32, decoding_prefill_tokens=32) as engine:
         engine.eos_token_ids = set()
         prompt = long_prompt(engine, 300)
         plans = record_plans(engine)

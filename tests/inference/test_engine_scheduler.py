@@ -22,7 +22,8 @@ def request(prompt: int, max_tokens: int, got: list | None = None, *, token: int
 
 def scheduler(budget_tokens: int = 1000, **kwargs) -> FifoScheduler:
     settings = dict(queue_limit=4, kv_budget_bytes=budget_tokens * PER_TOKEN, kv_bytes_per_token=PER_TOKEN,
-                    max_batch_size=8, max_step_tokens=100, kv_headroom=0.0)
+                    max_batch_size=8, max_prefill_tokens=100, kv_headroom=0.0)
+    # One prompt budget whether or not others decode, unless a test sets the one while decoding.
     return FifoScheduler(**{**settings, **kwargs})
 
 
@@ -81,7 +82,7 @@ def test_exact_mode_prefills_whole_prompts_and_one_long_prompt_still_runs() -> N
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode() -> None:
-    fifo = scheduler(queue_limit=16, max_batch_size=16, max_step_tokens=64)
+    fifo = scheduler(queue_limit=16, max_batch_size=16, max_prefill_tokens=64, decoding_prefill_tokens=48)
     decoders = [request(4, 100) for _ in range(15)]
     for state in decoders:
         fifo.add(state)
@@ -93,16 +94,16 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode() -> None:
     while not long_one.output_ids:
         plan = fifo.schedule()
         assert [s for s, n in plan.scheduled if n == 1] == decoders  # every decode is in every step, first
-        assert plan.tokens <= 64
+        assert plan.tokens <= 15 + 48
         chunks.append(dict(plan.scheduled)[long_one])
         run_step(plan)
-    assert chunks == [49] * 10 + [10]  # 64 - 15 decodes per step, then the rest
+    assert chunks == [48] * 10 + [20]  # the prompt budget while others decode, then the rest
     assert long_one.output_ids == [7]  # sampled once, after the last chunk
     assert all(len(state.output_ids) == 1 + len(chunks) for state in decoders)
 
 
 def test_the_budget_is_shared_by_new_prompts_in_arrival_order() -> None:
-    fifo = scheduler(max_step_tokens=100)
+    fifo = scheduler(max_prefill_tokens=100)
     a, b, c = request(60, 1), request(60, 1), request(60, 1)
     for state in (a, b, c):
         fifo.add(state)
@@ -118,7 +119,7 @@ def test_the_budget_is_shared_by_new_prompts_in_arrival_order() -> None:
 
 def test_a_request_with_a_large_max_tokens_does_not_block_others_that_fit() -> None:
     # 800 tokens of budget: the worst case of the first request (20 + 4096) alone would not even fit it.
-    fifo = scheduler(budget_tokens=800, queue_limit=16, max_batch_size=16, max_step_tokens=512, kv_headroom=0.05)
+    fifo = scheduler(budget_tokens=800, queue_limit=16, max_batch_size=16, max_prefill_tokens=512, kv_headroom=0.05)
     greedy = request(20, 4096)
     others = [request(20, 20) for _ in range(15)]
     for state in (greedy, *others):
@@ -135,7 +136,7 @@ def test_a_request_with_a_large_max_tokens_does_not_block_others_that_fit() -> N
 
 
 def test_when_the_budget_runs_out_the_newest_request_is_preempted_and_recomputed() -> None:
-    fifo = scheduler(budget_tokens=96, max_step_tokens=200)
+    fifo = scheduler(budget_tokens=96, max_prefill_tokens=200)
     old, new = request(30, 60), request(30, 60)
     fifo.add(old)
     fifo.add(new)
@@ -163,7 +164,7 @@ def test_when_the_budget_runs_out_the_newest_request_is_preempted_and_recomputed
 
 
 def test_a_preempted_request_cancelled_while_waiting_goes_back_to_the_worker() -> None:
-    fifo = scheduler(budget_tokens=64, max_step_tokens=200)
+    fifo = scheduler(budget_tokens=64, max_prefill_tokens=200)
     old, new = request(30, 30), request(30, 30)
     fifo.add(old)
     fifo.add(new)
@@ -198,7 +199,7 @@ def serve(fifo: FifoScheduler, state: RequestState) -> None:
 
 
 def test_a_prompt_reuses_the_blocks_of_its_scope_and_computes_the_rest() -> None:
-    fifo = cached_scheduler(max_step_tokens=1000)
+    fifo = cached_scheduler(max_prefill_tokens=1000)
     serve(fifo, request(100, 4, scope="team-a"))  # 103 tokens computed: 6 full blocks
     assert len(fifo.prefix_cache) == 6
     again = request(100, 4, scope="team-a")
@@ -210,7 +211,7 @@ def test_a_prompt_reuses_the_blocks_of_its_scope_and_computes_the_rest() -> None
 
 
 def test_a_team_never_reuses_another_teams_blocks() -> None:
-    fifo = cached_scheduler(max_step_tokens=1000)
+    fifo = cached_scheduler(max_prefill_tokens=1000)
     serve(fifo, request(100, 4, scope="team-a"))
     for other in (request(100, 4, scope="team-b"), request(100, 4, scope=None)):
         fifo.add(other)
@@ -220,7 +221,7 @@ def test_a_team_never_reuses_another_teams_blocks() -> None:
 
 
 def test_the_last_token_is_always_computed_even_when_the_whole_prompt_is_cached() -> None:
-    fifo = cached_scheduler(max_step_tokens=1000)
+    fifo = cached_scheduler(max_prefill_tokens=1000)
     serve(fifo, request(64, 4, scope="t"))
     again = request(64, 4, scope="t")
     fifo.add(again)
@@ -228,7 +229,7 @@ def test_the_last_token_is_always_computed_even_when_the_whole_prompt_is_cached(
 
 
 def test_a_different_prefix_shares_only_the_blocks_before_it_differs() -> None:
-    fifo = cached_scheduler(max_step_tokens=1000)
+    fifo = cached_scheduler(max_prefill_tokens=1000)
     first = request(64, 2, scope="t")
     serve(fifo, first)
     second = RequestState([5] * 40 + [6] * 24, SamplingParams(max_tokens=2), [].append, cache_scope="t")
@@ -238,7 +239,7 @@ def test_a_different_prefix_shares_only_the_blocks_before_it_differs() -> None:
 
 
 def test_cached_blocks_live_in_the_kv_budget_and_are_evicted_before_anyone_waits() -> None:
-    fifo = cached_scheduler(budget_tokens=250, max_step_tokens=1000)
+    fifo = cached_scheduler(budget_tokens=250, max_prefill_tokens=1000)
     serve(fifo, request(100, 4, scope="a"))  # 96 tokens of blocks stay in the budget
     assert fifo.prefix_cache.nbytes == 96 * PER_TOKEN
     serve(fifo, request(100, 4, token=9, scope="a"))  # 96 more: the cache now holds 192 of 250
@@ -298,7 +299,7 @@ def test_discard_takes_back_only_waiting_requests() -> None:
 
 @pytest.mark.parametrize("bad", [{"queue_limit": 0}, {"max_batch_size": 0}, {"kv_budget_bytes": 0},
                                  {"device": "tpu"}, {"stream_interval_s": -1}, {"threads": 0},
-                                 {"max_step_tokens": 0}, {"kv_block_tokens": 0}, {"kv_headroom": 1.0}])
+                                 {"max_prefill_tokens": 0}, {"decoding_prefill_tokens": 0}, {"kv_block_tokens": 0}, {"kv_headroom": 1.0}])
 def test_invalid_engine_settings_name_the_field(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineConfig(**bad)
