@@ -15,6 +15,10 @@ ttft: a chat with a shared system prompt of about 1,500 tokens, five turns of `-
 time to first token of turns 2..5 with the prefix cache on (the chat's requests share a cache scope) and
 off. Each turn's prompt is the whole conversation so far, as a chat client sends it.
 
+load: what the chunk costs a busy engine: `--clients` closed-loop clients (each sends its next short chat
+as soon as its answer of 64 tokens ends) for `--rounds` answers each, with each chunk of --budgets and with
+256; tokens/s and TTFT p50/p95.
+
 Everything runs in this process against the engine itself (no HTTP), on CPU, in plain mode (exact mode
 prefills whole and has no prefix cache). Writes nothing; not part of `make test`.
 """
@@ -155,10 +159,43 @@ def ttft(model_dir: Path, answer: int, system_tokens: int) -> None:
     print(f"  turns 2..5 with the cache take {figures[True] / figures[False]:.2f}x the time without")
 
 
+async def closed_loop(engine: Engine, clients: int, rounds: int) -> tuple[float, list[float]]:
+    """Return tokens/s and every TTFT of `clients` clients sending `rounds` requests each, one after another."""
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def client(i: int) -> None:
+        nonlocal tokens
+        for r in range(rounds):
+            prompt = engine.encode_chat([{"role": "user", "content": f"Question {i}.{r}: " + FILLER[: 40 + 7 * i]}])
+            started, first = time.perf_counter(), None
+            async for chunk in engine.submit(prompt, SamplingParams(max_tokens=64, temperature=0)):
+                if first is None and chunk.completion_tokens:
+                    first = time.perf_counter()
+                    ttfts.append(first - started)
+                if chunk.finish_reason:
+                    tokens += chunk.completion_tokens
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return tokens / (time.perf_counter() - started), ttfts
+
+
+def load(model_dir: Path, clients: int, rounds: int, budgets: list[int]) -> None:
+    print(f"\n{model_dir.name}: {clients} closed-loop clients x {rounds} answers of 64 tokens")
+    print(f"  {'chunk while decoding':<22} {'tok/s':>8} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12}")
+    for budget in [*budgets, 256]:
+        with Engine(model_dir, device="cpu", decoding_prefill_tokens=budget) as engine:
+            engine.eos_token_ids = set()
+            rate, ttfts = asyncio.run(closed_loop(engine, clients, rounds))
+        print(f"  {budget:<22} {rate:>8.0f} {1e3 * statistics.median(ttfts):>12.0f} {1e3 * percentile(ttfts, .95):>12.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(DEMO_SPECS), choices=list(DEMO_SPECS))
-    parser.add_argument("--only", choices=("itl", "ttft"))
+    parser.add_argument("--only", choices=("itl", "ttft", "load"))
+    parser.add_argument("--clients", type=int, nargs="+", default=[16, 64], help="clients of the load run")
     parser.add_argument("--rounds", type=int, default=3, help="long prompts per ITL run")
     parser.add_argument("--budgets", type=int, nargs="+", default=[EngineConfig().decoding_prefill_tokens],
                         help="prompt tokens per step while others decode, to run chunked prefill with "
@@ -173,6 +210,9 @@ def main() -> None:
                 itl(Path(tmp) / name, args.rounds, args.budgets)
             if args.only in (None, "ttft"):
                 ttft(Path(tmp) / name, args.answer, args.system_tokens)
+            if args.only in (None, "load"):
+                for clients in args.clients:
+                    load(Path(tmp) / name, clients, args.rounds, args.budgets)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ class EngineConfig:
     # decodes, and when the budget runs out the newest running request is preempted and later recomputed.
     kv_budget_bytes: int | None = None
     max_batch_size: int = 128  # requests decoding together in one step
-    # The token budget of a step: every running decode feeds its one token, and prompts are prefilled in
-    # chunks of at most `decoding_prefill_tokens` per step while any request decodes, `max_prefill_tokens`
-    # when none does. A long prompt is so prefilled over several steps, interleaved with the running decodes;
-    # the chunk is small because on CPU a step's time grows with its tokens and every decoding stream waits
-    # for the whole step (measured on the 2-core box, 15 streams and a 2,044-token prompt on demo-dense: their
-    # p95 inter-token latency 1.8x of theirs alone with chunks of 49 tokens, 2.5x with 113, 4.5x with 241,
-    # 14x prefilling it whole). Alone, a prompt takes larger steps; a burst of new requests is still spread
-    # over a few steps, so the first of them stream sooner.
+    # The token budget of a step: every running decode feeds its one token, and prompts take at most
+    # `max_prefill_tokens` more (a burst of new requests is spread over a few steps, so the first of them
+    # stream sooner). While any request decodes, one prompt takes at most `decoding_prefill_tokens` per step:
+    # a long prompt is prefilled in chunks interleaved with the decodes, since on CPU a step's time grows with
+    # its tokens and every decoding stream waits for the whole step (measured on the 2-core box, 15 streams
+    # and a 2,044-token prompt on demo-dense: their p95 inter-token latency 1.6-1.8x theirs alone with chunks
+    # of 48 tokens, 2.3-2.5x with 112, 4-4.5x with 241, 14-20x prefilling it whole). Short prompts still start
+    # whole: a cap on the step's prompt tokens as small as that costs 16 and 64 clients of short chats a fifth
+    # of their tokens/s and triples their TTFT.
     max_prefill_tokens: int = 256
     decoding_prefill_tokens: int = 48
     # Share of the KV budget kept free when admitting a request while others run, so that running requests

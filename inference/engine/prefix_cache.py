@@ -91,14 +91,16 @@ class PrefixCache:
     def evict(self, nbytes: int, keep: frozenset[bytes] = frozenset()) -> int:
         """Drop least recently used blocks (except those in `keep`) until `nbytes` are freed or none is left;
         return the bytes freed."""
-        freed = 0
-        for key in [k for k in self._blocks if k not in keep]:
+        victims, freed = [], 0
+        for key, block in self._blocks.items():  # least recently used first
             if freed >= nbytes:
                 break
-            block = self._blocks.pop(key)
-            self.nbytes -= block.nbytes
-            self.evicted_blocks += 1
-            freed += block.nbytes
+            if key not in keep:
+                victims.append(key)
+                freed += block.nbytes
+        for key in victims:
+            self.nbytes -= self._blocks.pop(key).nbytes
+        self.evicted_blocks += len(victims)
         return freed
 
     def figures(self) -> dict:

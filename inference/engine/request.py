@@ -144,7 +144,9 @@ class RequestState:
         prompt = len(self.prompt_ids)
         if start + n <= prompt:
             return self.prompt_ids[start : start + n]
-        return (self.prompt_ids + self.output_ids)[start : start + n]
+        if start >= prompt:  # a decode step: no copy of the whole sequence
+            return self.output_ids[start - prompt : start - prompt + n]
+        return self.prompt_ids[start:] + self.output_ids[: start + n - prompt]
 
     @property
     def finished(self) -> bool:

@@ -1,8 +1,9 @@
 """Which requests run in the next step: a token budget per step, KV admission, preemption, the prefix cache.
 
-Every step has a token budget: each running decode feeds its one token, and prompt chunks take at most
-`decoding_prefill_tokens` while anyone decodes (`max_prefill_tokens` when nobody does), so a long prompt is
-prefilled over several steps while the others keep decoding. A request is admitted for the KV it uses now (its cached prefix and its first chunk) plus
+Every step has a token budget: each running decode feeds its one token, and prompts take at most
+`max_prefill_tokens` more, in arrival order; while anyone decodes, one prompt takes at most
+`decoding_prefill_tokens` of them per step, so a long prompt is prefilled in chunks over several steps
+while the others keep decoding, and short prompts still start whole. A request is admitted for the KV it uses now (its cached prefix and its first chunk) plus
 a headroom share of the budget kept free; its reservation grows as it runs, and when the budget runs out
 the most recently admitted request is preempted: its KV is dropped and it waits at the head of the queue
 to be recomputed. Prefix-cache blocks live in the same budget and are evicted before anyone is preempted.
@@ -128,11 +129,13 @@ class FifoScheduler:
             plan = StepPlan()
             decoding = [s for s in self.running if s.pending_tokens == 1]
             prefilling = [s for s in self.running if s.pending_tokens > 1]
-            budget = self.decoding_prefill_tokens if decoding else self.max_prefill_tokens
+            budget = self.max_prefill_tokens
+            chunk = self.decoding_prefill_tokens if decoding else self.max_prefill_tokens
             for state in decoding + prefilling:
                 if state not in self.running:
                     continue  # preempted for an older request earlier in this loop
-                n = state.pending_tokens if self.exact or state.pending_tokens == 1 else min(state.pending_tokens, budget)
+                n = state.pending_tokens if self.exact or state.pending_tokens == 1 else min(state.pending_tokens, budget,
+                                                                                             chunk)
                 if n < 1:
                     continue  # the budget is spent: this prompt's next chunk waits for the next step
                 if self._grow(state, state.num_computed + n):
@@ -141,10 +144,10 @@ class FifoScheduler:
                         budget -= n
             # A request preempted for an older one may already have been placed in this step.
             plan.scheduled = [(s, n) for s, n in plan.scheduled if s.status is RequestStatus.RUNNING]
-            self._admit_waiting(plan, budget)
+            self._admit_waiting(plan, budget, chunk)
             return plan
 
-    def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
+    def _admit_waiting(self, plan: StepPlan, budget: int, chunk: int) -> None:
         """Move waiting requests into the batch, in order, while the step budget and the KV budget allow."""
         prefill_tokens = 0
         for state in [s for s in self._waiting if s.started_at is not None and s.cancel_requested.is_set()]:
@@ -164,7 +167,7 @@ class FifoScheduler:
                 if budget < 1:
                     break
                 cached = self._match_prefix(state)
-                n = min(state.num_tokens - cached, budget)
+                n = min(state.num_tokens - cached, budget, chunk)
                 need = cached + n
             target = self._admission_target(state, need)
             if not self._fits_at_admission(target):

@@ -6,7 +6,7 @@ import pytest
 
 from inference.engine.config import EngineConfig
 from inference.engine.outputs import OutputRouter
-from inference.engine.prefix_cache import PrefixCache, extend_hashes
+from inference.engine.prefix_cache import Block, PrefixCache, extend_hashes
 from inference.engine.scheduler import SCHEDULERS, FifoScheduler, StepPlan
 from inference.engine.request import Chunk, EngineBusy, EngineClosed, RequestState, SamplingParams
 
@@ -100,6 +100,19 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode() -> None:
     assert chunks == [48] * 10 + [20]  # the prompt budget while others decode, then the rest
     assert long_one.output_ids == [7]  # sampled once, after the last chunk
     assert all(len(state.output_ids) == 1 + len(chunks) for state in decoders)
+
+
+def test_while_others_decode_short_prompts_start_whole_and_long_ones_in_chunks() -> None:
+    fifo = scheduler(max_prefill_tokens=100, decoding_prefill_tokens=30)
+    decoder = request(4, 50)
+    fifo.add(decoder)
+    run_step(fifo.schedule())
+    long_one, short_a, short_b, short_c = request(200, 1), request(20, 1), request(25, 1), request(40, 1)
+    for state in (long_one, short_a, short_b, short_c):
+        fifo.add(state)
+    plan = fifo.schedule()
+    # One chunk of the long prompt, two short prompts whole, and the third starts with what is left of 100.
+    assert plan.scheduled == [(decoder, 1), (long_one, 30), (short_a, 20), (short_b, 25), (short_c, 25)]
 
 
 def test_the_budget_is_shared_by_new_prompts_in_arrival_order() -> None:
@@ -339,3 +352,21 @@ def test_router_without_interval_sends_every_step() -> None:
         router.emit(state, chunk(text, i))
         router.flush()
     assert [c.text for c in got] == ["x", "y", "z"]
+
+
+def test_a_steps_input_is_taken_from_the_prompt_and_the_output_as_one_sequence() -> None:
+    state = request(5, 10, token=1)
+    state.output_ids = [2, 3, 4]
+    assert state.token_slice(0, 5) == [1] * 5
+    assert state.token_slice(3, 4) == [1, 1, 2, 3]  # a recomputed request's chunk crosses into its output
+    assert state.token_slice(7, 1) == [4]  # a decode step feeds the last sampled token
+    assert state.pending_tokens == 8 and state.max_total_tokens == 15
+
+
+def test_eviction_skips_the_blocks_kept_and_takes_the_least_recent_first() -> None:
+    cache = PrefixCache(BLOCK)
+    for key in (b"a", b"b", b"c"):
+        cache.insert(Block(key, None, 10))
+    cache.touch(b"a")  # now b is the least recently used, then c, then a
+    assert cache.evict(15, keep=frozenset({b"b"})) == 20
+    assert b"b" in cache and b"c" not in cache and b"a" not in cache and cache.nbytes == 10
