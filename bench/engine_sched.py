@@ -102,8 +102,9 @@ def itl(model_dir: Path, rounds: int, budgets: list[int]) -> None:
     configs = [("chunked", budget) for budget in budgets] + [("whole", 4096)]
     for label, step_tokens in configs:
         settings = {"device": "cpu", "stream_interval_s": 0.0, "prefix_cache": False}
-        if step_tokens:
-            settings["decoding_prefill_tokens"] = step_tokens
+        settings["decoding_prefill_tokens"] = step_tokens
+        if label == "whole":  # the step's prompt budget too, or the prompt would still go in steps of 256
+            settings["max_prefill_tokens"] = step_tokens
         with Engine(model_dir, **settings) as engine:
             engine.eos_token_ids = set()
             long_prompt = text_of_tokens(engine, engine.context_length - 4)
