@@ -20,8 +20,11 @@ ERROR = {
 }
 USAGE = {
     "type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-    "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens",
-                                                                   "total_tokens")},
+    "properties": {
+        **{k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        # Prompt tokens whose KV came from the team's prefix cache instead of being computed.
+        "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer", "minimum": 0}}},
+    },
 }
 CHAT_COMPLETION = {
     "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],

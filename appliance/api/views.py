@@ -202,7 +202,8 @@ async def answer(request: HttpRequest, body, flight: InFlight):
             max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, room)),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k_cut, stop=body.stop_sequences,
             seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
-        handle = engine.submit(prompt_ids, params)
+        # The team is the prefix cache's scope: a team reuses its own prompts' KV, never another team's.
+        handle = engine.submit(prompt_ids, params, cache_scope=flight.caller.team)
         await handle.accepted()  # an engine process answers whether it took the request
     except Untokenizable as exc:
         flight.settle("refused")
@@ -275,10 +276,12 @@ class Exchange:
         self.text: list[str] = []
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def event(self, outcome: str, finish_reason: str | None, error_message: str | None = None) -> dict:
         details = {
@@ -306,6 +309,7 @@ class Exchange:
             self.first_text_at = time.monotonic()
         self.text.append(chunk.text)
         self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        self.cached_tokens = chunk.cached_tokens
 
     async def complete(self, handle):
         finish = None

@@ -1,8 +1,9 @@
 """The engine core: it takes a model directory and token ids, and yields tokens. It imports no Django.
 
     core.py        Engine: the step loop (schedule, forward, sample, postprocess) on its own thread
-    scheduler.py   which requests run in the next step, within the KV budget
+    scheduler.py   which requests run in the next step: token budget, chunked prefill, KV admission, preemption
     cache.py       the KV cache the batch shares
+    prefix_cache.py  the prefix cache's index: KV blocks keyed by a hash of their scope and token prefix
     runner.py      loads the model and runs one forward over the step's batch
     attention.py   the attention function the runner registers with transformers
     exact.py       opt-in bit-exact batching: every row's numbers equal running it alone

@@ -3,7 +3,9 @@
 Registered with transformers as the attention implementation "appliance_rows". The model hands it the
 queries of every request in the step [1, h, N, d]; it runs scaled-dot-product attention once per request
 with exactly the arguments `sdpa_attention_forward` would use for that request alone (no mask, causal only
-for a prompt), so the result matches `generate` bit for bit and no padding is ever computed.
+for a prompt), so the result matches `generate` bit for bit and no padding is ever computed. A prompt chunk
+after cached tokens (chunked prefill, a cached prefix; never in exact mode) gets the causal mask aligned to
+its place in the history.
 """
 
 from __future__ import annotations
@@ -40,10 +42,26 @@ def rows_attention(
     causal = getattr(module, "is_causal", True)
     outputs = []
     for q, k, v in _per_request(layout, module, query, key, value):
-        outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=scaling,
-                                                      is_causal=causal and q.shape[2] > 1, **extra))
+        mask = _chunk_mask(q, k) if causal else None
+        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scaling,
+                                                      is_causal=causal and mask is None and q.shape[2] > 1,
+                                                      **extra))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # [1, h, N, d_v]
     return out.transpose(1, 2).contiguous(), None  # [1, N, h, d_v]
+
+
+def _chunk_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """Return the causal mask of a prompt chunk after cached tokens, or None when `is_causal` is right.
+
+    SDPA's `is_causal` aligns the first query with the first key. A chunk of T queries after L - T cached
+    tokens needs the mask aligned at the bottom right: query i sees keys up to L - T + i.
+    """
+    t, length = q.shape[2], k.shape[2]
+    if t == 1 or t == length:
+        return None
+    keys = torch.arange(length, device=q.device)
+    queries = torch.arange(length - t, length, device=q.device)
+    return (keys[None, :] <= queries[:, None])[None, None]  # [1, 1, T, L]
 
 
 def _per_request(layout, module, query, key, value):
@@ -61,7 +79,8 @@ def _per_request(layout, module, query, key, value):
 def _stock_rows(layout, module, query, key, value, attention_mask, scaling, **kwargs) -> tuple[torch.Tensor, None]:
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    outputs = [sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=scaling)[0]
+    outputs = [sdpa_attention_forward(module, q, k, v, _chunk_mask(q, k) if getattr(module, "is_causal", True)
+                                      else None, dropout=0.0, scaling=scaling)[0]
                for q, k, v in _per_request(layout, module, query, key, value)]
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 

@@ -15,11 +15,14 @@ import torch
 DIRECT_MODEL_TYPES = frozenset(
     {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3", "olmo2"}
 )
-GROWTH_TOKENS = 128  # a store starts with room for the prompt plus this many tokens, then doubles
 
 
 class KVStore:
-    """One request's cached keys and values: a pair of buffers [1, h, capacity, d] per layer."""
+    """One request's cached keys and values: a pair of buffers [1, h, capacity, d] per layer.
+
+    `max_capacity` is the request's KV reservation; the scheduler raises it as the request grows, and the
+    buffers double up to it, never past it, so what the stores hold stays within the budget.
+    """
 
     def __init__(self, initial_capacity: int, max_capacity: int) -> None:
         self.length = 0  # tokens committed (visible to attention) in every layer
@@ -52,6 +55,22 @@ class KVStore:
     def commit(self, n: int) -> None:
         """Make the last step's `n` tokens part of the history."""
         self.length += n
+
+    def copy_out(self, start: int, end: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Return a copy of every layer's keys and values of tokens [start, end): a prefix-cache block."""
+        return {layer: (keys[:, :, start:end].clone(), values[:, :, start:end].clone())
+                for layer, (keys, values) in self.layers.items()}
+
+    def load_prefix(self, blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Fill an empty store with the KV of cached blocks, in order, and commit them as its history."""
+        assert self.length == 0, "a prefix goes into an empty store"
+        if not blocks:
+            return
+        for layer in blocks[0]:
+            keys = torch.cat([block[layer][0] for block in blocks], dim=2)
+            values = torch.cat([block[layer][1] for block in blocks], dim=2)
+            self.write(layer, keys, values)
+        self.commit(blocks[0][next(iter(blocks[0]))][0].shape[2] * len(blocks))
 
     def nbytes(self) -> int:
         """Return the bytes held by this store's buffers."""

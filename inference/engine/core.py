@@ -1,9 +1,11 @@
 """The in-process inference engine: one worker thread owns the model and runs continuous batching.
 
 The asyncio side submits requests and iterates their chunks. The worker loops over one narrow step:
-the scheduler picks the batch (running requests decode a token, newly admitted ones prefill their prompt,
-all in one forward), the model runs once, every request samples its token, and postprocessing detokenizes,
-checks stops and retires finished requests, whose KV reservation goes back to the budget. Chunks go back
+the scheduler picks the batch within a token budget (running requests decode a token, prompts prefill a
+chunk, newly admitted ones start with a cached prefix where their scope has one, all in one forward), the
+model runs once, every request whose known tokens are all computed samples its next one, and
+postprocessing detokenizes, checks stops and retires finished requests, whose KV reservation goes back to
+the budget and whose full blocks go into the prefix cache. Chunks go back
 through a per-request asyncio.Queue, one thread hop per event loop per step.
 No Django here: the engine takes a model directory and requests, and yields tokens.
 """
@@ -24,11 +26,12 @@ import psutil
 import torch
 
 from inference.engine.detokenize import TextStream
-from inference.engine.cache import GROWTH_TOKENS, KVStore
+from inference.engine.cache import KVStore
 from inference.engine.config import EngineConfig
 from inference.engine.prompt import encode_chat, load_tokenizer
 from inference.engine.outputs import OutputRouter, RequestHandle, deliver_now
 from inference.engine.runner import Runner, load_model, resolve_device
+from inference.engine.prefix_cache import PrefixCache
 from inference.engine.scheduler import SCHEDULERS, StepPlan
 from inference.engine.stats import EngineStats, auto_kv_budget, eos_token_ids
 from inference.fit.bounds import check_model_dir
@@ -87,6 +90,9 @@ class Engine:
         self.scheduler = SCHEDULERS[cfg.scheduler](
             queue_limit=cfg.queue_limit, kv_budget_bytes=budget, kv_bytes_per_token=self.kv_bytes_per_token,
             max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
+            decoding_prefill_tokens=cfg.decoding_prefill_tokens, exact=self.exact,
+            kv_headroom=cfg.kv_headroom,
+            prefix_cache=PrefixCache(cfg.kv_block_tokens) if cfg.prefix_cache and not self.exact else None,
         )
         self.stats = EngineStats()
         self.router = OutputRouter(cfg.stream_interval_s)
@@ -109,8 +115,16 @@ class Engine:
         """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""
         return min(self.context_length, self.scheduler.max_tokens_per_request())
 
-    def submit(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
-        """Validate and queue a request from inside a running event loop; raise at once if it cannot run."""
+    def submit(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(), *,
+               cache_scope: str | None = None) -> RequestHandle:
+        """Validate and queue a request from inside a running event loop; raise at once if it cannot run.
+
+        `cache_scope` (plain data: a team's name) lets the request reuse the prompt KV that earlier requests
+        of the same scope computed, and leave its own for later ones; requests of different scopes never
+        share, and None (the default) neither reuses nor leaves anything.
+        """
+        if cache_scope is not None and not isinstance(cache_scope, str):
+            raise TypeError(f"cache_scope must be a string or None, got {type(cache_scope).__name__}")
         if self._closed.is_set():
             raise EngineClosed("the engine is closed")
         prompt_ids = [int(t) for t in prompt_ids]
@@ -133,13 +147,14 @@ class Engine:
             )
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Chunk] = asyncio.Queue()
-        state = RequestState(prompt_ids, params, chunks.put_nowait, loop=loop)
+        state = RequestState(prompt_ids, params, chunks.put_nowait, loop=loop, cache_scope=cache_scope)
         self.scheduler.add(state)
         return RequestHandle(state, chunks, self)
 
-    async def stream(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams()) -> AsyncIterator[Chunk]:
-        """Submit a request and yield its chunks; closing the iterator early cancels the request."""
-        handle = self.submit(prompt_ids, params)
+    async def stream(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
+                     **options) -> AsyncIterator[Chunk]:
+        """Submit a request (options as `submit`) and yield its chunks; closing the iterator early cancels it."""
+        handle = self.submit(prompt_ids, params, **options)
         try:
             async for chunk in handle:
                 yield chunk
@@ -175,14 +190,31 @@ class Engine:
     def _step(self, plan: StepPlan) -> None:
         """Schedule → run → sample → postprocess, for every request of one step."""
         started = time.monotonic()
-        batch = [s for s in plan.requests if not self._retire_if_cancelled(s)]
-        for state in plan.prefill:
-            if state in batch:
+        for state in plan.cancelled:
+            self._retire(state, "cancelled")
+        scheduled = [(s, n) for s, n in plan.scheduled if not self._retire_if_cancelled(s)]
+        admitted = set(plan.prefill)
+        for state, _ in scheduled:
+            if state in admitted:
                 self._admit(state)
-        if batch:
-            new_tokens = [s.prompt_ids if s.cache.length == 0 else [s.output_ids[-1]] for s in batch]
+        if scheduled:
+            batch = [s for s, _ in scheduled]
+            new_tokens = [s.token_slice(s.num_computed, n) for s, n in scheduled]
+            for state in batch:
+                state.cache.max_capacity = max(state.cache.max_capacity, state.kv_tokens)
             rows = self._run_model(batch, new_tokens)
-            self._sample_and_postprocess(batch, rows)
+            # A prompt whose last chunk is still to come samples nothing: its row's logits are dropped.
+            done, done_rows = [], []
+            for state, row in zip(batch, rows):
+                state.num_computed = state.cache.length
+                if isinstance(row, Exception) or state.pending_tokens == 0:
+                    done.append(state)
+                    done_rows.append(row)
+            prefilled = [s for s, n in scheduled if n > 1 and s.pending_tokens == 0]
+            self._sample_and_postprocess(done, done_rows)
+            for state in prefilled:
+                if not state.finished:  # the prompt's blocks, for requests of its scope arriving meanwhile
+                    self._store_prefix(state)
             self.stats.record_step(len(batch), sum(len(t) for t in new_tokens), time.monotonic() - started)
         self._flush()
 
@@ -193,10 +225,20 @@ class Engine:
         return False
 
     def _admit(self, state: RequestState) -> None:
-        """Give a newly admitted request its KV store, detokenizer and sampling state."""
-        state.start()
-        prompt, params = len(state.prompt_ids), state.params
-        state.cache = KVStore(prompt + min(params.max_tokens, GROWTH_TOKENS), prompt + params.max_tokens)
+        """Give an admitted request its KV store (holding its cached prefix) and, the first time, its
+        detokenizer and sampling state; a preempted request keeps those and recomputes only its KV."""
+        resumed = state.preemptions > 0
+        # Exact mode reserves the worst case; the buffers still start small and double within it.
+        state.cache = KVStore(min(state.kv_tokens, state.num_tokens + 128), state.kv_tokens)
+        blocks, state.prefix_blocks = state.prefix_blocks, []
+        if blocks:
+            state.cache.load_prefix([block.payload for block in blocks])
+        if state.cache.length != state.num_computed:
+            raise RuntimeError(f"the cached prefix holds {state.cache.length} tokens, the scheduler counted "
+                               f"{state.num_computed}")
+        if resumed:
+            return
+        params = state.params
         state.text = TextStream(self.tokenizer, state.prompt_ids, params.stop)
         if not params.greedy:
             state.generator = make_generator(params.seed, self.runner.output_device)
@@ -277,9 +319,16 @@ class Engine:
         if text:
             self._emit(state, state.chunk(text))
 
+    def _store_prefix(self, state: RequestState) -> None:
+        """Leave the request's computed full blocks in the prefix cache (a no-op without a scope)."""
+        if state.cache is not None and state.cache.layers:
+            self.scheduler.store_prefix(state, state.cache.copy_out)
+
     def _retire(self, state: RequestState, reason: str, error: str | None = None, *, text: str = "") -> None:
         """Finish a running request on the worker: free its KV reservation and queue its final chunk."""
         self.scheduler.finish(state)
+        if reason != "error":  # an errored request's KV may be what failed; never hand it on
+            self._store_prefix(state)  # after its reservation went back: the blocks may take that room
         state.finish(reason, error)
         self.stats.record_finish(state)
         self._emit(state, state.chunk(text))
@@ -317,6 +366,12 @@ class Engine:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             # The host memory of the process holding this engine (its engine process): weights on CPU, KV cache.
             "resident_bytes": psutil.Process().memory_info().rss,
+            "max_prefill_tokens": self.scheduler.max_prefill_tokens,
+            "decoding_prefill_tokens": self.scheduler.decoding_prefill_tokens,
+            "chunked_prefill": not self.exact,
+            "preemptions": self.scheduler.preemptions,
+            "prefix_cache": self.scheduler.prefix_cache is not None,
+            **(self.scheduler.prefix_cache.figures() if self.scheduler.prefix_cache is not None else {}),
             **self.stats.as_dict(),
         }
 

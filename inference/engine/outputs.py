@@ -19,7 +19,7 @@ from inference.engine.request import Chunk, RequestState
 def merge(first: Chunk, second: Chunk) -> Chunk:
     """Return one chunk carrying the text of both and the state of the later one."""
     return Chunk(first.text + second.text, second.finish_reason, second.prompt_tokens, second.completion_tokens,
-                 second.error)
+                 second.error, second.cached_tokens)
 
 
 def deliver_now(state: RequestState, chunk: Chunk) -> None:

@@ -79,11 +79,12 @@ class Chunk:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache instead of being computed
 
 
 class RequestStatus(enum.Enum):
-    QUEUED = "queued"  # waiting for admission (queue slot taken, no KV cache yet)
-    RUNNING = "running"  # admitted: holds a KV reservation and is in every step until it finishes
+    QUEUED = "queued"  # waiting for admission (queue slot taken, no KV cache yet), or preempted and waiting again
+    RUNNING = "running"  # admitted: holds a KV reservation and is in every step until it finishes or is preempted
     FINISHED = "finished"
 
 
@@ -96,6 +97,8 @@ class RequestState:
     deliver: Callable[[Chunk], None] = field(repr=False)  # hands a chunk to the consumer (on its event loop)
     loop: Any = field(default=None, repr=False)  # the consumer's event loop; None → call `deliver` directly
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Requests of the same scope (a team) may reuse each other's cached prompt KV; None never shares.
+    cache_scope: str | None = None
     status: RequestStatus = RequestStatus.QUEUED
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -112,11 +115,38 @@ class RequestState:
     text: Any = field(default=None, repr=False)
     token_counts: Any = field(default=None, repr=False)  # [V] occurrences of generated tokens, for penalties
     kv_reserved: int = 0  # bytes of the deployment's KV budget held for this request while it runs
+    kv_tokens: int = 0  # tokens of KV cache those bytes pay for; the KV store never grows past it
+    num_computed: int = 0  # tokens of prompt_ids + output_ids whose KV is in the cache
+    cached_tokens: int = 0  # of the prompt, tokens taken from the prefix cache at first admission
+    preemptions: int = 0  # times the request lost its KV cache to others and was recomputed
+    # Scheduler-owned: hashes of the request's full KV blocks (prefix-cache keys), and the cached blocks
+    # matched at admission, whose KV the worker copies into the new store.
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    prefix_blocks: list[Any] = field(default_factory=list, repr=False)
 
     @property
-    def reserved_tokens(self) -> int:
+    def max_total_tokens(self) -> int:
         """Return the most tokens this request can ever hold in its KV cache."""
         return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Return the tokens known so far: the prompt and every generated token."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def pending_tokens(self) -> int:
+        """Return the known tokens not yet in the KV cache (the prompt, or the last sampled token)."""
+        return self.num_tokens - self.num_computed
+
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """Return `n` known tokens from position `start` (prompt then output), the input of one step."""
+        prompt = len(self.prompt_ids)
+        if start + n <= prompt:
+            return self.prompt_ids[start : start + n]
+        if start >= prompt:  # a decode step: no copy of the whole sequence
+            return self.output_ids[start - prompt : start - prompt + n]
+        return self.prompt_ids[start:] + self.output_ids[: start + n - prompt]
 
     @property
     def finished(self) -> bool:
@@ -124,8 +154,16 @@ class RequestState:
         return self.status is RequestStatus.FINISHED
 
     def start(self) -> None:
-        """Mark the request as taken by the worker."""
-        self.status, self.started_at = RequestStatus.RUNNING, time.monotonic()
+        """Mark the request as taken by the worker (again, after a preemption: the first start is kept)."""
+        self.status = RequestStatus.RUNNING
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
+    def preempt(self) -> None:
+        """Drop the request's KV cache; it waits again and recomputes its tokens when readmitted."""
+        self.status = RequestStatus.QUEUED
+        self.cache, self.num_computed, self.prefix_blocks = None, 0, []
+        self.preemptions += 1
 
     def finish(self, reason: str, error: str | None = None) -> None:
         """Mark the request as done and drop its decoding state."""
@@ -133,10 +171,12 @@ class RequestState:
         self.status, self.finish_reason, self.error = RequestStatus.FINISHED, reason, error
         self.finished_at = time.monotonic()
         self.cache = self.generator = self.text = self.token_counts = None
+        self.prefix_blocks = []
 
     def chunk(self, text: str) -> Chunk:
         """Return a chunk carrying `text` and the request's current counts and finish state."""
-        return Chunk(text, self.finish_reason, len(self.prompt_ids), len(self.output_ids), self.error)
+        return Chunk(text, self.finish_reason, len(self.prompt_ids), len(self.output_ids), self.error,
+                     self.cached_tokens)
 
     @property
     def queue_seconds(self) -> float | None:

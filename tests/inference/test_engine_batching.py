@@ -96,14 +96,16 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engines: dict[str, Eng
     assert len(alone.output_ids) == 24 or alone.finish_reason == "stop"
 
 
-def test_requests_wait_for_kv_budget_instead_of_failing(demo_dir: Path) -> None:
+def test_in_exact_mode_requests_wait_for_their_worst_case_kv_instead_of_failing(demo_dir: Path) -> None:
+    # Exact mode reserves prompt + max_tokens at admission (a preempted request's recompute would change its
+    # numbers); plain mode's admission by current use and preemption are tested in test_engine_chunked.
     probe = Engine(demo_dir / "demo-distilled", device="cpu")
     per_token = probe.kv_bytes_per_token
     probe.close()
     prompt_tokens = len(prompts_of(probe)[1])
     # Room for two requests of this prompt and 32 new tokens at a time, not three.
     budget = per_token * (2 * (prompt_tokens + 32) + 10)
-    with Engine(demo_dir / "demo-distilled", device="cpu", kv_budget_bytes=budget) as engine:
+    with Engine(demo_dir / "demo-distilled", device="cpu", kv_budget_bytes=budget, exact=True) as engine:
         engine.eos_token_ids = set()
         prompt = prompts_of(engine)[1]
         params = SamplingParams(max_tokens=32, temperature=0)
