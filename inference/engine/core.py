@@ -41,6 +41,7 @@ from inference.engine.request import (
     RequestStatus,
     SamplingParams,
 )
+from inference.engine.grammar import Constraint, GrammarVocabulary, check_grammar
 from inference.engine.sampling import make_generator, sample_rows
 from inference.engine.telemetry import ExpertProbe, snapshot
 
@@ -110,7 +111,11 @@ class Engine:
         return min(self.context_length, self.scheduler.max_tokens_per_request())
 
     def submit(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
-        """Validate and queue a request from inside a running event loop; raise at once if it cannot run."""
+        """Validate and queue a request from inside a running event loop; raise at once if it cannot run.
+
+        A `params.grammar` (grammar.json_schema_grammar's text) constrains every sampled token to it; the
+        request stops ("stop") as soon as the grammar is complete.
+        """
         if self._closed.is_set():
             raise EngineClosed("the engine is closed")
         prompt_ids = [int(t) for t in prompt_ids]
@@ -120,6 +125,8 @@ class Engine:
         outside = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if outside is not None:
             raise ValueError(f"token id {outside} is outside the vocabulary [0, {self.vocab_size})")
+        if params.grammar is not None:
+            check_grammar(params.grammar)  # a GrammarError (ValueError) names what cannot be enforced
         total = len(prompt_ids) + params.max_tokens
         if total > self.context_length:
             raise PromptTooLong(
@@ -236,15 +243,26 @@ class Engine:
                 self._retire(state, "error", f"{type(row).__name__}: {row}")
         if not ok:
             return self._after_failure()
-        states = [s for s, _ in ok]
+        masked = []
+        for state, row in ok:
+            try:
+                masked.append((state, row, self._grammar_mask(state)))
+            except Exception as exc:  # a grammar that cannot go on ends its own request only
+                log.exception("grammar of request %s failed", state.request_id)
+                self._retire(state, "error", f"{type(exc).__name__}: {exc}")
+        if not masked:
+            return None
+        states = [s for s, _, _ in masked]
         try:
-            tokens = sample_rows(torch.stack([r for _, r in ok]), [s.params for s in states],
-                                 [s.generator for s in states], [s.token_counts for s in states])
+            tokens = sample_rows(torch.stack([r for _, r, _ in masked]), [s.params for s in states],
+                                 [s.generator for s in states], [s.token_counts for s in states],
+                                 [m for _, _, m in masked])
         except Exception:  # one row's sampler failed (nan logits, say): sample the rows one by one
             tokens = []
-            for state, row in ok:
+            for state, row, mask in masked:
                 try:
-                    tokens.append(sample_rows(row[None], [state.params], [state.generator], [state.token_counts])[0])
+                    tokens.append(sample_rows(row[None], [state.params], [state.generator], [state.token_counts],
+                                              [mask])[0])
                 except Exception as exc:
                     log.exception("sampling for request %s failed", state.request_id)
                     tokens.append(exc)
@@ -258,9 +276,27 @@ class Engine:
                 log.exception("postprocessing request %s failed", state.request_id)
                 self._retire(state, "error", f"{type(exc).__name__}: {exc}")
 
+    def _grammar_mask(self, state: RequestState) -> torch.Tensor | None:
+        """Return the tokens the request's grammar allows next (bool [V]), compiling it on first use; None if free."""
+        if state.params.grammar is None:
+            return None
+        if state.constraint is None:
+            state.constraint = Constraint(self._grammar_vocabulary(), state.params.grammar)
+        return state.constraint.allowed()
+
+    def _grammar_vocabulary(self) -> GrammarVocabulary:
+        """Return the vocabulary in the grammar library's terms, built on the first constrained request."""
+        if self._vocabulary is None:
+            self._vocabulary = GrammarVocabulary(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._vocabulary
+
+    _vocabulary: GrammarVocabulary | None = None
+
     def _postprocess(self, state: RequestState, token: int) -> None:
         """Record a sampled token, decide whether the request is done, and emit any new text."""
         state.output_ids.append(token)
+        if state.constraint is not None:
+            state.constraint.advance(token)
         if state.token_counts is not None:
             state.token_counts[token] += 1
         if state.first_token_at is None:
@@ -271,6 +307,9 @@ class Engine:
         text, stopped = state.text.push(token)
         if stopped:
             return self._retire(state, "stop", text=text)
+        if state.constraint is not None and state.constraint.complete:  # the JSON value is closed: nothing may follow
+            rest, _ = state.text.finish()
+            return self._retire(state, "stop", text=text + rest)
         if len(state.output_ids) >= state.params.max_tokens:
             rest, stopped = state.text.finish()
             return self._retire(state, "stop" if stopped else "length", text=text + rest)

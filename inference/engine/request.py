@@ -41,6 +41,9 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a generated token
+    # Constrained decoding: llguidance grammar text (grammar.json_schema_grammar builds it from a JSON schema).
+    # Plain text so it crosses a process boundary; the engine compiles it when it admits the request.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         """Reject values the sampler cannot honour, before the request reaches the queue."""
@@ -56,6 +59,8 @@ class SamplingParams:
             raise TypeError("stop must be a tuple of strings, not a single string")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise TypeError("grammar must be grammar text (str) or None")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -111,6 +116,7 @@ class RequestState:
     generator: Any = field(default=None, repr=False)
     text: Any = field(default=None, repr=False)
     token_counts: Any = field(default=None, repr=False)  # [V] occurrences of generated tokens, for penalties
+    constraint: Any = field(default=None, repr=False)  # the compiled grammar (grammar.Constraint), if any
     kv_reserved: int = 0  # bytes of the deployment's KV budget held for this request while it runs
 
     @property
@@ -132,7 +138,7 @@ class RequestState:
         assert reason in FINISH_REASONS, reason
         self.status, self.finish_reason, self.error = RequestStatus.FINISHED, reason, error
         self.finished_at = time.monotonic()
-        self.cache = self.generator = self.text = self.token_counts = None
+        self.cache = self.generator = self.text = self.token_counts = self.constraint = None
 
     def chunk(self, text: str) -> Chunk:
         """Return a chunk carrying `text` and the request's current counts and finish state."""
