@@ -4,9 +4,13 @@ from typing import Annotated, Literal
 
 from django.http import JsonResponse
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError,
+                      field_validator, model_validator)
+
+from inference.engine.grammar import ANY_OBJECT, GrammarError, json_schema_grammar
 
 from .errors import error
+from .fields import refused_field, refusal_message
 
 # The deepest JSON a request body may nest (the schema itself needs 4: body, messages, a message, its parts).
 # Deeper bodies are refused by name, before Python's own recursion limit turns them into a RecursionError.
@@ -38,25 +42,112 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: Text = Field(min_length=1, max_length=64)
+    arguments: Text  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    id: Text = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Only an assistant message that calls tools may leave its content out (null).
+    content: str | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls, in an agent's history
+    tool_call_id: Text | None = None  # which call a tool message answers
 
     @field_validator("content")
     @classmethod
     def content_is_encodable(cls, value):
         # The tokenizer (Rust) refuses text that is not valid Unicode with a TypeError; say so as a 400 here.
-        for text in [value] if isinstance(value, str) else [part.text for part in value]:
+        for text in [] if value is None else [value] if isinstance(value, str) else [part.text for part in value]:
             encodable(text)
         return value
 
+    @model_validator(mode="after")
+    def roles_carry_their_fields(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict:
+        """Return the message as chat templates read it (tool-call arguments as objects, as HF templates expect)."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": arguments_object(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+def arguments_object(arguments: str):
+    """Return tool-call arguments parsed from JSON, or the text itself when it is not JSON."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+class JsonSchemaFormat(BaseModel):
+    name: Text = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: Text | None = None
+    # OpenAI's `schema` field; named schema_ here because pydantic's BaseModel has a `schema` method.
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ResponseFormat(BaseModel):
+    """How the answer must be shaped: free text, any JSON object, or JSON that holds a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    _grammar: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def compile_the_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        if self.type == "text":
+            return self
+        schema = ANY_OBJECT if self.type == "json_object" else (self.json_schema.schema_ or ANY_OBJECT)
+        try:
+            self._grammar = json_schema_grammar(schema)
+        except GrammarError as exc:
+            raise UnsupportedSchema(str(exc)) from None
+        return self
+
+    @property
+    def grammar(self) -> str | None:
+        """Return the grammar text the engine enforces, or None for free text."""
+        return self._grammar
+
+
+class UnsupportedSchema(ValueError):
+    """A response_format schema this server cannot enforce; the message says which part."""
 
 
 class StreamOptions(BaseModel):
@@ -76,13 +167,14 @@ class ChatCompletionRequest(BaseModel):
     top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
-    n: StrictInt = Field(default=1, ge=1, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=1)  # n > 1 is refused by name before validation (fields.py)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)
     # An extension (as in vLLM): keep only the k most likely tokens; 0 or -1 turns it off.
     top_k: StrictInt | None = Field(default=None, ge=-1)
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -122,6 +214,9 @@ def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
     where = ".".join(loc) or "body"
     param = where if loc else None
     message = first.get("msg", "invalid value")
+    if isinstance((first.get("ctx") or {}).get("error"), UnsupportedSchema):
+        return (f"Invalid value for 'response_format.json_schema.schema': this server cannot enforce this "
+                f"schema: {first['ctx']['error']}", "response_format.json_schema.schema")
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     return f"Invalid value for '{where}': {message}", param
@@ -139,6 +234,10 @@ def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest | None, JsonRe
         return None, too_deep()
     if not isinstance(payload, dict):
         return None, error("Request body must be a JSON object", 400)
+    refused = refused_field(payload)
+    if refused is not None:
+        name, rule = refused
+        return None, error(refusal_message(name, rule), 400, param=name, code="unsupported_parameter")
     try:
         return ChatCompletionRequest.model_validate(payload), None
     except ValidationError as exc:

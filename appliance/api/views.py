@@ -193,7 +193,7 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         flight.settle("refused")
         return error(f"The model '{body.model}' does not exist.", 404, param="model", code="model_not_found")
 
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.for_template() for m in body.messages]
     prompt_ids: list[int] = []
     try:
         prompt_ids = encode(engine, messages)
@@ -201,7 +201,8 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         params = SamplingParams(
             max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, room)),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k_cut, stop=body.stop_sequences,
-            seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+            seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            grammar=body.response_format.grammar if body.response_format else None)
         handle = engine.submit(prompt_ids, params)
         await handle.accepted()  # an engine process answers whether it took the request
     except Untokenizable as exc:
