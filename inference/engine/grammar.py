@@ -10,6 +10,7 @@ No Django here, and nothing from this module crosses a process boundary except g
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import llguidance
@@ -26,21 +27,38 @@ class GrammarError(ValueError):
     """A schema or grammar that cannot be enforced; the message names the unsupported part."""
 
 
+@contextlib.contextmanager
+def library_errors():
+    """Turn a panic of the grammar library's Rust core into a GrammarError.
+
+    pyo3 raises a panic as PanicException, which derives from BaseException: left alone it would pass every
+    `except Exception` guard and end the engine's worker thread, not just the one request.
+    """
+    try:
+        yield
+    except GrammarError:
+        raise
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise GrammarError(f"the grammar library failed: {exc}") from None
+
+
 def json_schema_grammar(schema: dict) -> str:
     """Return the grammar text that enforces `schema`, or raise GrammarError naming what cannot be enforced."""
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+        with library_errors():
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
     except (ValueError, TypeError, RuntimeError) as exc:  # llguidance raises ValueError on malformed schemas
         raise GrammarError(str(exc)) from None
-    problem = llguidance.LLMatcher.validate_grammar(grammar)
-    if problem:
-        raise GrammarError(problem)
+    check_grammar(grammar)
     return grammar
 
 
 def check_grammar(grammar: str) -> None:
     """Raise GrammarError when grammar text cannot be compiled (without a vocabulary: cheap, any thread)."""
-    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    with library_errors():
+        problem = llguidance.LLMatcher.validate_grammar(grammar)
     if problem:
         raise GrammarError(problem)
 
@@ -65,13 +83,16 @@ class Constraint:
 
     def __init__(self, vocabulary: GrammarVocabulary, grammar: str) -> None:
         self.vocabulary = vocabulary
-        self.matcher = llguidance.LLMatcher(vocabulary.tokenizer, grammar)
+        with library_errors():
+            self.matcher = llguidance.LLMatcher(vocabulary.tokenizer, grammar)
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
 
     def allowed(self) -> torch.Tensor:
         """Return the tokens that may come next as a bool mask [V]."""
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)  # [ceil(V/32)]
+        with library_errors():
+            bitmask = self.matcher.compute_bitmask()
+        words = torch.frombuffer(bytearray(bitmask), dtype=torch.int32)  # [ceil(V/32)]
         bits = ((words.unsqueeze(-1) >> self.vocabulary.shifts) & 1).bool().flatten()  # [32 * words]
         mask = bits[: self.vocabulary.vocab_size].clone()
         if self.matcher.is_accepting():
@@ -82,7 +103,9 @@ class Constraint:
         """Feed the sampled token to the grammar (an end-of-sequence token where the grammar may end included)."""
         if token in self.vocabulary._eos and self.matcher.is_accepting():
             return
-        if not self.matcher.consume_token(token):
+        with library_errors():
+            consumed = self.matcher.consume_token(token)
+        if not consumed:
             raise GrammarError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
 
     @property

@@ -106,3 +106,17 @@ def test_a_mask_keeps_only_allowed_tokens() -> None:
     assert masked[0].isinf().tolist() == [True, False, True, False]
     with pytest.raises(ValueError, match="no token"):
         apply_mask(torch.zeros(1, 4), torch.zeros(4, dtype=torch.bool))
+
+
+def test_a_panic_of_the_grammar_library_is_a_grammar_error() -> None:
+    from inference.engine.grammar import library_errors
+
+    class PanicException(BaseException):  # what pyo3 raises for a Rust panic (a BaseException)
+        pass
+
+    with pytest.raises(GrammarError, match="grammar library failed"):
+        with library_errors():
+            raise PanicException("index out of bounds")
+    with pytest.raises(KeyboardInterrupt):
+        with library_errors():
+            raise KeyboardInterrupt
