@@ -5,7 +5,7 @@ The rule: a field we do not honour is a 400 that names it, never a silent 200. T
     honoured   the server does what the reference says
     accepted   accepted and meaningless here, as documented (`user` labels nothing we keep, say)
     refused    a 400 with `param` set, unless the value asks for nothing (null, false, [], {}, or the one
-               value that is the default behaviour: n=1, tool_choice "none", modalities ["text"], ...)
+               value that is the default behaviour: n=1, function_call "none", modalities ["text"], ...)
 
 The README's field table is this table; tests/api/test_fields.py holds the two together. Fields that
 OpenAI does not define are ignored, as OpenAI itself does; extensions we honour are listed too.
@@ -57,9 +57,12 @@ FIELDS: dict[str, FieldRule] = {
     "logprobs": FieldRule(REFUSED, "token log probabilities are not returned; true is refused"),
     "top_logprobs": FieldRule(REFUSED, "refused (needs logprobs)", harmless=lambda v: v == 0),
     "logit_bias": FieldRule(REFUSED, "a non-empty bias is refused"),
-    "tools": FieldRule(REFUSED, "function calling is not served yet: a non-empty list is refused"),
-    "tool_choice": FieldRule(REFUSED, "refused unless \"none\"", harmless=lambda v: v == "none"),
-    "parallel_tool_calls": FieldRule(ACCEPTED, "meaningless without tools"),
+    "tools": FieldRule(HONOURED, "function tools, rendered by the variant's chat template; calls come back as "
+                                 "message.tool_calls (streamed as tool-call deltas)"),
+    "tool_choice": FieldRule(HONOURED, "none, auto (the answer is parsed in the variant's format), required or a "
+                                       "named function (enforced by the grammar; a template without tool support "
+                                       "refuses these two)"),
+    "parallel_tool_calls": FieldRule(HONOURED, "false: at most one call"),
     "functions": FieldRule(REFUSED, "the deprecated form of tools: refused"),
     "function_call": FieldRule(REFUSED, "the deprecated form of tool_choice: refused unless \"none\"",
                                harmless=lambda v: v == "none"),

@@ -146,8 +146,40 @@ class ResponseFormat(BaseModel):
         return self._grammar
 
 
-class UnsupportedSchema(ValueError):
-    """A response_format schema this server cannot enforce; the message says which part."""
+class FieldError(ValueError):
+    """A problem found across fields (a validator of the whole request); `param` names the field to blame."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedSchema(FieldError):
+    """A schema this server cannot enforce; the message says which part."""
+
+    def __init__(self, message: str, param: str = "response_format.json_schema.schema"):
+        super().__init__(f"this server cannot enforce this schema: {message}", param)
+
+
+class FunctionDefinition(BaseModel):
+    name: Text = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: Text | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments; none means any object
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: Text = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -175,6 +207,58 @@ class ChatCompletionRequest(BaseModel):
     # An extension (as in vLLM): keep only the k most likely tokens; 0 or -1 turns it off.
     top_k: StrictInt | None = Field(default=None, ge=-1)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+    _tool_grammar: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def tools_fit_the_choice(self):
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise FieldError("every function needs a name of its own", "tools")
+        forcing = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if forcing and not names:
+            raise FieldError("a forced tool call needs `tools`", "tool_choice")
+        if self.forced_tools:
+            if self.named is not None and self.named not in names:
+                raise FieldError(f"no function named '{self.named}' in `tools`", "tool_choice")
+            if self.response_format is not None and self.response_format.type != "text":
+                raise FieldError("a forced tool call cannot be combined with a JSON response_format", "tool_choice")
+            from .toolcalls import forced_grammar  # here: toolcalls imports nothing of the schemas
+
+            for i, tool in enumerate(self.tools):
+                if self.named in (None, tool.function.name):
+                    try:
+                        json_schema_grammar(tool.function.parameters or ANY_OBJECT)
+                    except GrammarError as exc:
+                        raise UnsupportedSchema(str(exc), f"tools.{i}.function.parameters") from None
+            self._tool_grammar = forced_grammar(self.tools, self, self.parallel_tool_calls)
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """Return "none", "auto", "required" or "named": how this request uses its tools."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    @property
+    def named(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    @property
+    def forced_tools(self) -> bool:
+        return self.tool_mode in ("required", "named")
+
+    @property
+    def grammar(self) -> str | None:
+        """Return the grammar the engine enforces: a forced tool call's, or response_format's, or None."""
+        if self._tool_grammar is not None:
+            return self._tool_grammar
+        return self.response_format.grammar if self.response_format else None
 
     @field_validator("stop")
     @classmethod
@@ -214,9 +298,9 @@ def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
     where = ".".join(loc) or "body"
     param = where if loc else None
     message = first.get("msg", "invalid value")
-    if isinstance((first.get("ctx") or {}).get("error"), UnsupportedSchema):
-        return (f"Invalid value for 'response_format.json_schema.schema': this server cannot enforce this "
-                f"schema: {first['ctx']['error']}", "response_format.json_schema.schema")
+    blamed = (first.get("ctx") or {}).get("error")
+    if isinstance(blamed, FieldError):  # raised for the whole request (or deep inside it): it names its field
+        return f"Invalid value for '{blamed.param}': {blamed}", blamed.param
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     return f"Invalid value for '{where}': {message}", param

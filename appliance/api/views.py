@@ -24,6 +24,7 @@ from .errors import error, error_payload
 from .gatekeeper import Admission, Caller, gatekeeper
 from .schemas import parse_chat_request
 from .settlement import InFlight, _transcripts, admit_on_gate, new_request_id, on_gate, record, record_soon
+from .toolcalls import ToolCall, call_start, forced_calls, parse_calls, tool_format
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
@@ -194,15 +195,22 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         return error(f"The model '{body.model}' does not exist.", 404, param="model", code="model_not_found")
 
     messages = [m.for_template() for m in body.messages]
+    fmt = tool_format(engine.chat_template)
+    if body.forced_tools and fmt is None:
+        flight.settle("refused")
+        return error(f"The model '{body.model}' has no tool support in its chat template, so it cannot be made "
+                     f"to call a tool (tool_choice '{body.tool_mode}'); tool_choice 'auto' answers in text.", 400,
+                     param="tool_choice", code="unsupported_value")
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tool_mode != "none" else None
     prompt_ids: list[int] = []
     try:
-        prompt_ids = encode(engine, messages)
+        prompt_ids = encode(engine, messages, tools)
         room = engine.max_request_tokens() - len(prompt_ids)
         params = SamplingParams(
             max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, room)),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k_cut, stop=body.stop_sequences,
             seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            grammar=body.response_format.grammar if body.response_format else None)
+            grammar=body.grammar)
         handle = engine.submit(prompt_ids, params)
         await handle.accepted()  # an engine process answers whether it took the request
     except Untokenizable as exc:
@@ -221,7 +229,8 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         flight.settle("failed")
         return error(f"Model '{body.model}' is being unloaded.", 503, code="model_not_loaded")
 
-    exchange = Exchange(caller=flight.caller, model=body.model, messages=messages, flight=flight)
+    exchange = Exchange(caller=flight.caller, model=body.model, messages=messages, flight=flight,
+                        tools=ToolUse(body, fmt) if body.tool_mode != "none" else None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         response = StreamingHttpResponse(exchange.sse(handle, include_usage), content_type="text/event-stream")
@@ -244,10 +253,10 @@ class Untokenizable(ValueError):
 TOKENIZER_ERRORS = (TypeError, ValueError, UnicodeError, OverflowError, jinja2.TemplateError)
 
 
-def encode(engine, messages: list[dict]) -> list[int]:
+def encode(engine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Return the chat's prompt ids, or raise Untokenizable naming the first message the tokenizer refuses."""
     try:
-        return engine.encode_chat(messages)
+        return engine.encode_chat(messages, tools) if tools else engine.encode_chat(messages)
     except TOKENIZER_ERRORS as whole:
         for i, message in enumerate(messages):  # which one? each alone, in the same template
             try:
@@ -260,10 +269,45 @@ def encode(engine, messages: list[dict]) -> list[int]:
                             f"{str(whole)[:200]})", "messages") from whole
 
 
+class ToolUse:
+    """How one request's tools shape its answer: forced calls (named, required) or calls parsed out (auto)."""
+
+    def __init__(self, body, fmt: str | None):
+        self.body, self.mode, self.format = body, body.tool_mode, fmt
+        self.names = {tool.function.name for tool in body.tools}
+
+    def split(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """Return (content, calls) of a whole answer."""
+        if self.mode in ("named", "required"):
+            calls = forced_calls(text, self.body)
+            return (None if calls else text), calls
+        content, calls = parse_calls(text, self.format, self.names)
+        calls = calls if self.body.parallel_tool_calls else calls[:1]
+        return (content or None if calls else content), calls
+
+    def hold_from(self, text: str) -> int | None:
+        """Return where a streamed auto answer may start a call (held back from there), or None."""
+        start = call_start(self.format)
+        if start is None:
+            return None
+        if start == "{":  # Llama 3: the whole answer is the call, so only an answer that opens with one
+            stripped = text.lstrip()
+            return len(text) - len(stripped) if stripped[:1] in ("{", "<") or not stripped else None
+        at = text.find(start)
+        if at >= 0:
+            return at
+        for keep in range(min(len(start) - 1, len(text)), 0, -1):  # a marker may be split across chunks
+            if start.startswith(text[-keep:]):
+                return len(text) - keep
+        return None
+
+
 class Exchange:
     """One chat request in flight: turns engine chunks into OpenAI objects and records the outcome."""
 
-    def __init__(self, *, caller: Caller, model: str, messages: list[dict], flight: InFlight | None = None):
+    def __init__(self, *, caller: Caller, model: str, messages: list[dict], flight: InFlight | None = None,
+                 tools: ToolUse | None = None):
+        self.tools = tools
         self.caller = caller
         self.model = model
         self.messages = messages
@@ -319,11 +363,17 @@ class Exchange:
                 return error(f"Generation failed: {chunk.error}", 500)
         self.settle("ok")
         self.keep_transcript()
+        message = {"role": "assistant", "content": "".join(self.text)}
+        if self.tools is not None:
+            content, calls = self.tools.split(message["content"])
+            if calls:
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [call.as_openai() for call in calls]}
+                finish = "tool_calls" if finish == "stop" else finish
         await record(**self.event("ok", finish))
         return JsonResponse({
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
-                         "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": self.usage(),
         })
 
@@ -345,8 +395,15 @@ class Exchange:
 
     async def sse(self, handle, include_usage: bool):
         finish = None
+        tools = self.tools
+        named = tools is not None and tools.mode == "named"
+        call = ToolCall(tools.body.named, "") if named else None
+        sent = 0  # how much of the answer's text has gone out as content (or named-call arguments)
         try:
-            yield sse(self.chunk_object({"role": "assistant", "content": ""}, None))
+            yield sse(self.chunk_object({"role": "assistant", "content": None if named else ""}, None))
+            if named:  # the whole answer is this call's arguments: say so first, then stream them
+                yield sse(self.chunk_object({"tool_calls": [{**call.as_openai(0), "function": {
+                    "name": call.name, "arguments": ""}}]}, None))
             async for chunk in handle:
                 self.absorb(chunk)
                 if chunk.finish_reason == "error":
@@ -354,10 +411,27 @@ class Exchange:
                     metrics.count_server_error(500)
                     yield sse(error_payload(f"Generation failed: {chunk.error}"))
                     return
-                if chunk.text:
+                if chunk.text and tools is None:
                     yield self.content_event(chunk.text)
+                elif chunk.text and named:
+                    yield sse(self.chunk_object({"tool_calls": [{"index": 0, "function": {
+                        "arguments": chunk.text}}]}, None))
+                elif chunk.text and tools.mode == "auto":
+                    text = "".join(self.text)
+                    held = tools.hold_from(text[sent:])
+                    upto = len(text) if held is None else sent + held
+                    if upto > sent:
+                        yield self.content_event(text[sent:upto])
+                        sent = upto
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
+            if tools is not None and not named:
+                for delta in self.tool_call_deltas(sent):
+                    yield sse(self.chunk_object(delta, None))
+                if self.calls_made and finish == "stop":
+                    finish = "tool_calls"
+            elif named and finish == "stop":
+                finish = "tool_calls"
             yield sse(self.chunk_object({}, finish))
             if include_usage:
                 yield sse({**self.chunk_object({}, None), "choices": [], "usage": self.usage()})
@@ -377,6 +451,21 @@ class Exchange:
                 self.finish("failed", "error", f"{type(exc).__name__}: {exc}")
                 metrics.count_server_error(500)
                 yield sse(error_payload(SERVER_ERROR))
+
+    calls_made = False
+
+    def tool_call_deltas(self, sent: int) -> list[dict]:
+        """Return the deltas that end a streamed answer with tools: its calls, and content not yet sent."""
+        text = "".join(self.text)
+        content, calls = self.tools.split(text)
+        if not calls:
+            return [{"content": text[sent:]}] if text[sent:] else []
+        self.calls_made = True
+        deltas = []
+        unsent = (content or "")[sent:] if (content or "").startswith(text[:sent]) else ""
+        if unsent.strip():
+            deltas.append({"content": unsent})
+        return deltas + [{"tool_calls": [call.as_openai(i)]} for i, call in enumerate(calls)]
 
     finished = False
 

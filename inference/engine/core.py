@@ -102,9 +102,10 @@ class Engine:
 
     # ---- asyncio side -------------------------------------------------------------------------
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Return the prompt ids for a chat, ending with the prompt for the assistant's turn."""
-        return encode_chat(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Return the prompt ids for a chat, ending with the prompt for the assistant's turn (tools rendered
+        by the chat template where it can)."""
+        return encode_chat(self.tokenizer, messages, tools)
 
     def max_request_tokens(self) -> int:
         """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""
