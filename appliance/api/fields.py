@@ -54,8 +54,9 @@ FIELDS: dict[str, FieldRule] = {
     # Only n > 1 asks for what we lack; 0, 1.5 or "2" are invalid values, which the schema names as such.
     "n": FieldRule(REFUSED, "one choice per request; n > 1 is refused",
                    harmless=lambda v: not (type(v) is int and v > 1)),
-    "logprobs": FieldRule(REFUSED, "token log probabilities are not returned; true is refused"),
-    "top_logprobs": FieldRule(REFUSED, "refused (needs logprobs)", harmless=lambda v: v == 0),
+    "logprobs": FieldRule(HONOURED, "each generated token's log probability under the model's own distribution "
+                                    "(before penalties, temperature and grammar)"),
+    "top_logprobs": FieldRule(HONOURED, "0 to 20 most likely alternatives per token (with logprobs: true)"),
     "logit_bias": FieldRule(REFUSED, "a non-empty bias is refused"),
     "tools": FieldRule(HONOURED, "function tools, rendered by the variant's chat template; calls come back as "
                                  "message.tool_calls (streamed as tool-call deltas)"),

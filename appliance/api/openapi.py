@@ -33,11 +33,28 @@ CHAT_COMPLETION = {
             "properties": {
                 "index": {"type": "integer"},
                 "message": {"type": "object", "required": ["role", "content"],
-                            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
-                "finish_reason": {"enum": ["stop", "length", "cancelled", "error", None]},
-                "logprobs": {"type": "null"}}}},
+                            "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                                           "reasoning_content": {"type": ["string", "null"]},
+                                           "tool_calls": {"type": "array", "items": {"$ref": "#/components/schemas/ToolCallOut"}}}},
+                "finish_reason": {"enum": ["stop", "length", "tool_calls", "cancelled", "error", None]},
+                "logprobs": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/ChoiceLogprobs"}]}}}},
         "usage": {"$ref": "#/components/schemas/Usage"},
     },
+}
+TOOL_CALL_OUT = {
+    "type": "object", "required": ["id", "type", "function"],
+    "properties": {"id": {"type": "string"}, "type": {"const": "function"},
+                   "function": {"type": "object", "required": ["name", "arguments"],
+                                "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}},
+}
+_TOKEN_LOGPROB = {"token": {"type": "string"}, "logprob": {"type": "number"},
+                  "bytes": {"type": "array", "items": {"type": "integer"}}}
+CHOICE_LOGPROBS = {
+    "type": "object", "required": ["content"],
+    "properties": {"refusal": {"type": "null"}, "content": {"type": "array", "items": {
+        "type": "object", "required": ["token", "logprob", "bytes", "top_logprobs"],
+        "properties": {**_TOKEN_LOGPROB, "top_logprobs": {"type": "array", "items": {
+            "type": "object", "required": ["token", "logprob", "bytes"], "properties": _TOKEN_LOGPROB}}}}}},
 }
 # One event of a streamed answer: `data` holds a chat.completion.chunk as JSON, an error, or "[DONE]".
 SSE_EVENT = {
@@ -116,7 +133,8 @@ def build(model_examples: list[str]) -> dict:
             "securitySchemes": {"teamKey": {"type": "http", "scheme": "bearer",
                                             "description": "A team's API key, `sk-box-…`."}},
             "schemas": {**definitions, "ChatCompletionRequest": body, "ChatCompletion": CHAT_COMPLETION,
-                        "Usage": USAGE, "ModelList": MODEL_LIST, "Error": ERROR, "ServerSentEvent": SSE_EVENT},
+                        "Usage": USAGE, "ModelList": MODEL_LIST, "ToolCallOut": TOOL_CALL_OUT,
+                        "ChoiceLogprobs": CHOICE_LOGPROBS, "Error": ERROR, "ServerSentEvent": SSE_EVENT},
         },
     }
 

@@ -207,6 +207,8 @@ class ChatCompletionRequest(BaseModel):
     # An extension (as in vLLM): keep only the k most likely tokens; 0 or -1 turns it off.
     top_k: StrictInt | None = Field(default=None, ge=-1)
     response_format: ResponseFormat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
@@ -214,6 +216,8 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def tools_fit_the_choice(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs needs logprobs: true", "top_logprobs")
         names = [tool.function.name for tool in self.tools or ()]
         if len(set(names)) != len(names):
             raise FieldError("every function needs a name of its own", "tools")
@@ -235,6 +239,11 @@ class ChatCompletionRequest(BaseModel):
                         raise UnsupportedSchema(str(exc), f"tools.{i}.function.parameters") from None
             self._tool_grammar = forced_grammar(self.tools, self, self.parallel_tool_calls)
         return self
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """Return SamplingParams.logprobs: None when not asked, else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def tool_mode(self) -> str:

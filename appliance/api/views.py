@@ -210,7 +210,7 @@ async def answer(request: HttpRequest, body, flight: InFlight):
             max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, room)),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k_cut, stop=body.stop_sequences,
             seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            grammar=body.grammar)
+            grammar=body.grammar, logprobs=body.logprob_alternatives)
         handle = engine.submit(prompt_ids, params)
         await handle.accepted()  # an engine process answers whether it took the request
     except Untokenizable as exc:
@@ -318,6 +318,7 @@ class Exchange:
         self.created = int(time.time())
         self.started = time.monotonic()
         self.text: list[str] = []
+        self.logprobs: list[dict] | None = None  # OpenAI's logprobs.content entries, when asked for
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
@@ -350,6 +351,8 @@ class Exchange:
         if chunk.text and self.first_text_at is None:
             self.first_text_at = time.monotonic()
         self.text.append(chunk.text)
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + [logprob_entry(e) for e in chunk.logprobs]
         self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
 
     async def complete(self, handle):
@@ -373,7 +376,8 @@ class Exchange:
         await record(**self.event("ok", finish))
         return JsonResponse({
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                         "logprobs": None if self.logprobs is None else {"content": self.logprobs, "refusal": None}}],
             "usage": self.usage(),
         })
 
@@ -411,6 +415,13 @@ class Exchange:
                     metrics.count_server_error(500)
                     yield sse(error_payload(f"Generation failed: {chunk.error}"))
                     return
+                if chunk.logprobs:  # the slow path: this event carries its tokens' log probabilities
+                    event = self.chunk_object({"content": chunk.text} if tools is None else {}, None)
+                    event["choices"][0]["logprobs"] = {"content": [logprob_entry(e) for e in chunk.logprobs],
+                                                       "refusal": None}
+                    yield sse(event)
+                    if tools is None:
+                        continue
                 if chunk.text and tools is None:
                     yield self.content_event(chunk.text)
                 elif chunk.text and named:
@@ -476,6 +487,14 @@ class Exchange:
         if outcome == "ok":
             self.keep_transcript()
         record_soon(**self.event(outcome, finish_reason, error_message))
+
+
+def logprob_entry(entry: dict) -> dict:
+    """Return OpenAI's shape of one token's log probabilities from the engine's plain entry."""
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {**token(entry["token"], entry["logprob"]), "top_logprobs": [token(t, lp) for t, lp in entry["top"]]}
 
 
 def sse(obj: dict) -> str:

@@ -267,15 +267,27 @@ class Engine:
                 except Exception as exc:
                     log.exception("sampling for request %s failed", state.request_id)
                     tokens.append(exc)
-        for state, token in zip(states, tokens):
+        for (state, row, _), token in zip(masked, tokens):
             if isinstance(token, Exception):
                 self._retire(state, "error", f"{type(token).__name__}: {token}")
                 continue
             try:
+                if state.params.logprobs is not None:
+                    state.pending_logprobs.append(self._logprobs(row, token, state.params.logprobs))
                 self._postprocess(state, token)
             except Exception as exc:  # a detokenizer failure ends this request only
                 log.exception("postprocessing request %s failed", state.request_id)
                 self._retire(state, "error", f"{type(exc).__name__}: {exc}")
+
+    def _logprobs(self, row: torch.Tensor, token: int, alternatives: int) -> dict:
+        """Return the log probability of `token` and of the `alternatives` most likely tokens, under the model's
+        own distribution (before penalties, temperature and grammar), with each token's text."""
+        logprobs = torch.log_softmax(row.float(), dim=-1)  # [V]
+        top = logprobs.topk(alternatives) if alternatives else None
+        text = self.tokenizer.decode
+        return {"token": text([token]), "logprob": float(logprobs[token]),
+                "top": [] if top is None else [[text([int(i)]), float(v)]
+                                               for v, i in zip(top.values.tolist(), top.indices.tolist())]}
 
     def _grammar_mask(self, state: RequestState) -> torch.Tensor | None:
         """Return the tokens the request's grammar allows next (bool [V]), compiling it on first use; None if free."""

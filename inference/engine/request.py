@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+MAX_TOP_LOGPROBS = 20
 
 
 class EngineBusy(Exception):
@@ -44,6 +45,8 @@ class SamplingParams:
     # Constrained decoding: llguidance grammar text (grammar.json_schema_grammar builds it from a JSON schema).
     # Plain text so it crosses a process boundary; the engine compiles it when it admits the request.
     grammar: str | None = None
+    # Log probabilities: None → none; 0..20 → each generated token's own, with that many most likely alternatives.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         """Reject values the sampler cannot honour, before the request reaches the queue."""
@@ -59,6 +62,8 @@ class SamplingParams:
             raise TypeError("stop must be a tuple of strings, not a single string")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] alternatives, got {self.logprobs}")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise TypeError("grammar must be grammar text (str) or None")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -84,6 +89,9 @@ class Chunk:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # With SamplingParams.logprobs: one entry per token generated since the last chunk, as plain data:
+    # {"token": text, "logprob": float, "top": [[text, logprob], ...]} (the model's own distribution).
+    logprobs: list | None = None
 
 
 class RequestStatus(enum.Enum):
@@ -117,6 +125,7 @@ class RequestState:
     text: Any = field(default=None, repr=False)
     token_counts: Any = field(default=None, repr=False)  # [V] occurrences of generated tokens, for penalties
     constraint: Any = field(default=None, repr=False)  # the compiled grammar (grammar.Constraint), if any
+    pending_logprobs: list = field(default_factory=list, repr=False)  # entries not yet sent in a chunk
     kv_reserved: int = 0  # bytes of the deployment's KV budget held for this request while it runs
 
     @property
@@ -142,7 +151,10 @@ class RequestState:
 
     def chunk(self, text: str) -> Chunk:
         """Return a chunk carrying `text` and the request's current counts and finish state."""
-        return Chunk(text, self.finish_reason, len(self.prompt_ids), len(self.output_ids), self.error)
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs, self.pending_logprobs = self.pending_logprobs, []
+        return Chunk(text, self.finish_reason, len(self.prompt_ids), len(self.output_ids), self.error, logprobs)
 
     @property
     def queue_seconds(self) -> float | None:
