@@ -24,6 +24,7 @@ from .errors import error, error_payload
 from .gatekeeper import Admission, Caller, gatekeeper
 from .schemas import parse_chat_request
 from .settlement import InFlight, _transcripts, admit_on_gate, new_request_id, on_gate, record, record_soon
+from .reasoning import CLOSE, OPEN, ReasoningStream, split_reasoning, template_reasons
 from .toolcalls import ToolCall, call_start, forced_calls, parse_calls, tool_format
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,9 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         return error(f"Model '{body.model}' is being unloaded.", 503, code="model_not_loaded")
 
     exchange = Exchange(caller=flight.caller, model=body.model, messages=messages, flight=flight,
-                        tools=ToolUse(body, fmt) if body.tool_mode != "none" else None)
+                        tools=ToolUse(body, fmt) if body.tool_mode != "none" else None,
+                        reasoning=opens_reasoning(engine, prompt_ids),
+                        count_tokens=lambda text: len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         response = StreamingHttpResponse(exchange.sse(handle, include_usage), content_type="text/event-stream")
@@ -238,6 +241,13 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         response["X-Accel-Buffering"] = "no"
         return response
     return await exchange.complete(handle)
+
+
+def opens_reasoning(engine, prompt_ids: list[int]) -> bool | None:
+    """Return None for a variant without a reasoning section, else whether its prompt already opened one."""
+    if not template_reasons(engine.chat_template):
+        return None
+    return engine.tokenizer.decode(prompt_ids[-8:]).rstrip().endswith(OPEN)
 
 
 class Untokenizable(ValueError):
@@ -306,8 +316,12 @@ class Exchange:
     """One chat request in flight: turns engine chunks into OpenAI objects and records the outcome."""
 
     def __init__(self, *, caller: Caller, model: str, messages: list[dict], flight: InFlight | None = None,
-                 tools: ToolUse | None = None):
+                 tools: ToolUse | None = None, reasoning: bool | None = None, count_tokens=None):
         self.tools = tools
+        # None: no reasoning section; else whether the answer starts inside one (reasoning.py).
+        self.reasoning = reasoning
+        self.count_tokens = count_tokens
+        self.reasoning_tokens = 0
         self.caller = caller
         self.model = model
         self.messages = messages
@@ -323,8 +337,21 @@ class Exchange:
         self.completion_tokens = 0
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if self.reasoning is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
+
+    def count_reasoning(self, reasoning: str | None) -> None:
+        """Count the reasoning's tokens: all of an answer cut inside it, else its text re-tokenized."""
+        text = "".join(self.text)
+        if reasoning is None:
+            self.reasoning_tokens = 0
+        elif CLOSE not in text:
+            self.reasoning_tokens = self.completion_tokens
+        else:
+            self.reasoning_tokens = min(self.completion_tokens, self.count_tokens(reasoning) + 1)  # + </think>
 
     def event(self, outcome: str, finish_reason: str | None, error_message: str | None = None) -> dict:
         details = {
@@ -367,11 +394,14 @@ class Exchange:
         self.settle("ok")
         self.keep_transcript()
         message = {"role": "assistant", "content": "".join(self.text)}
+        if self.reasoning is not None:
+            reasoning, message["content"] = split_reasoning(message["content"], self.reasoning)
+            message["reasoning_content"] = reasoning
+            self.count_reasoning(reasoning)
         if self.tools is not None:
             content, calls = self.tools.split(message["content"])
             if calls:
-                message = {"role": "assistant", "content": content,
-                           "tool_calls": [call.as_openai() for call in calls]}
+                message = {**message, "content": content, "tool_calls": [call.as_openai() for call in calls]}
                 finish = "tool_calls" if finish == "stop" else finish
         await record(**self.event("ok", finish))
         return JsonResponse({
@@ -403,6 +433,7 @@ class Exchange:
         named = tools is not None and tools.mode == "named"
         call = ToolCall(tools.body.named, "") if named else None
         sent = 0  # how much of the answer's text has gone out as content (or named-call arguments)
+        thinking = ReasoningStream(self.reasoning) if self.reasoning is not None and tools is None else None
         try:
             yield sse(self.chunk_object({"role": "assistant", "content": None if named else ""}, None))
             if named:  # the whole answer is this call's arguments: say so first, then stream them
@@ -415,14 +446,18 @@ class Exchange:
                     metrics.count_server_error(500)
                     yield sse(error_payload(f"Generation failed: {chunk.error}"))
                     return
+                plain = tools is None and thinking is None
                 if chunk.logprobs:  # the slow path: this event carries its tokens' log probabilities
-                    event = self.chunk_object({"content": chunk.text} if tools is None else {}, None)
+                    event = self.chunk_object({"content": chunk.text} if plain else {}, None)
                     event["choices"][0]["logprobs"] = {"content": [logprob_entry(e) for e in chunk.logprobs],
                                                        "refusal": None}
                     yield sse(event)
-                    if tools is None:
-                        continue
-                if chunk.text and tools is None:
+                if chunk.text and plain and chunk.logprobs:
+                    pass  # sent with its log probabilities just above
+                elif chunk.text and thinking is not None:
+                    for field, text in thinking.push(chunk.text):
+                        yield sse(self.chunk_object({field: text}, None))
+                elif chunk.text and tools is None:
                     yield self.content_event(chunk.text)
                 elif chunk.text and named:
                     yield sse(self.chunk_object({"tool_calls": [{"index": 0, "function": {
@@ -443,6 +478,10 @@ class Exchange:
                     finish = "tool_calls"
             elif named and finish == "stop":
                 finish = "tool_calls"
+            if thinking is not None:
+                for field, text in thinking.finish():
+                    yield sse(self.chunk_object({field: text}, None))
+                self.count_reasoning(split_reasoning("".join(self.text), self.reasoning)[0])
             yield sse(self.chunk_object({}, finish))
             if include_usage:
                 yield sse({**self.chunk_object({}, None), "choices": [], "usage": self.usage()})

@@ -56,3 +56,20 @@ def write_tool_variant(demo_dir: Path, target: Path) -> Path:
     shutil.copytree(demo_dir / "demo-dense", target)
     (target / "chat_template.jinja").write_text(HERMES_TEMPLATE, encoding="utf-8")
     return target
+
+
+# The demo template with a generation prompt that opens a reasoning section, as DeepSeek-R1's does.
+THINK_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+def write_reasoning_variant(demo_dir: Path, target: Path) -> Path:
+    """Copy demo-distilled (Qwen2, as R1's distills are) to `target` with a template that opens <think>."""
+    shutil.copytree(demo_dir / "demo-distilled", target)
+    (target / "chat_template.jinja").write_text(THINK_TEMPLATE, encoding="utf-8")
+    return target
