@@ -62,13 +62,15 @@ SSE_EVENT = {
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
                    "retry": {"type": "integer"}},
 }
+MODEL = {
+    "type": "object", "required": ["id", "object", "created", "owned_by"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                   "owned_by": {"type": "string"}, "kind": {"type": "string"}, "loaded": {"type": "boolean"},
+                   "random_weights": {"type": "boolean"}},
+}
 MODEL_LIST = {
     "type": "object", "required": ["object", "data"],
-    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
-        "type": "object", "required": ["id", "object", "created", "owned_by"],
-        "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
-                       "owned_by": {"type": "string"}, "kind": {"type": "string"}, "loaded": {"type": "boolean"},
-                       "random_weights": {"type": "boolean"}}}}},
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}},
 }
 
 
@@ -119,6 +121,12 @@ def build(model_examples: list[str]) -> dict:
                 "responses": {"200": {"description": "The variants the caller may use.",
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}},
                               "401": ERRORS["401"]}}},
+            "/models/{model}": {"get": {
+                "operationId": "retrieveModel", "summary": "One variant this key may use, loaded now.",
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The variant.",
+                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Model"}}}},
+                              "401": ERRORS["401"], "404": ERRORS["404"]}}},
             "/chat/completions": {"post": {
                 "operationId": "createChatCompletion", "summary": "Generate a chat answer, whole or streamed.",
                 "requestBody": {"required": True, "content": {"application/json": {
@@ -133,7 +141,7 @@ def build(model_examples: list[str]) -> dict:
             "securitySchemes": {"teamKey": {"type": "http", "scheme": "bearer",
                                             "description": "A team's API key, `sk-box-…`."}},
             "schemas": {**definitions, "ChatCompletionRequest": body, "ChatCompletion": CHAT_COMPLETION,
-                        "Usage": USAGE, "ModelList": MODEL_LIST, "ToolCallOut": TOOL_CALL_OUT,
+                        "Usage": USAGE, "ModelList": MODEL_LIST, "Model": MODEL, "ToolCallOut": TOOL_CALL_OUT,
                         "ChoiceLogprobs": CHOICE_LOGPROBS, "Error": ERROR, "ServerSentEvent": SSE_EVENT},
         },
     }

@@ -4,6 +4,7 @@ from . import openapi, views
 
 urlpatterns = [
     path("models", views.list_models, name="v1-models"),
+    path("models/<path:name>", views.model_card, name="v1-model"),
     path("chat/completions", views.chat_completions, name="v1-chat-completions"),
     path("openapi.json", openapi.openapi, name="v1-openapi"),
 ]

@@ -135,10 +135,27 @@ async def list_models(request: HttpRequest):
     # What the caller can use now: a variant it may use (ready or deployed, never quarantined) that this process
     # has loaded. Administrators see every variant, loaded or not, on the console's Model variants page.
     loaded = set(engine_client.names())
-    data = [{"id": c.name, "object": "model", "created": c.created, "owned_by": c.owned_by,
-             "kind": c.kind, "loaded": True, "random_weights": c.random_weights}
-            for c in cards if c.name in loaded]
-    return JsonResponse({"object": "list", "data": data})
+    return JsonResponse({"object": "list", "data": [card_object(c) for c in cards if c.name in loaded]})
+
+
+def card_object(card) -> dict:
+    return {"id": card.name, "object": "model", "created": card.created, "owned_by": card.owned_by,
+            "kind": card.kind, "loaded": True, "random_weights": card.random_weights}
+
+
+@api_view
+async def model_card(request: HttpRequest, name: str):
+    """One variant the key may use and this process has loaded; any other name is OpenAI's 404."""
+    if request.method != "GET":
+        return error(f"Method {request.method} not allowed; use GET", 405)
+    caller, _ = await authenticate(request)
+    if caller is None:
+        return unauthorized()
+    if name in engine_client.names():
+        card = next((c for c in await on_gate(gatekeeper().models, caller) if c.name == name), None)
+        if card is not None:
+            return JsonResponse(card_object(card))
+    return error(f"The model '{name[:200]}' does not exist.", 404, param="model", code="model_not_found")
 
 
 # Bodies up to this size are parsed on the event loop (a few hundred microseconds at most, less than the hop to a
