@@ -164,21 +164,26 @@ INLINE_PARSE_BYTES = 16 * 1024
 _parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="body-parser")
 
 
-async def parse_body(raw: bytes):
-    """Return parse_chat_request(raw), computed off the event loop when the body is large."""
+async def parse_body(raw: bytes, parse=parse_chat_request):
+    """Return parse(raw), computed off the event loop when the body is large."""
     if len(raw) <= INLINE_PARSE_BYTES:
-        return parse_chat_request(raw)
-    return await asyncio.wrap_future(_parser.submit(parse_chat_request, raw))
+        return parse(raw)
+    return await asyncio.wrap_future(_parser.submit(parse, raw))
 
 
 @api_view
 async def chat_completions(request: HttpRequest):
+    return await serve(request, parse_chat_request, answer)
+
+
+async def serve(request: HttpRequest, parse, run):
+    """Read, check and admit a generation request (chat or text), then `run(request, body, flight)` it."""
     if request.method != "POST":
         return error(f"Method {request.method} not allowed; use POST", 405)
     if key_refused(request):  # the handler left the body unread: no valid key
         await authenticate(request)
         return unauthorized()
-    body, invalid = await parse_body(request.body)
+    body, invalid = await parse_body(request.body, parse)
     if invalid is not None:  # a caller without a valid key learns only that
         caller, _ = await authenticate(request)
         return invalid if caller is not None else unauthorized()
@@ -196,7 +201,7 @@ async def chat_completions(request: HttpRequest):
         headers = {"Retry-After": str(admission.retry_after_s)} if admission.retry_after_s else {}
         return error(admission.message, admission.status, code=admission.code, headers={**limits, **headers})
     flight = request.in_flight = InFlight(caller, admission, body.model, request_id)
-    response = await answer(request, body, flight)
+    response = await run(request, body, flight)
     for name, value in limits.items():
         response[name] = value
     return response
@@ -204,13 +209,9 @@ async def chat_completions(request: HttpRequest):
 
 async def answer(request: HttpRequest, body, flight: InFlight):
     """Run an admitted request on its engine: the answer, its stream, or the error that stopped it."""
-    engine = engine_client.get(body.model)
-    if engine is None:
-        if await on_gate(gatekeeper().exists, flight.caller, body.model):
-            flight.settle("failed")  # a 503: the box could not serve what the caller may use
-            return error(f"Model '{body.model}' is not loaded; deploy it first.", 503, code="model_not_loaded")
-        flight.settle("refused")
-        return error(f"The model '{body.model}' does not exist.", 404, param="model", code="model_not_found")
+    engine, missing = await loaded_engine(body.model, flight)
+    if missing is not None:
+        return missing
 
     messages = [m.for_template() for m in body.messages]
     fmt = tool_format(engine.chat_template)
@@ -294,6 +295,30 @@ def encode(engine, messages: list[dict], tools: list[dict] | None = None) -> lis
                                     f"messages.{i}.content") from exc
         raise Untokenizable(f"The model's chat template cannot take these messages ({type(whole).__name__}: "
                             f"{str(whole)[:200]})", "messages") from whole
+
+
+async def loaded_engine(model: str, flight: InFlight):
+    """Return (engine, None) for a loaded variant, else (None, the 503 or 404 that says why), settled."""
+    engine = engine_client.get(model)
+    if engine is not None:
+        return engine, None
+    if await on_gate(gatekeeper().exists, flight.caller, model):
+        flight.settle("failed")  # a 503: the box could not serve what the caller may use
+        return None, error(f"Model '{model}' is not loaded; deploy it first.", 503, code="model_not_loaded")
+    flight.settle("refused")
+    return None, error(f"The model '{model}' does not exist.", 404, param="model", code="model_not_found")
+
+
+def submission_error(exc: Exception, flight: InFlight, model: str, param: str):
+    """Return the answer to an engine's refusal at submit (busy, closed, too long), settled."""
+    if isinstance(exc, PromptTooLong):
+        flight.settle("refused")
+        return error(str(exc), 400, param=param, code="context_length_exceeded")
+    if isinstance(exc, EngineBusy):
+        flight.settle("refused")
+        return error(str(exc), 429, code="engine_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+    flight.settle("failed")
+    return error(f"Model '{model}' is being unloaded.", 503, code="model_not_loaded")
 
 
 class ToolUse:
