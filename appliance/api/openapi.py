@@ -7,6 +7,7 @@ import copy
 
 from django.http import JsonResponse
 
+from appliance.api.completions import CompletionRequest
 from appliance.api.schemas import ChatCompletionRequest
 
 from ..models import ModelVariant, VariantStatus
@@ -56,6 +57,18 @@ CHOICE_LOGPROBS = {
         "properties": {**_TOKEN_LOGPROB, "top_logprobs": {"type": "array", "items": {
             "type": "object", "required": ["token", "logprob", "bytes"], "properties": _TOKEN_LOGPROB}}}}}},
 }
+TEXT_COMPLETION = {
+    "type": "object", "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "usage": {"$ref": "#/components/schemas/Usage"},
+        "choices": {"type": "array", "items": {
+            "type": "object", "required": ["index", "text", "finish_reason"],
+            "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                           "finish_reason": {"enum": ["stop", "length", "cancelled", "error", None]},
+                           "logprobs": {"type": ["object", "null"]}}}},
+    },
+}
 # One event of a streamed answer: `data` holds a chat.completion.chunk as JSON, an error, or "[DONE]".
 SSE_EVENT = {
     "type": "object", "required": ["data"],
@@ -95,9 +108,9 @@ ERRORS = {
 }
 
 
-def request_schema() -> tuple[dict, dict]:
+def request_schema(model=ChatCompletionRequest) -> tuple[dict, dict]:
     """Return the request body schema and the definitions it refers to, from the pydantic model."""
-    schema = copy.deepcopy(ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}"))
+    schema = copy.deepcopy(model.model_json_schema(ref_template="#/components/schemas/{model}"))
     definitions = schema.pop("$defs", {})
     return schema, definitions
 
@@ -105,6 +118,8 @@ def request_schema() -> tuple[dict, dict]:
 def build(model_examples: list[str]) -> dict:
     """Return the OpenAPI document; model_examples name the variants that are loaded now."""
     body, definitions = request_schema()
+    text_body, text_definitions = request_schema(CompletionRequest)
+    definitions = {**definitions, **text_definitions}
     example = {"model": model_examples[0] if model_examples else "demo-dense",
                "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
     if model_examples:
@@ -127,6 +142,16 @@ def build(model_examples: list[str]) -> dict:
                 "responses": {"200": {"description": "The variant.",
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Model"}}}},
                               "401": ERRORS["401"], "404": ERRORS["404"]}}},
+            "/completions": {"post": {
+                "operationId": "createCompletion", "summary": "Complete a prompt (or a list of prompts), whole or streamed.",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/CompletionRequest"},
+                    "example": {"model": example["model"], "prompt": "The audit ledger", "max_tokens": 8}}}},
+                "responses": {
+                    "200": {"description": "The choices; with `stream: true`, server-sent events of chunks.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TextCompletion"}},
+                                        "text/event-stream": {"schema": {"$ref": "#/components/schemas/ServerSentEvent"}}}},
+                    **ERRORS}}},
             "/chat/completions": {"post": {
                 "operationId": "createChatCompletion", "summary": "Generate a chat answer, whole or streamed.",
                 "requestBody": {"required": True, "content": {"application/json": {
@@ -141,7 +166,8 @@ def build(model_examples: list[str]) -> dict:
             "securitySchemes": {"teamKey": {"type": "http", "scheme": "bearer",
                                             "description": "A team's API key, `sk-box-…`."}},
             "schemas": {**definitions, "ChatCompletionRequest": body, "ChatCompletion": CHAT_COMPLETION,
-                        "Usage": USAGE, "ModelList": MODEL_LIST, "Model": MODEL, "ToolCallOut": TOOL_CALL_OUT,
+                        "Usage": USAGE, "ModelList": MODEL_LIST, "Model": MODEL,
+                        "CompletionRequest": text_body, "TextCompletion": TEXT_COMPLETION, "ToolCallOut": TOOL_CALL_OUT,
                         "ChoiceLogprobs": CHOICE_LOGPROBS, "Error": ERROR, "ServerSentEvent": SSE_EVENT},
         },
     }

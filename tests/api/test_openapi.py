@@ -14,7 +14,7 @@ def test_the_schema_is_public_and_describes_every_operation(client):
     variant("idle-one", VariantStatus.READY)
     doc = client.get("/v1/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
-    assert set(doc["paths"]) == {"/models", "/models/{model}", "/chat/completions"}
+    assert set(doc["paths"]) == {"/models", "/models/{model}", "/chat/completions", "/completions"}
     chat = doc["paths"]["/chat/completions"]["post"]
     assert {"200", "400", "401", "403", "404", "429", "503"} <= set(chat["responses"])
     assert "Retry-After" in chat["responses"]["429"]["headers"]
