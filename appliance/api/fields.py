@@ -57,7 +57,7 @@ FIELDS: dict[str, FieldRule] = {
     "logprobs": FieldRule(HONOURED, "each generated token's log probability under the model's own distribution "
                                     "(before penalties, temperature and grammar)"),
     "top_logprobs": FieldRule(HONOURED, "0 to 20 most likely alternatives per token (with logprobs: true)"),
-    "logit_bias": FieldRule(REFUSED, "a non-empty bias is refused"),
+    "logit_bias": FieldRule(HONOURED, "token id → -100..100 added to its logit (before temperature and grammar)"),
     "tools": FieldRule(HONOURED, "function tools, rendered by the variant's chat template; calls come back as "
                                  "message.tool_calls (streamed as tool-call deltas)"),
     "tool_choice": FieldRule(HONOURED, "none, auto (the answer is parsed in the variant's format), required or a "
@@ -85,6 +85,9 @@ FIELDS: dict[str, FieldRule] = {
     "prompt_cache_key": FieldRule(ACCEPTED, "meaningless: no prompt cache to route by"),
     # Extensions, as in vLLM.
     "top_k": FieldRule(HONOURED, "extension: keep the k most likely tokens; 0 or -1 turns it off"),
+    "min_tokens": FieldRule(HONOURED, "extension: no end-of-sequence or stop_token_ids before this many tokens"),
+    "ignore_eos": FieldRule(HONOURED, "extension: the answer runs to max_tokens (fixed lengths for benchmarks)"),
+    "stop_token_ids": FieldRule(HONOURED, "extension: up to 16 token ids that end the answer"),
 }
 
 

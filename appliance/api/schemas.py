@@ -208,6 +208,25 @@ class ChatCompletionRequest(BaseModel):
     top_k: StrictInt | None = Field(default=None, ge=-1)
     response_format: ResponseFormat | None = None
     logprobs: StrictBool | None = None
+    logit_bias: dict[str, StrictFloat] | None = Field(default=None, max_length=1024)
+    # Extensions, as in vLLM.
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = Field(default=None, max_length=16)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def bias_keys_are_token_ids(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or len(key) > 9:
+                raise ValueError(f"keys must be token ids (digits), got {key[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
+        return value
+
+    @property
+    def token_bias(self) -> dict[int, float] | None:
+        return {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -216,6 +235,9 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def tools_fit_the_choice(self):
+        if self.token_limit is not None and self.min_tokens > self.token_limit:
+            raise FieldError(f"min_tokens ({self.min_tokens}) is more than the token limit ({self.token_limit})",
+                             "min_tokens")
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs needs logprobs: true", "top_logprobs")
         names = [tool.function.name for tool in self.tools or ()]

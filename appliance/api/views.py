@@ -226,10 +226,15 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         prompt_ids = encode(engine, messages, tools)
         room = engine.max_request_tokens() - len(prompt_ids)
         params = SamplingParams(
-            max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, room)),
+            max_tokens=body.token_limit or max(min(DEFAULT_MAX_TOKENS, max(1, room)), body.min_tokens),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k_cut, stop=body.stop_sequences,
             seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            grammar=body.grammar, logprobs=body.logprob_alternatives)
+            grammar=body.grammar, logprobs=body.logprob_alternatives, logit_bias=body.token_bias,
+            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, stop_token_ids=tuple(body.stop_token_ids or ()))
+        outside = token_ids_outside(engine, params)
+        if outside is not None:
+            flight.settle("refused")
+            return error(outside[0], 400, param=outside[1])
         handle = engine.submit(prompt_ids, params)
         await handle.accepted()  # an engine process answers whether it took the request
     except Untokenizable as exc:
@@ -295,6 +300,16 @@ def encode(engine, messages: list[dict], tools: list[dict] | None = None) -> lis
                                     f"messages.{i}.content") from exc
         raise Untokenizable(f"The model's chat template cannot take these messages ({type(whole).__name__}: "
                             f"{str(whole)[:200]})", "messages") from whole
+
+
+def token_ids_outside(engine, params: SamplingParams) -> tuple[str, str] | None:
+    """Return (message, param) for a logit_bias or stop_token_ids id outside the model's vocabulary, or None."""
+    for param, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+        outside = next((t for t in ids if t >= engine.vocab_size), None)
+        if outside is not None:
+            return (f"Invalid value for '{param}': token id {outside} is outside this model's vocabulary "
+                    f"(0 to {engine.vocab_size - 1})", param)
+    return None
 
 
 async def loaded_engine(model: str, flight: InFlight):

@@ -126,6 +126,11 @@ class Engine:
         outside = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if outside is not None:
             raise ValueError(f"token id {outside} is outside the vocabulary [0, {self.vocab_size})")
+        named_ids = [*(params.logit_bias or {}), *params.stop_token_ids]
+        outside = next((t for t in named_ids if not 0 <= int(t) < self.vocab_size), None)
+        if outside is not None:
+            raise ValueError(f"token id {outside} (logit_bias or stop_token_ids) is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         if params.grammar is not None:
             check_grammar(params.grammar)  # a GrammarError (ValueError) names what cannot be enforced
         total = len(prompt_ids) + params.max_tokens
@@ -247,7 +252,7 @@ class Engine:
         masked = []
         for state, row in ok:
             try:
-                masked.append((state, row, self._grammar_mask(state)))
+                masked.append((state, row, self._allowed_tokens(state)))
             except Exception as exc:  # a grammar that cannot go on ends its own request only
                 log.exception("grammar of request %s failed", state.request_id)
                 self._retire(state, "error", f"{type(exc).__name__}: {exc}")
@@ -289,13 +294,26 @@ class Engine:
                 "top": [] if top is None else [[text([int(i)]), float(v)]
                                                for v, i in zip(top.values.tolist(), top.indices.tolist())]}
 
-    def _grammar_mask(self, state: RequestState) -> torch.Tensor | None:
-        """Return the tokens the request's grammar allows next (bool [V]), compiling it on first use; None if free."""
-        if state.params.grammar is None:
-            return None
-        if state.constraint is None:
-            state.constraint = Constraint(self._grammar_vocabulary(), state.params.grammar)
-        return state.constraint.allowed()
+    def _allowed_tokens(self, state: RequestState) -> torch.Tensor | None:
+        """Return the tokens the request may pick next (bool [V]), or None when any token may come.
+
+        Its grammar's (compiled on first use), less the tokens that would end it too early: end-of-sequence
+        and stop_token_ids before min_tokens, end-of-sequence always with ignore_eos.
+        """
+        params = state.params
+        allowed = None
+        if params.grammar is not None:
+            if state.constraint is None:
+                state.constraint = Constraint(self._grammar_vocabulary(), params.grammar)
+            allowed = state.constraint.allowed()
+        early = len(state.output_ids) < params.min_tokens
+        banned = [*(self.eos_token_ids if early or params.ignore_eos else ()), *(params.stop_token_ids if early else ())]
+        if banned:
+            kept = torch.ones(self.vocab_size, dtype=torch.bool) if allowed is None else allowed.clone()
+            kept[banned] = False
+            if bool(kept.any()):  # a grammar that may only end now still ends: its JSON is whole
+                allowed = kept
+        return allowed
 
     def _grammar_vocabulary(self) -> GrammarVocabulary:
         """Return the vocabulary in the grammar library's terms, built on the first constrained request."""
@@ -314,7 +332,7 @@ class Engine:
             state.token_counts[token] += 1
         if state.first_token_at is None:
             state.first_token_at = time.monotonic()
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids or token in state.params.stop_token_ids:
             text, _ = state.text.finish()  # the EOS token itself has no text; only held-back text remains
             return self._retire(state, "stop", text=text)
         text, stopped = state.text.push(token)

@@ -47,6 +47,11 @@ class SamplingParams:
     grammar: str | None = None
     # Log probabilities: None → none; 0..20 → each generated token's own, with that many most likely alternatives.
     logprobs: int | None = None
+    # Extensions, as in vLLM. logit_bias: token id → added to its logit (OpenAI's -100..100).
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0  # end-of-sequence and stop_token_ids cannot come before this many tokens
+    ignore_eos: bool = False  # never end on end-of-sequence: the answer runs to max_tokens (benchmarks)
+    stop_token_ids: tuple[int, ...] = ()  # more token ids that end the answer, left out of its text
 
     def __post_init__(self) -> None:
         """Reject values the sampler cannot honour, before the request reaches the queue."""
@@ -64,6 +69,12 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] alternatives, got {self.logprobs}")
+        if self.logit_bias is not None:
+            bad = next((v for v in self.logit_bias.values() if not -100 <= v <= 100), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bad}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise TypeError("grammar must be grammar text (str) or None")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -74,6 +85,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Return True when the next token is the argmax of the (penalised) logits."""
         return self.temperature == 0
+
+    @property
+    def plain(self) -> bool:
+        """Return True when nothing but temperature, top-p and top-k shapes the logits."""
+        return not (self.penalised or self.logit_bias)
 
     @property
     def penalised(self) -> bool:

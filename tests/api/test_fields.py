@@ -25,7 +25,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 # A value of each refused field that asks for what the server lacks.
 ASKING = {
-    "n": 2, "logit_bias": {"5": 10},
+    "n": 2,
     "functions": [{"name": "f"}], "function_call": "auto",
     "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "high", "verbosity": "low",
@@ -33,7 +33,7 @@ ASKING = {
     "prompt_cache_retention": "24h", "store": True,
 }
 # Values of refused fields that ask for nothing, and of accepted fields: answered, not refused.
-HARMLESS = {"n": 1, "logprobs": False, "logit_bias": {}, "tools": [], "tool_choice": "none", "store": False,
+HARMLESS = {"n": 1, "logprobs": False, "logit_bias": {}, "ignore_eos": False, "stop_token_ids": [], "tools": [], "tool_choice": "none", "store": False,
             "modalities": ["text"], "service_tier": "auto", "user": "someone", "metadata": {"k": "v"},
             "safety_identifier": "h", "prompt_cache_key": "k", "parallel_tool_calls": True, "top_logprobs": None}
 
@@ -123,4 +123,24 @@ def test_an_agents_second_turn_with_a_tool_message_is_answered(served) -> None:
 def test_malformed_tool_messages_are_400s(served, message: dict, param: str) -> None:
     status, _, body = post({"model": served, "messages": [message]})
     assert status == 400
+    assert body["error"]["param"] == param
+
+
+def test_the_extensions_fix_the_length_and_logit_bias_picks_the_token(served) -> None:
+    status, _, body = post(chat(served, max_tokens=7, ignore_eos=True, temperature=0, logit_bias={"40": 100}))
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] == 7 and body["choices"][0]["finish_reason"] == "length"
+    _, _, again = post(chat(served, max_tokens=3, temperature=0, logit_bias={"40": 100}, logprobs=True))
+    assert {entry["token"] for entry in again["choices"][0]["logprobs"]["content"]} == {
+        again["choices"][0]["logprobs"]["content"][0]["token"]}
+
+
+@pytest.mark.parametrize("params,param", [
+    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"stop_token_ids": [99999999]}, "stop_token_ids"),
+    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"), ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
+])
+def test_bad_extension_values_are_400s_naming_them(served, params, param) -> None:
+    status, _, body = post(chat(served, **params))
+    assert status == 400, body
     assert body["error"]["param"] == param

@@ -120,3 +120,38 @@ def test_a_panic_of_the_grammar_library_is_a_grammar_error() -> None:
     with pytest.raises(KeyboardInterrupt):
         with library_errors():
             raise KeyboardInterrupt
+
+
+def test_ignore_eos_runs_to_max_tokens_and_min_tokens_holds_eos_back(dense) -> None:
+    async def go(**params):
+        return await generate(dense, SamplingParams(max_tokens=24, temperature=0, **params))
+
+    text, finish, tokens = run(go(ignore_eos=True))
+    assert (finish, tokens) == ("length", 24)
+    _, _, free = run(go())
+    _, _, held = run(go(min_tokens=free + 1 if free < 24 else 24))
+    assert held >= min(free + 1, 24)
+
+
+def test_a_stop_token_id_ends_the_answer_before_it(dense) -> None:
+    prompt = dense.tokenizer("Describe the box.")["input_ids"]
+
+    async def output_ids(params: SamplingParams) -> tuple[list[int], str]:
+        handle = dense.submit(prompt, params)
+        finish = None
+        async for chunk in handle:
+            finish = chunk.finish_reason or finish
+        return handle.state.output_ids, finish
+
+    free, _ = run(output_ids(SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))
+    stopped, finish = run(output_ids(SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                     stop_token_ids=(free[2],))))
+    assert finish == "stop"
+    assert stopped == free[: free.index(free[2]) + 1]  # ends on the first occurrence of the stop id
+
+
+def test_logit_bias_makes_a_token_the_greedy_choice(dense) -> None:
+    token = dense.tokenizer.convert_tokens_to_ids("Ġbox")
+    text, _, _ = run(generate(dense, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True,
+                                                    logit_bias={token: 100})))
+    assert text == " box" * 3
