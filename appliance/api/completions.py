@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from audit import ledger
 from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
 
-from . import metrics
+from appliance import metrics
+from inference.engine.prompt import encode_text
+
 from .errors import error, error_payload
 from .fields import ACCEPTED, HONOURED, REFUSED, FieldRule, refusal_message
 from .schemas import (MAX_JSON_DEPTH, ChatCompletionRequest, StreamOptions, StrictBool, StrictFloat, StrictInt,
@@ -141,7 +143,9 @@ async def run(request: HttpRequest, body: CompletionRequest, flight: InFlight):
     handles = []
     try:
         for prompt in body.prompts:
-            handles.append(engine.submit(engine.encode_text(prompt), body.sampling()))
+            handles.append(engine.submit(encode_text(engine.tokenizer, prompt), body.sampling()))
+        for handle in handles:
+            await handle.accepted()  # an engine process answers whether it took each request
     except (PromptTooLong, EngineBusy, EngineClosed) as exc:
         for handle in handles:
             handle.cancel()

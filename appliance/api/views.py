@@ -17,6 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from appliance import engine_client
 from audit import ledger
+from inference.engine.prompt import chat_template_source, encode_chat
 from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
 
 from appliance import metrics
@@ -214,7 +215,8 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         return missing
 
     messages = [m.for_template() for m in body.messages]
-    fmt = tool_format(engine.chat_template)
+    template = chat_template_source(engine.tokenizer)
+    fmt = tool_format(template)
     if body.forced_tools and fmt is None:
         flight.settle("refused")
         return error(f"The model '{body.model}' has no tool support in its chat template, so it cannot be made "
@@ -255,7 +257,7 @@ async def answer(request: HttpRequest, body, flight: InFlight):
 
     exchange = Exchange(caller=flight.caller, model=body.model, messages=messages, flight=flight,
                         tools=ToolUse(body, fmt) if body.tool_mode != "none" else None,
-                        reasoning=opens_reasoning(engine, prompt_ids),
+                        reasoning=opens_reasoning(engine, template, prompt_ids),
                         count_tokens=lambda text: len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -266,9 +268,9 @@ async def answer(request: HttpRequest, body, flight: InFlight):
     return await exchange.complete(handle)
 
 
-def opens_reasoning(engine, prompt_ids: list[int]) -> bool | None:
+def opens_reasoning(engine, template: str, prompt_ids: list[int]) -> bool | None:
     """Return None for a variant without a reasoning section, else whether its prompt already opened one."""
-    if not template_reasons(engine.chat_template):
+    if not template_reasons(template):
         return None
     return engine.tokenizer.decode(prompt_ids[-8:]).rstrip().endswith(OPEN)
 
@@ -289,7 +291,8 @@ TOKENIZER_ERRORS = (TypeError, ValueError, UnicodeError, OverflowError, jinja2.T
 def encode(engine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Return the chat's prompt ids, or raise Untokenizable naming the first message the tokenizer refuses."""
     try:
-        return engine.encode_chat(messages, tools) if tools else engine.encode_chat(messages)
+        # With tools, the web process's own tokenizer renders them (an engine process's client takes messages only).
+        return encode_chat(engine.tokenizer, messages, tools) if tools else engine.encode_chat(messages)
     except TOKENIZER_ERRORS as whole:
         for i, message in enumerate(messages):  # which one? each alone, in the same template
             try:
