@@ -1,10 +1,13 @@
-"""The official openai client against a live box: tool calls, logprobs, reasoning, model card, health and ready."""
+"""Clients against a live box: the official openai client (tool calls, logprobs, reasoning, model card, health
+and ready) and LangChain's ChatOpenAI, unchanged (bound tools, structured output)."""
 import json
 
 import httpx
 import jsonschema_rs
 import openai
+import pydantic
 import pytest
+from langchain_openai import ChatOpenAI
 
 from tests.api.test_tool_calls import ASK, SCHEMAS, TOOLS, WEATHER
 from tests.api.tool_variant import write_reasoning_variant, write_tool_variant
@@ -99,3 +102,27 @@ def test_health_and_ready(box, tools_model):
     ready = httpx.get(f"{box.url}/ready")
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready" and ready.json()["deployed"] == ready.json()["loaded"] >= 1
+
+
+class Weather(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: str = pydantic.Field(max_length=12)
+    rain: bool
+
+
+def chat_model(box, key, model) -> ChatOpenAI:
+    return ChatOpenAI(model=model, base_url=f"{box.url}/v1", api_key=key, max_retries=0, timeout=120,
+                      max_tokens=300, temperature=1.0, seed=2)
+
+
+def test_langchain_bind_tools_with_a_forced_choice_returns_valid_calls(box, key, tools_model):
+    for choice in ("weather", "any"):  # LangChain's names for a named function and for `required`
+        reply = chat_model(box, key, tools_model).bind_tools(TOOLS, tool_choice=choice).invoke(ASK)
+        assert reply.tool_calls
+        for call in reply.tool_calls:
+            jsonschema_rs.validate(SCHEMAS[call["name"]], call["args"])
+
+
+def test_langchain_with_structured_output_parses_into_the_model(box, key, tools_model):
+    structured = chat_model(box, key, tools_model).with_structured_output(Weather, method="json_schema", strict=True)
+    assert isinstance(structured.invoke("Weather in Oslo?"), Weather)
