@@ -5,6 +5,7 @@ from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path, re_path, register_converter
 
 from . import metrics
+from .api import health
 from .console import chat, dashboard, security, usage_views
 
 
@@ -42,6 +43,8 @@ urlpatterns = [
     path("admin/chat/key", staff(chat.chat_key), name="console-chat-key"),
     path("admin/", admin.site.urls),
     path("metrics", metrics.metrics, name="metrics"),
+    path("health", health.health, name="health"),
+    path("ready", health.ready, name="ready"),
     path("v1/", include("appliance.api.urls")),
     # The console's CSS and scripts come from the apps' static folders: the box serves
     # itself, with no web server in front and nothing fetched from the internet.

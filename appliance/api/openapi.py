@@ -7,6 +7,7 @@ import copy
 
 from django.http import JsonResponse
 
+from appliance.api.completions import CompletionRequest
 from appliance.api.schemas import ChatCompletionRequest
 
 from ..models import ModelVariant, VariantStatus
@@ -36,10 +37,39 @@ CHAT_COMPLETION = {
             "properties": {
                 "index": {"type": "integer"},
                 "message": {"type": "object", "required": ["role", "content"],
-                            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
-                "finish_reason": {"enum": ["stop", "length", "cancelled", "error", None]},
-                "logprobs": {"type": "null"}}}},
+                            "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                                           "reasoning_content": {"type": ["string", "null"]},
+                                           "tool_calls": {"type": "array", "items": {"$ref": "#/components/schemas/ToolCallOut"}}}},
+                "finish_reason": {"enum": ["stop", "length", "tool_calls", "cancelled", "error", None]},
+                "logprobs": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/ChoiceLogprobs"}]}}}},
         "usage": {"$ref": "#/components/schemas/Usage"},
+    },
+}
+TOOL_CALL_OUT = {
+    "type": "object", "required": ["id", "type", "function"],
+    "properties": {"id": {"type": "string"}, "type": {"const": "function"},
+                   "function": {"type": "object", "required": ["name", "arguments"],
+                                "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}},
+}
+_TOKEN_LOGPROB = {"token": {"type": "string"}, "logprob": {"type": "number"},
+                  "bytes": {"type": "array", "items": {"type": "integer"}}}
+CHOICE_LOGPROBS = {
+    "type": "object", "required": ["content"],
+    "properties": {"refusal": {"type": "null"}, "content": {"type": "array", "items": {
+        "type": "object", "required": ["token", "logprob", "bytes", "top_logprobs"],
+        "properties": {**_TOKEN_LOGPROB, "top_logprobs": {"type": "array", "items": {
+            "type": "object", "required": ["token", "logprob", "bytes"], "properties": _TOKEN_LOGPROB}}}}}},
+}
+TEXT_COMPLETION = {
+    "type": "object", "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "usage": {"$ref": "#/components/schemas/Usage"},
+        "choices": {"type": "array", "items": {
+            "type": "object", "required": ["index", "text", "finish_reason"],
+            "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                           "finish_reason": {"enum": ["stop", "length", "cancelled", "error", None]},
+                           "logprobs": {"type": ["object", "null"]}}}},
     },
 }
 # One event of a streamed answer: `data` holds a chat.completion.chunk as JSON, an error, or "[DONE]".
@@ -48,13 +78,15 @@ SSE_EVENT = {
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
                    "retry": {"type": "integer"}},
 }
+MODEL = {
+    "type": "object", "required": ["id", "object", "created", "owned_by"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                   "owned_by": {"type": "string"}, "kind": {"type": "string"}, "loaded": {"type": "boolean"},
+                   "random_weights": {"type": "boolean"}},
+}
 MODEL_LIST = {
     "type": "object", "required": ["object", "data"],
-    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
-        "type": "object", "required": ["id", "object", "created", "owned_by"],
-        "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
-                       "owned_by": {"type": "string"}, "kind": {"type": "string"}, "loaded": {"type": "boolean"},
-                       "random_weights": {"type": "boolean"}}}}},
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}},
 }
 
 
@@ -79,9 +111,9 @@ ERRORS = {
 }
 
 
-def request_schema() -> tuple[dict, dict]:
+def request_schema(model=ChatCompletionRequest) -> tuple[dict, dict]:
     """Return the request body schema and the definitions it refers to, from the pydantic model."""
-    schema = copy.deepcopy(ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}"))
+    schema = copy.deepcopy(model.model_json_schema(ref_template="#/components/schemas/{model}"))
     definitions = schema.pop("$defs", {})
     return schema, definitions
 
@@ -89,6 +121,8 @@ def request_schema() -> tuple[dict, dict]:
 def build(model_examples: list[str]) -> dict:
     """Return the OpenAPI document; model_examples name the variants that are loaded now."""
     body, definitions = request_schema()
+    text_body, text_definitions = request_schema(CompletionRequest)
+    definitions = {**definitions, **text_definitions}
     example = {"model": model_examples[0] if model_examples else "demo-dense",
                "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
     if model_examples:
@@ -105,6 +139,22 @@ def build(model_examples: list[str]) -> dict:
                 "responses": {"200": {"description": "The variants the caller may use.",
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}},
                               "401": ERRORS["401"]}}},
+            "/models/{model}": {"get": {
+                "operationId": "retrieveModel", "summary": "One variant this key may use, loaded now.",
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The variant.",
+                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Model"}}}},
+                              "401": ERRORS["401"], "404": ERRORS["404"]}}},
+            "/completions": {"post": {
+                "operationId": "createCompletion", "summary": "Complete a prompt (or a list of prompts), whole or streamed.",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/CompletionRequest"},
+                    "example": {"model": example["model"], "prompt": "The audit ledger", "max_tokens": 8}}}},
+                "responses": {
+                    "200": {"description": "The choices; with `stream: true`, server-sent events of chunks.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TextCompletion"}},
+                                        "text/event-stream": {"schema": {"$ref": "#/components/schemas/ServerSentEvent"}}}},
+                    **ERRORS}}},
             "/chat/completions": {"post": {
                 "operationId": "createChatCompletion", "summary": "Generate a chat answer, whole or streamed.",
                 "requestBody": {"required": True, "content": {"application/json": {
@@ -119,7 +169,9 @@ def build(model_examples: list[str]) -> dict:
             "securitySchemes": {"teamKey": {"type": "http", "scheme": "bearer",
                                             "description": "A team's API key, `sk-box-…`."}},
             "schemas": {**definitions, "ChatCompletionRequest": body, "ChatCompletion": CHAT_COMPLETION,
-                        "Usage": USAGE, "ModelList": MODEL_LIST, "Error": ERROR, "ServerSentEvent": SSE_EVENT},
+                        "Usage": USAGE, "ModelList": MODEL_LIST, "Model": MODEL,
+                        "CompletionRequest": text_body, "TextCompletion": TEXT_COMPLETION, "ToolCallOut": TOOL_CALL_OUT,
+                        "ChoiceLogprobs": CHOICE_LOGPROBS, "Error": ERROR, "ServerSentEvent": SSE_EVENT},
         },
     }
 

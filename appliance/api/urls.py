@@ -1,9 +1,11 @@
 from django.urls import path
 
-from . import openapi, views
+from . import completions, openapi, views
 
 urlpatterns = [
     path("models", views.list_models, name="v1-models"),
+    path("models/<path:name>", views.model_card, name="v1-model"),
     path("chat/completions", views.chat_completions, name="v1-chat-completions"),
+    path("completions", completions.completions, name="v1-completions"),
     path("openapi.json", openapi.openapi, name="v1-openapi"),
 ]

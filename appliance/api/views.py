@@ -17,6 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from appliance import engine_client
 from audit import ledger
+from inference.engine.prompt import chat_template_source, encode_chat
 from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
 
 from appliance import metrics
@@ -24,6 +25,8 @@ from .errors import error, error_payload
 from .gatekeeper import Admission, Caller, gatekeeper
 from .schemas import parse_chat_request
 from .settlement import InFlight, _transcripts, admit_on_gate, new_request_id, on_gate, record, record_soon
+from .reasoning import CLOSE, OPEN, ReasoningStream, split_reasoning, template_reasons
+from .toolcalls import ToolCall, call_start, forced_calls, parse_calls, tool_format
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
@@ -133,10 +136,27 @@ async def list_models(request: HttpRequest):
     # What the caller can use now: a variant it may use (ready or deployed, never quarantined) that this process
     # has loaded. Administrators see every variant, loaded or not, on the console's Model variants page.
     loaded = set(engine_client.names())
-    data = [{"id": c.name, "object": "model", "created": c.created, "owned_by": c.owned_by,
-             "kind": c.kind, "loaded": True, "random_weights": c.random_weights}
-            for c in cards if c.name in loaded]
-    return JsonResponse({"object": "list", "data": data})
+    return JsonResponse({"object": "list", "data": [card_object(c) for c in cards if c.name in loaded]})
+
+
+def card_object(card) -> dict:
+    return {"id": card.name, "object": "model", "created": card.created, "owned_by": card.owned_by,
+            "kind": card.kind, "loaded": True, "random_weights": card.random_weights}
+
+
+@api_view
+async def model_card(request: HttpRequest, name: str):
+    """One variant the key may use and this process has loaded; any other name is OpenAI's 404."""
+    if request.method != "GET":
+        return error(f"Method {request.method} not allowed; use GET", 405)
+    caller, _ = await authenticate(request)
+    if caller is None:
+        return unauthorized()
+    if name in engine_client.names():
+        card = next((c for c in await on_gate(gatekeeper().models, caller) if c.name == name), None)
+        if card is not None:
+            return JsonResponse(card_object(card))
+    return error(f"The model '{name[:200]}' does not exist.", 404, param="model", code="model_not_found")
 
 
 # Bodies up to this size are parsed on the event loop (a few hundred microseconds at most, less than the hop to a
@@ -145,21 +165,26 @@ INLINE_PARSE_BYTES = 16 * 1024
 _parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="body-parser")
 
 
-async def parse_body(raw: bytes):
-    """Return parse_chat_request(raw), computed off the event loop when the body is large."""
+async def parse_body(raw: bytes, parse=parse_chat_request):
+    """Return parse(raw), computed off the event loop when the body is large."""
     if len(raw) <= INLINE_PARSE_BYTES:
-        return parse_chat_request(raw)
-    return await asyncio.wrap_future(_parser.submit(parse_chat_request, raw))
+        return parse(raw)
+    return await asyncio.wrap_future(_parser.submit(parse, raw))
 
 
 @api_view
 async def chat_completions(request: HttpRequest):
+    return await serve(request, parse_chat_request, answer)
+
+
+async def serve(request: HttpRequest, parse, run):
+    """Read, check and admit a generation request (chat or text), then `run(request, body, flight)` it."""
     if request.method != "POST":
         return error(f"Method {request.method} not allowed; use POST", 405)
     if key_refused(request):  # the handler left the body unread: no valid key
         await authenticate(request)
         return unauthorized()
-    body, invalid = await parse_body(request.body)
+    body, invalid = await parse_body(request.body, parse)
     if invalid is not None:  # a caller without a valid key learns only that
         caller, _ = await authenticate(request)
         return invalid if caller is not None else unauthorized()
@@ -177,7 +202,7 @@ async def chat_completions(request: HttpRequest):
         headers = {"Retry-After": str(admission.retry_after_s)} if admission.retry_after_s else {}
         return error(admission.message, admission.status, code=admission.code, headers={**limits, **headers})
     flight = request.in_flight = InFlight(caller, admission, body.model, request_id)
-    response = await answer(request, body, flight)
+    response = await run(request, body, flight)
     for name, value in limits.items():
         response[name] = value
     return response
@@ -185,23 +210,33 @@ async def chat_completions(request: HttpRequest):
 
 async def answer(request: HttpRequest, body, flight: InFlight):
     """Run an admitted request on its engine: the answer, its stream, or the error that stopped it."""
-    engine = engine_client.get(body.model)
-    if engine is None:
-        if await on_gate(gatekeeper().exists, flight.caller, body.model):
-            flight.settle("failed")  # a 503: the box could not serve what the caller may use
-            return error(f"Model '{body.model}' is not loaded; deploy it first.", 503, code="model_not_loaded")
-        flight.settle("refused")
-        return error(f"The model '{body.model}' does not exist.", 404, param="model", code="model_not_found")
+    engine, missing = await loaded_engine(body.model, flight)
+    if missing is not None:
+        return missing
 
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.for_template() for m in body.messages]
+    template = chat_template_source(engine.tokenizer)
+    fmt = tool_format(template)
+    if body.forced_tools and fmt is None:
+        flight.settle("refused")
+        return error(f"The model '{body.model}' has no tool support in its chat template, so it cannot be made "
+                     f"to call a tool (tool_choice '{body.tool_mode}'); tool_choice 'auto' answers in text.", 400,
+                     param="tool_choice", code="unsupported_value")
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tool_mode != "none" else None
     prompt_ids: list[int] = []
     try:
-        prompt_ids = encode(engine, messages)
+        prompt_ids = encode(engine, messages, tools)
         room = engine.max_request_tokens() - len(prompt_ids)
         params = SamplingParams(
-            max_tokens=body.token_limit or min(DEFAULT_MAX_TOKENS, max(1, room)),
+            max_tokens=body.token_limit or max(min(DEFAULT_MAX_TOKENS, max(1, room)), body.min_tokens),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k_cut, stop=body.stop_sequences,
-            seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+            seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            grammar=body.grammar, logprobs=body.logprob_alternatives, logit_bias=body.token_bias,
+            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, stop_token_ids=tuple(body.stop_token_ids or ()))
+        outside = token_ids_outside(engine, params)
+        if outside is not None:
+            flight.settle("refused")
+            return error(outside[0], 400, param=outside[1])
         # The team is the prefix cache's scope: a team reuses its own prompts' KV, never another team's.
         handle = engine.submit(prompt_ids, params, cache_scope=flight.caller.team)
         await handle.accepted()  # an engine process answers whether it took the request
@@ -221,7 +256,10 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         flight.settle("failed")
         return error(f"Model '{body.model}' is being unloaded.", 503, code="model_not_loaded")
 
-    exchange = Exchange(caller=flight.caller, model=body.model, messages=messages, flight=flight)
+    exchange = Exchange(caller=flight.caller, model=body.model, messages=messages, flight=flight,
+                        tools=ToolUse(body, fmt) if body.tool_mode != "none" else None,
+                        reasoning=opens_reasoning(engine, template, prompt_ids),
+                        count_tokens=lambda text: len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         response = StreamingHttpResponse(exchange.sse(handle, include_usage), content_type="text/event-stream")
@@ -229,6 +267,13 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         response["X-Accel-Buffering"] = "no"
         return response
     return await exchange.complete(handle)
+
+
+def opens_reasoning(engine, template: str, prompt_ids: list[int]) -> bool | None:
+    """Return None for a variant without a reasoning section, else whether its prompt already opened one."""
+    if not template_reasons(template):
+        return None
+    return engine.tokenizer.decode(prompt_ids[-8:]).rstrip().endswith(OPEN)
 
 
 class Untokenizable(ValueError):
@@ -244,10 +289,11 @@ class Untokenizable(ValueError):
 TOKENIZER_ERRORS = (TypeError, ValueError, UnicodeError, OverflowError, jinja2.TemplateError)
 
 
-def encode(engine, messages: list[dict]) -> list[int]:
+def encode(engine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Return the chat's prompt ids, or raise Untokenizable naming the first message the tokenizer refuses."""
     try:
-        return engine.encode_chat(messages)
+        # With tools, the web process's own tokenizer renders them (an engine process's client takes messages only).
+        return encode_chat(engine.tokenizer, messages, tools) if tools else engine.encode_chat(messages)
     except TOKENIZER_ERRORS as whole:
         for i, message in enumerate(messages):  # which one? each alone, in the same template
             try:
@@ -260,10 +306,83 @@ def encode(engine, messages: list[dict]) -> list[int]:
                             f"{str(whole)[:200]})", "messages") from whole
 
 
+def token_ids_outside(engine, params: SamplingParams) -> tuple[str, str] | None:
+    """Return (message, param) for a logit_bias or stop_token_ids id outside the model's vocabulary, or None."""
+    for param, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+        outside = next((t for t in ids if t >= engine.vocab_size), None)
+        if outside is not None:
+            return (f"Invalid value for '{param}': token id {outside} is outside this model's vocabulary "
+                    f"(0 to {engine.vocab_size - 1})", param)
+    return None
+
+
+async def loaded_engine(model: str, flight: InFlight):
+    """Return (engine, None) for a loaded variant, else (None, the 503 or 404 that says why), settled."""
+    engine = engine_client.get(model)
+    if engine is not None:
+        return engine, None
+    if await on_gate(gatekeeper().exists, flight.caller, model):
+        flight.settle("failed")  # a 503: the box could not serve what the caller may use
+        return None, error(f"Model '{model}' is not loaded; deploy it first.", 503, code="model_not_loaded")
+    flight.settle("refused")
+    return None, error(f"The model '{model}' does not exist.", 404, param="model", code="model_not_found")
+
+
+def submission_error(exc: Exception, flight: InFlight, model: str, param: str):
+    """Return the answer to an engine's refusal at submit (busy, closed, too long), settled."""
+    if isinstance(exc, PromptTooLong):
+        flight.settle("refused")
+        return error(str(exc), 400, param=param, code="context_length_exceeded")
+    if isinstance(exc, EngineBusy):
+        flight.settle("refused")
+        return error(str(exc), 429, code="engine_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+    flight.settle("failed")
+    return error(f"Model '{model}' is being unloaded.", 503, code="model_not_loaded")
+
+
+class ToolUse:
+    """How one request's tools shape its answer: forced calls (named, required) or calls parsed out (auto)."""
+
+    def __init__(self, body, fmt: str | None):
+        self.body, self.mode, self.format = body, body.tool_mode, fmt
+        self.names = {tool.function.name for tool in body.tools}
+
+    def split(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """Return (content, calls) of a whole answer."""
+        if self.mode in ("named", "required"):
+            calls = forced_calls(text, self.body)
+            return (None if calls else text), calls
+        content, calls = parse_calls(text, self.format, self.names)
+        calls = calls if self.body.parallel_tool_calls else calls[:1]
+        return (content or None if calls else content), calls
+
+    def hold_from(self, text: str) -> int | None:
+        """Return where a streamed auto answer may start a call (held back from there), or None."""
+        start = call_start(self.format)
+        if start is None:
+            return None
+        if start == "{":  # Llama 3: the whole answer is the call, so only an answer that opens with one
+            stripped = text.lstrip()
+            return len(text) - len(stripped) if stripped[:1] in ("{", "<") or not stripped else None
+        at = text.find(start)
+        if at >= 0:
+            return at
+        for keep in range(min(len(start) - 1, len(text)), 0, -1):  # a marker may be split across chunks
+            if start.startswith(text[-keep:]):
+                return len(text) - keep
+        return None
+
+
 class Exchange:
     """One chat request in flight: turns engine chunks into OpenAI objects and records the outcome."""
 
-    def __init__(self, *, caller: Caller, model: str, messages: list[dict], flight: InFlight | None = None):
+    def __init__(self, *, caller: Caller, model: str, messages: list[dict], flight: InFlight | None = None,
+                 tools: ToolUse | None = None, reasoning: bool | None = None, count_tokens=None):
+        self.tools = tools
+        # None: no reasoning section; else whether the answer starts inside one (reasoning.py).
+        self.reasoning = reasoning
+        self.count_tokens = count_tokens
+        self.reasoning_tokens = 0
         self.caller = caller
         self.model = model
         self.messages = messages
@@ -274,14 +393,28 @@ class Exchange:
         self.created = int(time.time())
         self.started = time.monotonic()
         self.text: list[str] = []
+        self.logprobs: list[dict] | None = None  # OpenAI's logprobs.content entries, when asked for
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        if self.reasoning is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
+
+    def count_reasoning(self, reasoning: str | None) -> None:
+        """Count the reasoning's tokens: all of an answer cut inside it, else its text re-tokenized."""
+        text = "".join(self.text)
+        if reasoning is None:
+            self.reasoning_tokens = 0
+        elif CLOSE not in text:
+            self.reasoning_tokens = self.completion_tokens
+        else:
+            self.reasoning_tokens = min(self.completion_tokens, self.count_tokens(reasoning) + 1)  # + </think>
 
     def event(self, outcome: str, finish_reason: str | None, error_message: str | None = None) -> dict:
         details = {
@@ -308,6 +441,8 @@ class Exchange:
         if chunk.text and self.first_text_at is None:
             self.first_text_at = time.monotonic()
         self.text.append(chunk.text)
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + [logprob_entry(e) for e in chunk.logprobs]
         self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
         self.cached_tokens = chunk.cached_tokens
 
@@ -322,11 +457,21 @@ class Exchange:
                 return error(f"Generation failed: {chunk.error}", 500)
         self.settle("ok")
         self.keep_transcript()
+        message = {"role": "assistant", "content": "".join(self.text)}
+        if self.reasoning is not None:
+            reasoning, message["content"] = split_reasoning(message["content"], self.reasoning)
+            message["reasoning_content"] = reasoning
+            self.count_reasoning(reasoning)
+        if self.tools is not None:
+            content, calls = self.tools.split(message["content"])
+            if calls:
+                message = {**message, "content": content, "tool_calls": [call.as_openai() for call in calls]}
+                finish = "tool_calls" if finish == "stop" else finish
         await record(**self.event("ok", finish))
         return JsonResponse({
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
-                         "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                         "logprobs": None if self.logprobs is None else {"content": self.logprobs, "refusal": None}}],
             "usage": self.usage(),
         })
 
@@ -348,8 +493,16 @@ class Exchange:
 
     async def sse(self, handle, include_usage: bool):
         finish = None
+        tools = self.tools
+        named = tools is not None and tools.mode == "named"
+        call = ToolCall(tools.body.named, "") if named else None
+        sent = 0  # how much of the answer's text has gone out as content (or named-call arguments)
+        thinking = ReasoningStream(self.reasoning) if self.reasoning is not None and tools is None else None
         try:
-            yield sse(self.chunk_object({"role": "assistant", "content": ""}, None))
+            yield sse(self.chunk_object({"role": "assistant", "content": None if named else ""}, None))
+            if named:  # the whole answer is this call's arguments: say so first, then stream them
+                yield sse(self.chunk_object({"tool_calls": [{**call.as_openai(0), "function": {
+                    "name": call.name, "arguments": ""}}]}, None))
             async for chunk in handle:
                 self.absorb(chunk)
                 if chunk.finish_reason == "error":
@@ -357,10 +510,42 @@ class Exchange:
                     metrics.count_server_error(500)
                     yield sse(error_payload(f"Generation failed: {chunk.error}"))
                     return
-                if chunk.text:
+                plain = tools is None and thinking is None
+                if chunk.logprobs:  # the slow path: this event carries its tokens' log probabilities
+                    event = self.chunk_object({"content": chunk.text} if plain else {}, None)
+                    event["choices"][0]["logprobs"] = {"content": [logprob_entry(e) for e in chunk.logprobs],
+                                                       "refusal": None}
+                    yield sse(event)
+                if chunk.text and plain and chunk.logprobs:
+                    pass  # sent with its log probabilities just above
+                elif chunk.text and thinking is not None:
+                    for field, text in thinking.push(chunk.text):
+                        yield sse(self.chunk_object({field: text}, None))
+                elif chunk.text and tools is None:
                     yield self.content_event(chunk.text)
+                elif chunk.text and named:
+                    yield sse(self.chunk_object({"tool_calls": [{"index": 0, "function": {
+                        "arguments": chunk.text}}]}, None))
+                elif chunk.text and tools.mode == "auto":
+                    text = "".join(self.text)
+                    held = tools.hold_from(text[sent:])
+                    upto = len(text) if held is None else sent + held
+                    if upto > sent:
+                        yield self.content_event(text[sent:upto])
+                        sent = upto
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
+            if tools is not None and not named:
+                for delta in self.tool_call_deltas(sent):
+                    yield sse(self.chunk_object(delta, None))
+                if self.calls_made and finish == "stop":
+                    finish = "tool_calls"
+            elif named and finish == "stop":
+                finish = "tool_calls"
+            if thinking is not None:
+                for field, text in thinking.finish():
+                    yield sse(self.chunk_object({field: text}, None))
+                self.count_reasoning(split_reasoning("".join(self.text), self.reasoning)[0])
             yield sse(self.chunk_object({}, finish))
             if include_usage:
                 yield sse({**self.chunk_object({}, None), "choices": [], "usage": self.usage()})
@@ -381,6 +566,21 @@ class Exchange:
                 metrics.count_server_error(500)
                 yield sse(error_payload(SERVER_ERROR))
 
+    calls_made = False
+
+    def tool_call_deltas(self, sent: int) -> list[dict]:
+        """Return the deltas that end a streamed answer with tools: its calls, and content not yet sent."""
+        text = "".join(self.text)
+        content, calls = self.tools.split(text)
+        if not calls:
+            return [{"content": text[sent:]}] if text[sent:] else []
+        self.calls_made = True
+        deltas = []
+        unsent = (content or "")[sent:] if (content or "").startswith(text[:sent]) else ""
+        if unsent.strip():
+            deltas.append({"content": unsent})
+        return deltas + [{"tool_calls": [call.as_openai(i)]} for i, call in enumerate(calls)]
+
     finished = False
 
     def finish(self, outcome: str, finish_reason: str | None, error_message: str | None = None) -> None:
@@ -390,6 +590,14 @@ class Exchange:
         if outcome == "ok":
             self.keep_transcript()
         record_soon(**self.event(outcome, finish_reason, error_message))
+
+
+def logprob_entry(entry: dict) -> dict:
+    """Return OpenAI's shape of one token's log probabilities from the engine's plain entry."""
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {**token(entry["token"], entry["logprob"]), "top_logprobs": [token(t, lp) for t, lp in entry["top"]]}
 
 
 def sse(obj: dict) -> str:

@@ -44,6 +44,7 @@ from inference.engine.request import (
     RequestStatus,
     SamplingParams,
 )
+from inference.engine.grammar import Constraint, GrammarVocabulary, check_grammar
 from inference.engine.sampling import make_generator, sample_rows
 from inference.engine.telemetry import ExpertProbe, snapshot
 
@@ -107,9 +108,10 @@ class Engine:
 
     # ---- asyncio side -------------------------------------------------------------------------
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Return the prompt ids for a chat, ending with the prompt for the assistant's turn."""
-        return encode_chat(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Return the prompt ids for a chat, ending with the prompt for the assistant's turn (tools rendered
+        by the chat template where it can)."""
+        return encode_chat(self.tokenizer, messages, tools)
 
     def max_request_tokens(self) -> int:
         """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""
@@ -119,9 +121,11 @@ class Engine:
                cache_scope: str | None = None) -> RequestHandle:
         """Validate and queue a request from inside a running event loop; raise at once if it cannot run.
 
-        `cache_scope` (plain data: a team's name) lets the request reuse the prompt KV that earlier requests
-        of the same scope computed, and leave its own for later ones; requests of different scopes never
-        share, and None (the default) neither reuses nor leaves anything.
+        A `params.grammar` (grammar.json_schema_grammar's text) constrains every sampled token to it; the
+        request stops ("stop") as soon as the grammar is complete. `cache_scope` (plain data: a team's name)
+        lets the request reuse the prompt KV that earlier requests of the same scope computed, and leave its
+        own for later ones; requests of different scopes never share, and None (the default) neither reuses
+        nor leaves anything.
         """
         if cache_scope is not None and not isinstance(cache_scope, str):
             raise TypeError(f"cache_scope must be a string or None, got {type(cache_scope).__name__}")
@@ -134,6 +138,13 @@ class Engine:
         outside = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if outside is not None:
             raise ValueError(f"token id {outside} is outside the vocabulary [0, {self.vocab_size})")
+        named_ids = [*(params.logit_bias or {}), *params.stop_token_ids]
+        outside = next((t for t in named_ids if not 0 <= int(t) < self.vocab_size), None)
+        if outside is not None:
+            raise ValueError(f"token id {outside} (logit_bias or stop_token_ids) is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        if params.grammar is not None:
+            check_grammar(params.grammar)  # a GrammarError (ValueError) names what cannot be enforced
         total = len(prompt_ids) + params.max_tokens
         if total > self.context_length:
             raise PromptTooLong(
@@ -278,41 +289,98 @@ class Engine:
                 self._retire(state, "error", f"{type(row).__name__}: {row}")
         if not ok:
             return self._after_failure()
-        states = [s for s, _ in ok]
+        masked = []
+        for state, row in ok:
+            try:
+                masked.append((state, row, self._allowed_tokens(state)))
+            except Exception as exc:  # a grammar that cannot go on ends its own request only
+                log.exception("grammar of request %s failed", state.request_id)
+                self._retire(state, "error", f"{type(exc).__name__}: {exc}")
+        if not masked:
+            return None
+        states = [s for s, _, _ in masked]
         try:
-            tokens = sample_rows(torch.stack([r for _, r in ok]), [s.params for s in states],
-                                 [s.generator for s in states], [s.token_counts for s in states])
+            tokens = sample_rows(torch.stack([r for _, r, _ in masked]), [s.params for s in states],
+                                 [s.generator for s in states], [s.token_counts for s in states],
+                                 [m for _, _, m in masked])
         except Exception:  # one row's sampler failed (nan logits, say): sample the rows one by one
             tokens = []
-            for state, row in ok:
+            for state, row, mask in masked:
                 try:
-                    tokens.append(sample_rows(row[None], [state.params], [state.generator], [state.token_counts])[0])
+                    tokens.append(sample_rows(row[None], [state.params], [state.generator], [state.token_counts],
+                                              [mask])[0])
                 except Exception as exc:
                     log.exception("sampling for request %s failed", state.request_id)
                     tokens.append(exc)
-        for state, token in zip(states, tokens):
+        for (state, row, _), token in zip(masked, tokens):
             if isinstance(token, Exception):
                 self._retire(state, "error", f"{type(token).__name__}: {token}")
                 continue
             try:
+                if state.params.logprobs is not None:
+                    state.pending_logprobs.append(self._logprobs(row, token, state.params.logprobs))
                 self._postprocess(state, token)
             except Exception as exc:  # a detokenizer failure ends this request only
                 log.exception("postprocessing request %s failed", state.request_id)
                 self._retire(state, "error", f"{type(exc).__name__}: {exc}")
 
+    def _logprobs(self, row: torch.Tensor, token: int, alternatives: int) -> dict:
+        """Return the log probability of `token` and of the `alternatives` most likely tokens, under the model's
+        own distribution (before penalties, temperature and grammar), with each token's text."""
+        logprobs = torch.log_softmax(row.float(), dim=-1)  # [V]
+        top = logprobs.topk(alternatives) if alternatives else None
+        text = self.tokenizer.decode
+        return {"token": text([token]), "logprob": float(logprobs[token]),
+                "top": [] if top is None else [[text([int(i)]), float(v)]
+                                               for v, i in zip(top.values.tolist(), top.indices.tolist())]}
+
+    def _allowed_tokens(self, state: RequestState) -> torch.Tensor | None:
+        """Return the tokens the request may pick next (bool [V]), or None when any token may come.
+
+        Its grammar's (compiled on first use), less the tokens that would end it too early: end-of-sequence
+        and stop_token_ids before min_tokens, end-of-sequence always with ignore_eos.
+        """
+        params = state.params
+        allowed = None
+        if params.grammar is not None:
+            if state.constraint is None:
+                state.constraint = Constraint(self._grammar_vocabulary(), params.grammar)
+            allowed = state.constraint.allowed()
+        early = len(state.output_ids) < params.min_tokens
+        banned = [*(self.eos_token_ids if early or params.ignore_eos else ()), *(params.stop_token_ids if early else ())]
+        if banned:
+            kept = torch.ones(self.vocab_size, dtype=torch.bool) if allowed is None else allowed.clone()
+            kept[banned] = False
+            if bool(kept.any()):  # a grammar that may only end now still ends: its JSON is whole
+                allowed = kept
+        return allowed
+
+    def _grammar_vocabulary(self) -> GrammarVocabulary:
+        """Return the vocabulary in the grammar library's terms, built on the first constrained request."""
+        if self._vocabulary is None:
+            self._vocabulary = GrammarVocabulary(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._vocabulary
+
+    _vocabulary: GrammarVocabulary | None = None
+
     def _postprocess(self, state: RequestState, token: int) -> None:
         """Record a sampled token, decide whether the request is done, and emit any new text."""
         state.output_ids.append(token)
+        if state.constraint is not None:
+            state.constraint.advance(token)
         if state.token_counts is not None:
             state.token_counts[token] += 1
         if state.first_token_at is None:
             state.first_token_at = time.monotonic()
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids or token in state.params.stop_token_ids:
             text, _ = state.text.finish()  # the EOS token itself has no text; only held-back text remains
             return self._retire(state, "stop", text=text)
         text, stopped = state.text.push(token)
         if stopped:
             return self._retire(state, "stop", text=text)
+        if state.constraint is not None and state.constraint.complete:  # the JSON value is closed: nothing may follow
+            rest, _ = state.text.finish()
+            return self._retire(state, "stop", text=text + rest)
         if len(state.output_ids) >= state.params.max_tokens:
             rest, stopped = state.text.finish()
             return self._retire(state, "stop" if stopped else "length", text=text + rest)

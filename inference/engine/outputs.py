@@ -18,8 +18,10 @@ from inference.engine.request import Chunk, RequestState
 
 def merge(first: Chunk, second: Chunk) -> Chunk:
     """Return one chunk carrying the text of both and the state of the later one."""
+    logprobs = None if first.logprobs is None and second.logprobs is None else (
+        (first.logprobs or []) + (second.logprobs or []))
     return Chunk(first.text + second.text, second.finish_reason, second.prompt_tokens, second.completion_tokens,
-                 second.error, second.cached_tokens)
+                 second.error, second.cached_tokens, logprobs)
 
 
 def deliver_now(state: RequestState, chunk: Chunk) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+MAX_TOP_LOGPROBS = 20
 
 
 class EngineBusy(Exception):
@@ -41,6 +42,16 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a generated token
+    # Constrained decoding: llguidance grammar text (grammar.json_schema_grammar builds it from a JSON schema).
+    # Plain text so it crosses a process boundary; the engine compiles it when it admits the request.
+    grammar: str | None = None
+    # Log probabilities: None → none; 0..20 → each generated token's own, with that many most likely alternatives.
+    logprobs: int | None = None
+    # Extensions, as in vLLM. logit_bias: token id → added to its logit (OpenAI's -100..100).
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0  # end-of-sequence and stop_token_ids cannot come before this many tokens
+    ignore_eos: bool = False  # never end on end-of-sequence: the answer runs to max_tokens (benchmarks)
+    stop_token_ids: tuple[int, ...] = ()  # more token ids that end the answer, left out of its text
 
     def __post_init__(self) -> None:
         """Reject values the sampler cannot honour, before the request reaches the queue."""
@@ -56,6 +67,16 @@ class SamplingParams:
             raise TypeError("stop must be a tuple of strings, not a single string")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] alternatives, got {self.logprobs}")
+        if self.logit_bias is not None:
+            bad = next((v for v in self.logit_bias.values() if not -100 <= v <= 100), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bad}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise TypeError("grammar must be grammar text (str) or None")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -64,6 +85,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Return True when the next token is the argmax of the (penalised) logits."""
         return self.temperature == 0
+
+    @property
+    def plain(self) -> bool:
+        """Return True when nothing but temperature, top-p and top-k shapes the logits."""
+        return not (self.penalised or self.logit_bias)
 
     @property
     def penalised(self) -> bool:
@@ -80,6 +106,9 @@ class Chunk:
     completion_tokens: int
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache instead of being computed
+    # With SamplingParams.logprobs: one entry per token generated since the last chunk, as plain data:
+    # {"token": text, "logprob": float, "top": [[text, logprob], ...]} (the model's own distribution).
+    logprobs: list | None = None
 
 
 class RequestStatus(enum.Enum):
@@ -114,6 +143,8 @@ class RequestState:
     generator: Any = field(default=None, repr=False)
     text: Any = field(default=None, repr=False)
     token_counts: Any = field(default=None, repr=False)  # [V] occurrences of generated tokens, for penalties
+    constraint: Any = field(default=None, repr=False)  # the compiled grammar (grammar.Constraint), if any
+    pending_logprobs: list = field(default_factory=list, repr=False)  # entries not yet sent in a chunk
     kv_reserved: int = 0  # bytes of the deployment's KV budget held for this request while it runs
     kv_tokens: int = 0  # tokens of KV cache those bytes pay for; the KV store never grows past it
     num_computed: int = 0  # tokens of prompt_ids + output_ids whose KV is in the cache
@@ -170,13 +201,16 @@ class RequestState:
         assert reason in FINISH_REASONS, reason
         self.status, self.finish_reason, self.error = RequestStatus.FINISHED, reason, error
         self.finished_at = time.monotonic()
-        self.cache = self.generator = self.text = self.token_counts = None
+        self.cache = self.generator = self.text = self.token_counts = self.constraint = None
         self.prefix_blocks = []
 
     def chunk(self, text: str) -> Chunk:
         """Return a chunk carrying `text` and the request's current counts and finish state."""
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs, self.pending_logprobs = self.pending_logprobs, []
         return Chunk(text, self.finish_reason, len(self.prompt_ids), len(self.output_ids), self.error,
-                     self.cached_tokens)
+                     self.cached_tokens, logprobs)
 
     @property
     def queue_seconds(self) -> float | None:

@@ -65,10 +65,16 @@ def sample_rows(
     params: Sequence,
     generators: Sequence[torch.Generator | None],
     counts: Sequence[torch.Tensor | None],
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> list[int]:
-    """Return the next token of every request from logits [R, V], each row with its own parameters."""
+    """Return the next token of every request from logits [R, V], each row with its own parameters.
+
+    `masks` holds, per row, the tokens a grammar allows next (bool [V]) or None for a free row; a masked row
+    picks only among its allowed tokens, whatever its temperature.
+    """
+    masks = masks if masks is not None else [None] * len(params)
     tokens: list[int | None] = [None] * len(params)
-    plain_greedy = [i for i, p in enumerate(params) if p.greedy and not p.penalised]
+    plain_greedy = [i for i, p in enumerate(params) if p.greedy and p.plain and masks[i] is None]
     if plain_greedy:
         # One argmax for all plain greedy rows: argmax reads each row alone, so batching it changes nothing.
         picked = logits[plain_greedy].argmax(dim=-1).tolist()
@@ -80,8 +86,26 @@ def sample_rows(
         row = logits[i : i + 1]  # [1, V]
         if p.penalised and counts[i] is not None:
             row = apply_penalties(row, counts[i], p.presence_penalty, p.frequency_penalty)
+        if p.logit_bias:
+            row = apply_logit_bias(row, p.logit_bias)
+        if masks[i] is not None:
+            row = apply_mask(row, masks[i])
         tokens[i] = int(sample(row, p.temperature, p.top_p, generators[i], p.top_k)[0])
     return tokens  # type: ignore[return-value]
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """Return logits [.., V] with each biased token's logit raised or lowered by its bias."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, values.expand(*logits.shape[:-1], -1))
+
+
+def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Return logits [.., V] with every token outside `allowed` (bool [V]) at -inf."""
+    if not bool(allowed.any()):
+        raise ValueError("the grammar allows no token here")
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:

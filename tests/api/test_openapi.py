@@ -9,12 +9,12 @@ from tests.appliance.teams import variant
 pytestmark = pytest.mark.django_db
 
 
-def test_the_schema_is_public_and_describes_both_operations(client):
+def test_the_schema_is_public_and_describes_every_operation(client):
     variant("loaded-one", VariantStatus.DEPLOYED)
     variant("idle-one", VariantStatus.READY)
     doc = client.get("/v1/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
-    assert set(doc["paths"]) == {"/models", "/chat/completions"}
+    assert set(doc["paths"]) == {"/models", "/models/{model}", "/chat/completions", "/completions"}
     chat = doc["paths"]["/chat/completions"]["post"]
     assert {"200", "400", "401", "403", "404", "429", "503"} <= set(chat["responses"])
     assert "Retry-After" in chat["responses"]["429"]["headers"]
