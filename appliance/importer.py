@@ -203,7 +203,8 @@ def _out_of_space(variant: ModelVariant) -> str:
         needs = f"needs {gb(space_needed(source_size(Path(variant.source_path))))} GB"
     except (OSError, InvalidModelDir):
         needs = "needs more space"
-    return (f"the model store ran out of space mid-copy (No space left on device); "
+    during = "while converting the GGUF" if is_gguf_file(Path(variant.source_path)) else "mid-copy"
+    return (f"the model store ran out of space {during} (No space left on device); "
             f"partial files removed; {needs}, {free} GB free now")
 
 
