@@ -152,3 +152,41 @@ def test_import_progress_says_the_phase_bytes_and_rate(demo_dir, django_capture_
     assert variant.progress == 49
     assert variant.progress_detail.startswith("copying and hashing: 1.5 of 3.0 MB, ")
     assert variant.progress_detail.endswith(" MB/s")
+
+
+def test_an_audit_export_carries_the_signed_manifests_and_verify_py_checks_them(family, tmp_path):
+    from datetime import datetime, timezone
+
+    from audit.export import export
+    from audit.keys import active_key
+    from audit.verifier import verify_bundle
+
+    bundle = tmp_path / "bundle.zip"
+    export(bundle, datetime(2020, 1, 1, tzinfo=timezone.utc), actor="test:auditor")
+    assert verify_bundle(str(bundle), active_key().fingerprint).endswith("; 2 signed variant manifests verified")
+
+
+def test_verify_py_refuses_a_manifest_event_signed_by_a_key_that_is_not_the_boxs(family, tmp_path):
+    import base64
+    from datetime import datetime, timezone
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from audit import ledger
+    from audit.export import export
+    from audit.keys import active_key
+    from audit.verifier import Problem, canonical, verify_bundle
+    from appliance.provenance import document_digest, manifest_document
+
+    _, child = family
+    # Someone with write access to the database appends a well-chained event claiming other files, signed
+    # with a key of their own under the box's key fingerprint.
+    document = manifest_document(child.name, {"model.safetensors": "0" * 64}, child.provenance, child.parents)
+    forged = Ed25519PrivateKey.generate().sign(canonical(document))
+    ledger.append("variant.manifest", actor="system:worker", target=child.name, details={
+        "manifest_sha256": document_digest(document), "key": active_key().fingerprint,
+        "signature": base64.b64encode(forged).decode(), "document": document})
+    bundle = tmp_path / "bundle.zip"
+    export(bundle, datetime(2020, 1, 1, tzinfo=timezone.utc), actor="test:auditor")
+    with pytest.raises(Problem, match="variant manifest of small-distilled: the signature is invalid"):
+        verify_bundle(str(bundle), active_key().fingerprint)
