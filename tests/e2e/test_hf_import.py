@@ -98,8 +98,6 @@ def fp8_copy(source: Path, out: Path) -> Path:
 
 
 def test_an_fp8_checkpoint_is_recognised_and_refused_at_deploy_where_fp8_cannot_run(box, tmp_path):
-    from inference.engine import resolve_device
-
     source = fp8_copy(box.demo_dir / "demo-dense", tmp_path / "dense-fp8")
     imported = manage(box, "import_model", str(source), "--name", "dense-fp8", "--kind", "dense", "--wait")
     assert imported.returncode == 0, imported.stderr
@@ -107,7 +105,7 @@ def test_an_fp8_checkpoint_is_recognised_and_refused_at_deploy_where_fp8_cannot_
                               "print(json.dumps(ModelVariant.objects.get(name='dense-fp8').provenance))")
     assert quantization["quantization"] == "fp8"
     # The test runs on the box's own machine: what the box decides is what fp8 says for this machine's device.
-    refusal = fp8.deploy_refusal({"quantization_config": FP8_SCHEME}, resolve_device("auto"))
+    refusal = fp8.deploy_refusal({"quantization_config": FP8_SCHEME}, fp8.serving_device("auto"))
     deployed = manage(box, "deploy", "dense-fp8", "--wait")
     if refusal is None:  # GPUs of compute capability 8.9 or newer: FP8 is not what stands in the way
         assert "FP8 block-quantized" not in deployed.stderr
