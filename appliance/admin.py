@@ -12,11 +12,12 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from . import actions, fitting
+from . import actions, fitting, lineage, ollama
 from .templatetags.humanize_fit import count
 from .actions import do_update_api_key, do_update_team
-from .modelfiles import OutsideStore
-from .models import ApiKey, Deployment, ModelVariant, Team
+from .modelfiles import InvalidModelDir, OutsideStore, validate_gguf_file
+from .models import ApiKey, Deployment, ModelVariant, Relation, Team
+from .names import InvalidName
 
 admin.site.site_header = "LLM appliance console"
 admin.site.site_title = "LLM appliance"
@@ -31,17 +32,76 @@ def actor_of(request) -> str:
 
 
 class ImportForm(forms.ModelForm):
+    """Import a directory or a GGUF file from a local path, or a model from Ollama's models directory."""
+
+    ollama_ref = forms.CharField(
+        required=False, label="or an Ollama model",
+        help_text="NAME:TAG as `ollama list` shows it (e.g. llama3.2:1b), read from OLLAMA_MODELS or "
+                  "~/.ollama/models; leave the path empty.")
+    parent = forms.ModelChoiceField(queryset=ModelVariant.objects.all(), required=False, to_field_name="name",
+                                    help_text="A registered variant this one descends from.")
+    relation = forms.ChoiceField(choices=[("", "—"), *Relation.choices], required=False)
+    license = forms.CharField(required=False, max_length=100, help_text="When the files do not state it.")
+    upstream = forms.CharField(required=False, max_length=200, label="upstream repository",
+                               help_text="e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
+    revision = forms.CharField(required=False, max_length=100, label="upstream revision")
+
     class Meta:
         model = ModelVariant
         fields = ["name", "kind", "source_path"]
         help_texts = {"source_path": "A directory on this box (USB disk, NFS mount) holding config.json and "
-                                     "*.safetensors weights. The worker copies and hashes it."}
+                                     "*.safetensors weights, or a .gguf file (llama.cpp, Ollama). The worker copies "
+                                     "and hashes a directory; it hashes a GGUF and converts it to safetensors."}
+
+    EXTRA = ["ollama_ref", "parent", "relation", "license", "upstream", "revision"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["source_path"].required = False
+        self.provenance: dict = {}
 
     def clean_source_path(self):
         path = self.cleaned_data["source_path"]
-        if not Path(path).expanduser().is_dir():
-            raise forms.ValidationError(f"{path} is not a directory on this box")
-        return path
+        if not path:
+            return path
+        where = Path(path).expanduser()
+        if where.is_dir():
+            return path
+        if where.is_file():
+            try:
+                validate_gguf_file(where.resolve())
+            except InvalidModelDir as exc:
+                raise forms.ValidationError(str(exc)) from None
+            return path
+        raise forms.ValidationError(f"{path} is not a directory or a GGUF file on this box")
+
+    def clean(self):
+        data = super().clean()
+        ref, path = data.get("ollama_ref"), data.get("source_path")
+        if ref and path:
+            raise forms.ValidationError("give a path or an Ollama model, not both")
+        if ref:
+            try:
+                blob, self.provenance = ollama.resolve(ref)
+            except (InvalidName, InvalidModelDir) as exc:
+                self.add_error("ollama_ref", str(exc))
+            else:
+                data["source_path"] = str(blob)
+        elif not path and "source_path" not in self.errors:
+            self.add_error("source_path", "give a path on this box, or an Ollama model")
+        if bool(data.get("parent")) != bool(data.get("relation")):
+            self.add_error("relation", "a parent needs a relation, and a relation a parent")
+        for field in ("license",):
+            if data.get(field):
+                self.provenance[field] = data[field]
+        upstream = {k: data[f] for k, f in (("repository", "upstream"), ("revision", "revision")) if data.get(f)}
+        if upstream:
+            self.provenance["upstream"] = upstream
+        return data
+
+    def parents(self) -> list[dict]:
+        parent = self.cleaned_data.get("parent")
+        return [{"name": parent.name, "relation": self.cleaned_data["relation"]}] if parent else []
 
 
 class DeploymentInline(admin.StackedInline):
@@ -62,9 +122,10 @@ class ModelVariantAdmin(admin.ModelAdmin):
     search_fields = ["name", "architecture"]
     actions = ["verify_files", "analyse_fit", "deploy", "undeploy", "delete_variants"]
     inlines = [DeploymentInline]
-    readonly_fields = ["name", "kind", "architecture", "model_type", "params_total", "params_active", "dtype",
-                       "context_length", "source_path", "store_path", "size_bytes", "status", "status_detail",
-                       "progress", "random_weights", "metadata", "manifest", "created_at", "updated_at"]
+    readonly_fields = ["name", "kind", "origin", "lineage_tree", "provenance_table", "architecture", "model_type",
+                       "params_total", "params_active", "dtype", "context_length", "source_path", "store_path",
+                       "size_bytes", "status", "status_detail", "progress", "progress_detail", "random_weights",
+                       "metadata", "manifest", "created_at", "updated_at"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("deployment", "fit")
@@ -92,6 +153,7 @@ class ModelVariantAdmin(admin.ModelAdmin):
             "memory_chart": png_base64(charts, "memory.png"), "expert_chart": png_base64(charts, "experts.png"),
             "users": users, "context": context, "recommendation": fitting.recommendation(users, context),
             "throughput": fitting.throughput_advice(variant, request.GET),
+            "family": lineage.family(variant),
         })
 
     @admin.display(description="fit on this box", ordering="fit__verdict")
@@ -109,7 +171,7 @@ class ModelVariantAdmin(admin.ModelAdmin):
         return self.readonly_fields if obj else []
 
     def get_fields(self, request, obj=None):
-        return self.readonly_fields if obj else ImportForm.Meta.fields
+        return self.readonly_fields if obj else [*ImportForm.Meta.fields, *ImportForm.EXTRA]
 
     def get_inlines(self, request, obj):
         return self.inlines if obj else []
@@ -117,8 +179,9 @@ class ModelVariantAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if change:
             return  # every field is read-only; state changes go through the actions
-        variant = actions.do_start_import(name=obj.name, kind=obj.kind, source_path=obj.source_path,
-                                          actor=actor_of(request))
+        variant = actions.do_start_import(name=obj.name, kind=obj.kind, source_path=form.cleaned_data["source_path"],
+                                          actor=actor_of(request), provenance=form.provenance,
+                                          parents=form.parents())
         obj.pk = variant.pk
 
     def get_actions(self, request):
@@ -134,7 +197,29 @@ class ModelVariantAdmin(admin.ModelAdmin):
         if obj.random_weights:
             return format_html('{} <span title="random weights: output is noise" '
                                'style="color:#b58900">(random-weight demo)</span>', obj.get_kind_display())
+        if obj.status in ("ready", "deployed"):
+            return format_html('{} <span title="{}" style="color:#2aa198">(real model{})</span>',
+                               obj.get_kind_display(), source_line(obj.provenance),
+                               f", {obj.provenance['license']}" if obj.provenance.get("license") else "")
         return obj.get_kind_display()
+
+    @admin.display(description="origin")
+    def origin(self, obj):
+        return source_line(obj.provenance) or "–"
+
+    @admin.display(description="lineage")
+    def lineage_tree(self, obj):
+        up, down = lineage.ancestors(obj), lineage.descendants(obj)
+        if not up and not down:
+            return "no parents or children recorded"
+        return format_html("{}<b>{}</b>{}", render_nodes(up, "ancestors"), obj.name, render_nodes(down, "descendants"))
+
+    @admin.display(description="provenance")
+    def provenance_table(self, obj):
+        rows = [(key, value) for key, value in sorted(obj.provenance.items()) if key != "gguf_metadata"]
+        meta = obj.provenance.get("gguf_metadata") or {}
+        rows += [(f"gguf {key}", value) for key, value in sorted(meta.items()) if key.startswith("general.")]
+        return format_html("<table>{}</table>", format_html_join_rows(rows)) if rows else "–"
 
     @admin.display(description="parameters (total / active)", ordering="params_total")
     def params(self, obj):
@@ -155,7 +240,8 @@ class ModelVariantAdmin(admin.ModelAdmin):
 
     @admin.display(description="progress")
     def progress_bar(self, obj):
-        return format_html('<progress max="100" value="{}"></progress> {}%', obj.progress, obj.progress)
+        return format_html('<progress max="100" value="{}"></progress> {}% <small>{}</small>', obj.progress,
+                           obj.progress, obj.progress_detail if obj.status == "importing" else "")
 
     @admin.display(description="engine")
     def serving(self, obj):
@@ -199,6 +285,46 @@ class ModelVariantAdmin(admin.ModelAdmin):
                 "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             })
         self._each(request, queryset, actions.do_delete, "deleted")
+
+
+def source_line(provenance: dict) -> str:
+    """Return one line saying where a variant came from: format and hash, upstream, distribution, Ollama."""
+    parts = []
+    if provenance.get("format"):
+        sha = provenance.get("sha256")
+        parts.append(provenance["format"] + (f" sha256 {sha[:12]}…" if sha else "")
+                     + (f" {provenance['quantization']}" if provenance.get("quantization") else ""))
+    upstream = provenance.get("upstream") or {}
+    repo = upstream.get("repository") or upstream.get("source.huggingface.repository") or upstream.get("repo_url")
+    if repo:
+        parts.append(f"upstream {repo}" + (f"@{upstream['revision']}" if upstream.get("revision") else ""))
+    dist = provenance.get("distribution") or {}
+    if dist:
+        parts.append(f"from {dist.get('index')} {dist.get('package')} {dist.get('version')}")
+    if provenance.get("ollama"):
+        parts.append(f"from Ollama {provenance['ollama'].get('ref')}")
+    if provenance.get("imported_by"):
+        parts.append(f"imported by {provenance['imported_by']}")
+    return "; ".join(parts)
+
+
+def render_nodes(nodes: list, direction: str):
+    """Return nested lists of a lineage: parents above the variant (ancestors), children below it."""
+    if not nodes:
+        return ""
+    items = []
+    for node in nodes:
+        name = (format_html('<a href="{}">{}</a>', reverse("admin:appliance_modelvariant_change", args=[node.variant.pk]),
+                            node.name) if node.variant else format_html("{} <i>(not registered)</i>", node.name))
+        relation = lineage.relation_label(node.relation)
+        label = (format_html("{} — this is {} it", name, relation) if direction == "ancestors"
+                 else format_html("{} — {} this", name, relation))
+        items.append(format_html("<li>{}{}</li>", label, render_nodes(node.children, direction)))
+    return format_html('<ul class="lineage-{}">{}</ul>', direction, mark_safe("".join(items)))
+
+
+def format_html_join_rows(rows):
+    return mark_safe("".join(format_html("<tr><th>{}</th><td>{}</td></tr>", key, value) for key, value in rows))
 
 
 def positive_int(raw, default: int) -> int:

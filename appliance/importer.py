@@ -22,6 +22,7 @@ from audit import ledger
 
 from . import actions
 from .actions import LeaseLost
+from . import gguf_import
 from .modelfiles import (
     InvalidModelDir,
     OutsideStore,
@@ -29,15 +30,18 @@ from .modelfiles import (
     free_bytes,
     hash_dir,
     in_store,
+    is_gguf_file,
     make_store_dir,
     manifest_mismatches,
     remove_in_store,
     summarize,
     tree_size,
+    validate_gguf_file,
     validate_model_dir,
 )
 from .models import DesiredState, Deployment, ModelVariant, VariantStatus
 from .names import InvalidName, check_name, is_valid_name
+from .provenance import check_expected_hash, from_hf_dir, merge
 from .weightcheck import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -104,6 +108,37 @@ class Lease:
         if time.monotonic() - self.last >= PROGRESS_EVERY_S:
             self.renew(progress=min(99, done * 100 // total))
 
+    def phase(self, words: str, low: int, high: int) -> "Phase":
+        """Return a progress callback for one phase of the import, mapped onto low..high percent."""
+        return Phase(self, words, low, high)
+
+
+def mb(size: int) -> str:
+    return f"{size / 1e6:,.1f}"
+
+
+class Phase:
+    """Progress of one phase (copy and hash, hash, convert): percent, and bytes done of total with the rate."""
+
+    def __init__(self, lease: Lease, words: str, low: int, high: int):
+        self.lease, self.words, self.low, self.high = lease, words, low, high
+        self.started = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if time.monotonic() - self.lease.last < PROGRESS_EVERY_S:
+            return
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        percent = self.low + (self.high - self.low) * min(done, total) // max(total, 1)
+        self.lease.renew(progress=min(99, percent), progress_detail=(
+            f"{self.words}: {mb(done)} of {mb(total)} MB, {done / elapsed / 1e6:,.1f} MB/s")[:200])
+
+    def waiting(self, step: str) -> None:
+        """Report a phase whose size is not known while it runs (a conversion): its step and time so far."""
+        if time.monotonic() - self.lease.last < PROGRESS_EVERY_S:
+            return
+        self.lease.renew(progress=self.low, progress_detail=(
+            f"{self.words}: {step}, {time.monotonic() - self.started:.0f} s")[:200])
+
 
 def attempt_of(owner: str) -> str:
     """Return the attempt id (the name of its directory under .incoming/<name>/) from a lease owner."""
@@ -132,10 +167,10 @@ def run_import(variant_id: int) -> None:
     started = time.monotonic()
     full = False
     try:
-        final, work, manifest, summary = _copy_in(variant, owner, lease)
+        final, work, manifest, summary, provenance = _copy_in(variant, owner, lease)
         actions.do_finish_import(variant_id, owner=owner, work=work, final=final, manifest=manifest,
-                                 summary=summary, duration_ms=int((time.monotonic() - started) * 1000),
-                                 actor=ACTOR)
+                                 summary=summary, provenance=provenance,
+                                 duration_ms=int((time.monotonic() - started) * 1000), actor=ACTOR)
         discard_attempt(variant.name, owner)  # the copy moved into place; this drops .incoming/<name>
         return
     except LeaseLost:
@@ -144,6 +179,8 @@ def run_import(variant_id: int) -> None:
         return
     except (InvalidModelDir, InvalidName, OutsideStore) as exc:
         reason, outcome = str(exc), "refused"
+    except gguf_import.ConversionFailed as exc:
+        reason, outcome = str(exc), "failed"
     except OSError as exc:
         full = exc.errno == errno.ENOSPC
         if not full:
@@ -163,31 +200,64 @@ def _out_of_space(variant: ModelVariant) -> str:
     """Return the reason an import that hit a full disk mid-copy failed, with what it needs and what is free now."""
     free = gb(free_bytes(Path(settings.MODEL_STORE)))
     try:
-        needs = f"needs {gb(space_needed(tree_size(Path(variant.source_path))))} GB"
+        needs = f"needs {gb(space_needed(source_size(Path(variant.source_path))))} GB"
     except (OSError, InvalidModelDir):
         needs = "needs more space"
-    return (f"the model store ran out of space mid-copy (No space left on device); "
+    during = "while converting the GGUF" if is_gguf_file(Path(variant.source_path)) else "mid-copy"
+    return (f"the model store ran out of space {during} (No space left on device); "
             f"partial files removed; {needs}, {free} GB free now")
 
 
+def source_size(source: Path) -> int:
+    """Return the bytes an import of source writes into the store (a GGUF is written dequantized)."""
+    if is_gguf_file(source):
+        return gguf_import.planned_size(gguf_import.read_facts(source))
+    return tree_size(source)
+
+
 def _copy_in(variant: ModelVariant, owner: str, lease: Lease):
-    """Validate the source, check the space, copy and hash it into its attempt directory; return what finish needs."""
+    """Validate the source, check the space, copy (or convert) and hash it into its attempt directory.
+
+    Returns what finish needs: the final and attempt paths, the manifest, the summary and the provenance.
+    """
     final = store_path(variant.name)
     store = Path(settings.MODEL_STORE)
     source = Path(variant.source_path)
-    config = validate_model_dir(source)
     make_store_dir(store)
     make_store_dir(in_store(store, INCOMING))
     make_store_dir(in_store(store, INCOMING, variant.name))
-    check_space(tree_size(source), store)
-    lease.renew()
     work = in_store(store, INCOMING, variant.name, attempt_of(owner))
-    manifest = copy_and_hash(source, work, lease.progress)
+    if source.is_file() or is_gguf_file(source):
+        found = _convert_gguf(source, work, store, lease)
+        lease.renew(progress=92, progress_detail="hashing the converted files")
+        manifest = hash_dir(work)
+    else:
+        config = validate_model_dir(source)
+        check_space(tree_size(source), store)
+        lease.renew(progress_detail="copying")
+        manifest = copy_and_hash(source, work, lease.phase("copying and hashing", 0, 98))
+        found = from_hf_dir(work, config)
     # Headers, configs and the implied model are checked on the copy that will be served.
     check_model_dir(work)
-    summary = summarize(work, config)
+    summary = summarize(work, validate_model_dir(work))
+    provenance = merge(variant.provenance, found)
+    check_expected_hash(provenance)
     lease.renew()
-    return final, work, manifest, summary
+    return final, work, manifest, summary, provenance
+
+
+def _convert_gguf(source: Path, work: Path, store: Path, lease: Lease) -> dict:
+    """Hash a GGUF file, check it promises what its source said, convert it into work; return its provenance."""
+    validate_gguf_file(source)
+    facts = gguf_import.read_facts(source)
+    check_space(gguf_import.planned_size(facts), store)
+    sha256 = gguf_import.hash_file(source, lease.phase("hashing the GGUF file", 0, 20))
+    found = gguf_import.from_gguf(facts, sha256)
+    check_expected_hash({**ModelVariant.objects.get(pk=lease.variant_id).provenance, **found})
+    converting = lease.phase(f"converting {facts['file_type'] or 'GGUF'} to safetensors", 25, 90)
+    report = gguf_import.convert(source, work, renew=converting.waiting)
+    found["converted_dtype"] = report["dtype"]
+    return found
 
 
 def reclaim_stale_imports(name: str | None = None) -> list[str]:

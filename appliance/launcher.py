@@ -16,7 +16,7 @@ from django.core.management import call_command
 
 from audit.checkpoints import make_checkpoint
 
-from . import actions
+from . import actions, bundled
 from .models import ActualState, Deployment, ModelVariant, Team, VariantStatus
 
 ACTOR = "system:launcher"
@@ -145,21 +145,38 @@ def exited(code: int) -> str:
     return f"exited with code {code}"
 
 
-def ensure_demo_variants(demo_dir: Path, supervisor: Supervisor) -> None:
-    """Import (through the worker) and deploy (through the web process) each demo variant."""
+def seeded_variants(demo_dir: Path) -> dict[str, tuple[str, Path, dict]]:
+    """Return {name: (kind, source, provenance)} of what `make run` imports: the real model and the demos."""
+    seeds = {}
+    try:
+        seeds[bundled.VARIANT] = (bundled.KIND, bundled.require(), bundled.provenance())
+    except bundled.BundledModelMissing as exc:
+        say(f"{exc}; starting with the random-weight demos only")
     for name, kind in DEMO_VARIANTS.items():
+        seeds[name] = (kind, demo_dir / name, {})
+    return seeds
+
+
+def ensure_demo_variants(demo_dir: Path, supervisor: Supervisor) -> None:
+    """Import (through the worker) and deploy (through the web process) the real model and each demo variant."""
+    seeds = seeded_variants(demo_dir)
+    for name, (kind, source, provenance) in seeds.items():
         variant = ModelVariant.objects.filter(name=name).first()
         if variant is None or variant.status == VariantStatus.FAILED:
-            say(f"importing {name} through the worker")
-            variant = actions.do_start_import(name=name, kind=kind, source_path=str(demo_dir / name), actor=ACTOR)
-    for name in DEMO_VARIANTS:
+            say(f"importing {name} through the worker" + (" (converting its GGUF: a minute on a small CPU)"
+                                                          if name == bundled.VARIANT else ""))
+            variant = actions.do_start_import(name=name, kind=kind, source_path=str(source), actor=ACTOR,
+                                              provenance=provenance)
+    for name in seeds:
         variant = wait_until(lambda: ModelVariant.objects.exclude(status=VariantStatus.IMPORTING)
                              .filter(name=name).first(), supervisor, f"import of {name}")
         if variant.status not in (VariantStatus.READY, VariantStatus.DEPLOYED):
             say(f"{name} is {variant.status}: {variant.status_detail}")
             continue
         actions.do_deploy(variant, actor=ACTOR)
-    for name in DEMO_VARIANTS:
+    for name in seeds:
+        if not Deployment.objects.filter(variant__name=name).exists():
+            continue  # its import failed (said above): nothing to wait for
         dep = wait_until(lambda: Deployment.objects.filter(
             variant__name=name, actual__in=[ActualState.DEPLOYED, ActualState.FAILED]).first(),
             supervisor, f"{name} to load")
@@ -228,8 +245,10 @@ def run(port: int) -> None:
 {key}
 
   try:  curl {url}/v1/chat/completions -H "Authorization: Bearer $(cat {Path(settings.APPLIANCE_HOME) / 'demo-api-key'})" \\
-          -H 'Content-Type: application/json' -d '{{"model": "demo-dense", "messages": [{{"role": "user", "content": "hello"}}]}}'
-  (the demo models have random weights: their answers are noise)
+          -H 'Content-Type: application/json' \\
+          -d '{{"model": "{bundled.VARIANT}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+  ({bundled.VARIANT} is a real model, SmolLM2-135M-Instruct, {bundled.LICENSE}; the demo-* models have random weights:
+   their answers are noise)
   Ctrl-C stops everything.
 """, flush=True)
         while True:  # until Ctrl-C, or SystemExit from a child past its restart bound

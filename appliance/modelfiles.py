@@ -61,6 +61,33 @@ def validate_model_dir(path: Path) -> dict:
     return config
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf_file(path: Path) -> bool:
+    """Return whether path is a regular file that starts like a GGUF (Ollama's blobs have no suffix)."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return False
+        with path.open("rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def validate_gguf_file(path: Path) -> None:
+    """Refuse a GGUF source that is not a regular file (a link, a FIFO, a directory) or not a GGUF at all."""
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        raise InvalidModelDir(f"{path} cannot be read: {exc.strerror}") from None
+    kind = _odd_kind(st.st_mode)
+    if kind:
+        raise InvalidModelDir(f"{path} is a {kind}; only a regular GGUF file is imported, and links are never followed")
+    if not is_gguf_file(path):
+        raise InvalidModelDir(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+
+
 FILE_MODE = 0o640  # the store's own permissions, set explicitly: never the source's mode, never umask luck
 DIR_MODE = 0o750
 SYNC_EVERY = 256 * 1024 * 1024  # write back in steps, so no single fsync holds a shard's worth of dirty pages

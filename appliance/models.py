@@ -39,6 +39,15 @@ class InvalidTransition(Exception):
     pass
 
 
+class Relation(models.TextChoices):
+    """How a variant descends from a parent variant."""
+
+    DISTILLED_FROM = "distilled_from", "distilled from"
+    CONVERTED_FROM = "converted_from", "converted from"
+    QUANTIZED_FROM = "quantized_from", "quantized from"
+    FINETUNED_FROM = "finetuned_from", "fine-tuned from"
+
+
 class ModelVariant(models.Model):
     # Checked by appliance.names (at most 64 characters); the column keeps room for rows written before.
     name = models.CharField(max_length=100, unique=True, validators=[validate_variant_name])
@@ -61,6 +70,8 @@ class ModelVariant(models.Model):
     )
     status_detail = models.TextField(blank=True)
     progress = models.PositiveSmallIntegerField(default=0)
+    # What the running import is doing, in words: its phase, bytes done of total and rate.
+    progress_detail = models.CharField(max_length=200, blank=True)
     # The import attempt that holds this variant (appliance.importer) and until when: the worker renews the
     # lease with its progress, so an expired one means the worker died and the import is reclaimed as failed.
     lease_owner = models.CharField(max_length=100, blank=True)
@@ -68,6 +79,11 @@ class ModelVariant(models.Model):
     # Demo models have random weights; the console says so wherever they appear.
     random_weights = models.BooleanField(default=False)
     metadata = models.JSONField(default=dict, blank=True)
+    # Where the files came from (appliance.provenance): path, original format and hash, upstream repository,
+    # revision and license where the files state them, the importing admin.
+    provenance = models.JSONField(default=dict, blank=True)
+    # [{"name": parent variant, "relation": a Relation}], set at import; names, so lineage outlives a deletion.
+    parents = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -78,3 +78,41 @@ def _validate(value, field: str) -> None:
         check_name(value, field=field)
     except InvalidName as exc:
         raise ValidationError(str(exc), code="invalid_name") from exc
+
+
+# Ollama model references, NAME[:TAG] with NAME = [[HOST/]NAMESPACE/]MODEL, as Ollama's own parser
+# (types/model/name.go) allows each part: each becomes a directory under the Ollama models directory.
+OLLAMA_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}\Z")
+OLLAMA_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,349}(:[0-9]{1,5})?\Z")
+OLLAMA_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,79}\Z")
+OLLAMA_DEFAULTS = ("registry.ollama.ai", "library", None, "latest")
+
+
+def check_ollama_ref(value) -> tuple[str, str, str, str]:
+    """Return (host, namespace, model, tag) of an Ollama reference such as llama3.2:1b, or raise InvalidName."""
+    field = "Ollama model"
+    if not isinstance(value, str) or not value:
+        raise InvalidName(f"{field} must be NAME[:TAG], e.g. llama3.2:1b")
+    if "\x00" in value or "\\" in value or any(c.isspace() for c in value) or not value.isascii():
+        raise InvalidName(f"{field} {_shown(value)} is refused: only ASCII letters, digits, '.', '-', '_', "
+                          "'/' between parts and ':' before the tag")
+    name, tag = value, OLLAMA_DEFAULTS[3]
+    last = value.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = value.rsplit(":", 1)
+    parts = name.split("/")
+    if len(parts) > 3:
+        raise InvalidName(f"{field} {_shown(value)} is refused: at most HOST/NAMESPACE/MODEL before the tag")
+    host, namespace = OLLAMA_DEFAULTS[0], OLLAMA_DEFAULTS[1]
+    if len(parts) == 3:
+        host, namespace, model = parts
+    elif len(parts) == 2:
+        namespace, model = parts
+    else:
+        (model,) = parts
+    for part, what, pattern in ((host, "host", OLLAMA_HOST), (namespace, "namespace", OLLAMA_PART),
+                                (model, "model", OLLAMA_PART), (tag, "tag", OLLAMA_TAG)):
+        if not pattern.match(part) or part in (".", "..") or ".." in part:
+            raise InvalidName(f"{field} {_shown(value)} is refused: its {what} {_shown(part)} is not a valid "
+                              "Ollama name part")
+    return host, namespace, model, tag

@@ -6,6 +6,7 @@ Before loading it re-hashes the files, so a variant tampered with after import i
 served. An engine process that dies unasked is recorded and started again, a bounded number of times.
 """
 import collections
+import json
 import logging
 import threading
 import time
@@ -17,10 +18,11 @@ from django.db import close_old_connections
 from audit import attestation, egress, ledger
 from inference.engine import EngineConfig
 
-from . import actions, engine_client, fitting
+from . import actions, engine_client, fitting, fp8
 from .importer import check_store, quarantine
 from .modelfiles import InvalidModelDir
-from .models import ActualState, DesiredState, Deployment, VariantStatus
+from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
+from .provenance import verify_manifest
 from .weightcheck import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -86,9 +88,12 @@ def load(dep: Deployment) -> None:
     try:
         # A variant imported before the weight checks existed may still lie; a build cannot be stopped.
         check_model_dir(Path(variant.store_path))
+        refusal = refuse_before_build(variant)
     except InvalidModelDir as exc:
-        actions.do_record_load(dep.pk, variant.name, outcome="refused", actor=ACTOR, detail=f"refused: {exc}",
-                               details={"reason": str(exc)[:500]})
+        refusal = str(exc)
+    if refusal:
+        actions.do_record_load(dep.pk, variant.name, outcome="refused", actor=ACTOR, detail=f"refused: {refusal}",
+                               details={"reason": refusal[:500]})
         return
     started = time.monotonic()
     try:
@@ -110,6 +115,19 @@ def load(dep: Deployment) -> None:
                            engine_process=engine.process_report,
                            details={"device": engine.device, "pid": engine.pid, "duration_ms": duration_ms})
     fitting.record_measurement(dep.pk, engine.measured)
+
+
+def refuse_before_build(variant: ModelVariant) -> str | None:
+    """Return why the variant must not be built here: a signed manifest that does not verify, FP8 on a box that
+    cannot run it; None when nothing stands in the way."""
+    if variant.provenance:  # variants imported before manifests were signed carry no provenance
+        problem = verify_manifest(variant.name, variant.manifest, variant.provenance, variant.parents)
+        if problem:
+            return problem
+    config = json.loads((Path(variant.store_path) / "config.json").read_text(encoding="utf-8"))
+    if fp8.fp8_scheme(config) is None:
+        return None
+    return fp8.deploy_refusal(config, fp8.serving_device(settings.ENGINE_DEVICE))
 
 
 def still_wanted(dep: Deployment) -> bool:

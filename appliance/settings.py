@@ -234,6 +234,10 @@ CELERY_BEAT_SCHEDULE = {
 # An import renews its lease as it copies; one not renewed for this long had its worker die, and beat
 # marks it failed (appliance.importer.reclaim_stale_imports) within another half of it.
 IMPORT_LEASE_S = env_int("APPLIANCE_IMPORT_LEASE_S", 30)
+# Longest a GGUF conversion (a child process of the worker) may run before it is killed and the import failed.
+GGUF_TIMEOUT_S = env_int("APPLIANCE_GGUF_TIMEOUT_S", 1800)
+# Where `import_model --from-ollama` looks for Ollama's models directory (manifests/ and blobs/).
+OLLAMA_MODELS = env_str("OLLAMA_MODELS")
 CELERY_BEAT_SCHEDULE["reclaim-stale-imports"] = {"task": "appliance.tasks.reclaim_stale_imports",
                                                  "schedule": IMPORT_LEASE_S / 2}
 

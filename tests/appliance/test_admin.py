@@ -50,7 +50,7 @@ def test_import_form_names_a_missing_directory(console, tmp_path):
     response = console.post(reverse("admin:appliance_modelvariant_add"),
                             {"name": "x", "kind": "dense", "source_path": str(tmp_path / "absent")})
     assert response.status_code == 200
-    assert "is not a directory on this box" in response.content.decode()
+    assert "is not a directory or a GGUF file on this box" in response.content.decode()
     assert not ModelVariant.objects.exists()
 
 

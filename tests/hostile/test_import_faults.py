@@ -261,3 +261,52 @@ def test_a_disk_that_fills_mid_copy_is_freed_first_then_the_failure_recorded_and
     assert retry.returncode == 0, retry.stderr
     delete_variant(faulty, "fits-after")
     box_is_sound(faulty)
+
+
+@pytest.fixture
+def gguf_store(faulty):
+    """Mount a tmpfs just large enough for the bundled GGUF's converted copy as the box's model store."""
+    store = faulty.home / "models"
+    store.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=360m,mode=0750", "tmpfs", str(store)], check=True)
+    try:
+        yield store
+    finally:
+        subprocess.run(["umount", str(store)], check=True)
+
+
+def test_a_disk_that_fills_while_a_gguf_converts_fails_it_with_the_reason_and_leaves_nothing(
+        faulty, gguf_store, bundled_gguf):
+    queued = faulty.manage("import_model", str(bundled_gguf), "--name", "gguf-fills", "--kind", "dense")
+    assert queued.returncode == 0, queued.stderr
+    # The space check passed (the store holds the converted copy); another writer now fills the disk while the
+    # conversion child loads the GGUF, before it writes a byte of safetensors.
+    converting = shell(faulty, """
+import json, time
+from appliance.models import ModelVariant
+deadline = time.monotonic() + 240
+while time.monotonic() < deadline:
+    v = ModelVariant.objects.get(name="gguf-fills")
+    if v.status != "importing" or v.progress_detail.startswith("converting"):
+        break
+    time.sleep(0.2)
+print(json.dumps([v.status, v.progress_detail]))
+""")
+    assert converting[0] == "importing" and converting[1].startswith("converting Q4_1 to safetensors"), converting
+    filler = gguf_store / "another-writer.dat"
+    with filler.open("wb") as fh:
+        fh.truncate(0)
+        chunk = b"\0" * MiB
+        while free(gguf_store) > 64 * MiB:
+            fh.write(chunk)
+            fh.flush()
+    try:
+        failed = variant(faulty, "gguf-fills", settle_within=300)
+        assert failed["status"] == "failed"
+        assert re.match(r"the model store ran out of space while converting the GGUF \(No space left on device\); "
+                        r"partial files removed; needs [\d.]+ GB, [\d.]+ GB free now", failed["detail"]), failed
+        assert failed["event"][0] == "failed"
+        assert files_under(gguf_store / ".incoming") == [] and not (gguf_store / "gguf-fills").exists()
+    finally:
+        filler.unlink()
+    box_is_sound(faulty)

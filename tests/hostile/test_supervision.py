@@ -127,6 +127,13 @@ def test_make_run_restarts_each_child_killed_with_sigkill_and_stops_on_ctrl_c(tm
         launcher.wait_for(r"\[appliance\] ready in", since=waiting)
         key = (home / "demo-api-key").read_text().strip()
         assert chat_answers(launcher, key)["choices"]
+        # The real model make run ships, next to the three random-weight demos, answers sensibly.
+        assert re.search(r"\[appliance\] smollm2-135m: deployed on cpu|\[appliance\] smollm2-135m: deployed on cuda",
+                         "\n".join(launcher.output))
+        paris = httpx.post(f"{launcher.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "smollm2-135m", "max_tokens": 16, "temperature": 0, "messages": [
+                               {"role": "user", "content": "What is the capital of France?"}]}, timeout=120)
+        assert "Paris" in paris.json()["choices"][0]["message"]["content"], paris.text
         for name in ("worker", "beat", "web"):
             new = kill_and_see_it_back(launcher, name, restarts)
             assert psutil.Process(new).is_running()
