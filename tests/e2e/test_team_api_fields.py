@@ -26,10 +26,14 @@ def key(box):
 
 @pytest.fixture(scope="module")
 def variants(box):
-    for name, kind in VARIANTS.items():
-        box.manage("import_model", str(box.demo_dir / name), "--name", name, "--kind", kind, "--wait")
+    """Import and deploy each demo under a name of this module's own (the box is shared with other modules)."""
+    names = []
+    for demo, kind in VARIANTS.items():
+        name = f"fields-{demo}"
+        box.manage("import_model", str(box.demo_dir / demo), "--name", name, "--kind", kind, "--wait")
         box.manage("deploy", name, "--wait")
-    return list(VARIANTS)
+        names.append(name)
+    return names
 
 
 def client(box, key) -> openai.OpenAI:
@@ -50,7 +54,7 @@ def test_the_official_client_gets_a_400_naming_each_refused_field(box, key, vari
 def test_json_schema_output_holds_the_schema_on_every_demo_variant(box, key, variants, model):
     for seed in range(3):
         reply = client(box, key).chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Weather for Oslo as JSON."}],
+            model=f"fields-{model}", messages=[{"role": "user", "content": "Weather for Oslo as JSON."}],
             max_tokens=200, temperature=1.0, seed=seed,
             response_format={"type": "json_schema",
                              "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True}})
