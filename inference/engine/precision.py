@@ -60,9 +60,10 @@ def load_dtype(precision: str) -> torch.dtype:
 def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return int8 weights [O, K] and one scale per output row [O], symmetric, in the weight's dtype."""
     w = weight.detach().float()
-    scales = w.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
-    q = torch.round(w / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scales.to(weight.dtype)
+    # Rounded to the stored dtype first, so the int8 steps are those of the scale the kernel multiplies by.
+    scales = (w.abs().amax(dim=-1).clamp(min=1e-8) / 127.0).to(weight.dtype)
+    q = torch.round(w / scales.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
