@@ -3,6 +3,7 @@ weight-only, and greedy agreement of each with float32.
 
     .venv/bin/python bench/precision.py                                   # demos + real-shape models
     .venv/bin/python bench/precision.py --models demo-moe --threads 1 --precisions float32 int8
+    .venv/bin/python bench/precision.py --models /path/to/a/real/model --clients 1 --prompts 32
 
 The engine is driven in process (no HTTP) with its torch threads fixed (--threads) and the process bound to
 that many cores, so the figures compare formats, not the scheduler's luck. Each figure is the best of
@@ -41,6 +42,9 @@ DEFAULT_MODELS = [*DEMO_SPECS, "qwen2.5-0.5b-shape", "deepseek-v3-shape"]
 
 
 def model_dir(name: str) -> Path:
+    """A demo, a real-shape model, or the path of any local model directory (a real model, for agreement)."""
+    if Path(name).is_dir():
+        return Path(name)
     if name in DEMO_SPECS:
         if not (DEMO_DIR / name / "config.json").is_file():
             make_demo_models(DEMO_DIR, names=[name])
@@ -115,6 +119,7 @@ def main() -> None:
     print(header + f" {'prefill':>9} {'same/of':>8} {'prefix':>6}", flush=True)
     for name in args.models:
         path = model_dir(name)
+        name = path.name
         rows = [measure(path, p, args) for p in args.precisions]
         reference = next((r["answers"] for r in rows if r["precision"] == "float32"), rows[0]["answers"])
         for row in rows:
