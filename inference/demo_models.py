@@ -173,13 +173,13 @@ def build_config(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> PreTrain
             scoring_func="sigmoid",
             num_attention_heads=4,
             num_key_value_heads=4,
-            # MLA ranks at toy size with head dims the common kernels take: query/key heads of 64 (nope 32 +
-            # rope 32), value heads of 32, and a latent KV head of kv_lora_rank + rope = 64 + 32 = 96.
+            # MLA with DeepSeek-V3's real latent ranks (kv_lora_rank 512 + rope 64: a latent head of 576, the
+            # only one vLLM's CPU MLA kernels take); toy-sized heads elsewhere: query/key 64 + 64, value 64.
             q_lora_rank=64,
-            kv_lora_rank=64,
-            qk_nope_head_dim=32,
-            qk_rope_head_dim=32,
-            v_head_dim=32,
+            kv_lora_rank=512,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=64,
+            v_head_dim=64,
             # The real checkpoint carries a multi-token-prediction layer that transformers ignores; ours has none.
             num_nextn_predict_layers=0,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
