@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from inference.demo_models import DEMO_SPECS, make_demo_models  # noqa: E402
 from inference.engine import Engine, SamplingParams  # noqa: E402
 from inference.engine.precision import cpu_has_native_bf16, resolve_precision  # noqa: E402
 
-DEMO_DIR = Path("/work/.cache/bench/demo-models")
+DEMO_DIR = Path(tempfile.mkdtemp(prefix="bench-precision-"))
 DEFAULT_MODELS = [*DEMO_SPECS, "qwen2.5-0.5b-shape", "deepseek-v3-shape"]
 
 
@@ -45,10 +46,8 @@ def model_dir(name: str) -> Path:
     """A demo, a real-shape model, or the path of any local model directory (a real model, for agreement)."""
     if Path(name).is_dir():
         return Path(name)
-    if name in DEMO_SPECS:
-        if not (DEMO_DIR / name / "config.json").is_file():
-            make_demo_models(DEMO_DIR, names=[name])
-        return DEMO_DIR / name
+    if name in DEMO_SPECS:  # written anew each run (seconds): a kept copy could be of an older demo
+        return make_demo_models(DEMO_DIR, names=[name])[0]
     return write_shape(name, SHAPES_DIR)
 
 
@@ -114,7 +113,8 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "native_bf16": cpu_has_native_bf16(),
                           "auto": resolve_precision("auto", "cpu", exact=False), "load_before": os.getloadavg()},
               "models": {}}
-    print(f"native bf16: {report['machine']['native_bf16']}; auto picks {report['machine']['auto']}", flush=True)
+    print(f"native bf16: {report['machine']['native_bf16']}; auto picks {report['machine']['auto']} for models "
+          "of 128 MiB of weights or more, float32 below", flush=True)
     header = f"{'model':<20} {'precision':<9} {'MB':>7} " + " ".join(f"{f'decode@{c}':>10}" for c in args.clients)
     print(header + f" {'prefill':>9} {'same/of':>8} {'prefix':>6}", flush=True)
     for name in args.models:

@@ -54,8 +54,9 @@ class EngineConfig:
     # shares the box and an oversubscribed OpenMP barrier costs a scheduler time slice per op; on GPU torch's
     # default. (Measured on the 2-core box: a 16-prompt prefill takes 18 ms on 1 thread, 0.5-8 s on 2 under load.)
     threads: int | None = None
-    # Weights' number format: "auto" (bfloat16 on GPUs and on CPUs that compute it natively, AVX512-BF16 or
-    # AMX, else float32; float32 on CPU in exact mode), "float32", "bfloat16", or "int8" (weight-only, CPU).
+    # Weights' number format: "auto" (bfloat16 on GPUs, and on CPUs that compute it natively, AVX512-BF16 or
+    # AMX, for models of 128 MiB of weights or more; else float32, and float32 on CPU in exact mode),
+    # "float32", "bfloat16", or "int8" (weight-only, CPU).
     precision: str = "auto"
 
     def __post_init__(self) -> None:

@@ -77,7 +77,8 @@ class Engine:
             # here, because once from_pretrained starts building it nothing can stop it.
             check_model_dir(self.model_dir, json.loads(config_path.read_text(encoding="utf-8")))
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.precision = resolve_precision(cfg.precision, self.device, exact=cfg.exact)
+        weight_files = sum(p.stat().st_size for p in self.model_dir.glob("*.safetensors"))
+        self.precision = resolve_precision(cfg.precision, self.device, exact=cfg.exact, weight_file_bytes=weight_files)
         self.model = load_model(self.model_dir, self.device, self.precision)
         self.weight_bytes = weight_bytes(self.model)
         model_config = self.model.config

@@ -26,13 +26,19 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(precision: str, device: str, *, exact: bool) -> str:
+# Below this many bytes of weight files a model is small enough that a decode step is bound by per-op
+# overhead, not by reading weights, and bfloat16's conversions make it slower than float32 (measured: the
+# few-MB demos decode ~40% slower in bf16; real-shape models of 0.5-0.9B parameters decode and prefill faster).
+BF16_PAYS_FROM_BYTES = 128 * 2**20
+
+
+def resolve_precision(precision: str, device: str, *, exact: bool, weight_file_bytes: int | None = None) -> str:
     """Return the precision a deployment runs in: "float32", "bfloat16" or "int8".
 
     "auto" on a GPU is bfloat16 (its native matmul type). On CPU it is bfloat16 where the CPU computes it
-    natively (measured on AVX512-BF16/AMX: decode 1.5-2x float32 on real-shape models, see the README's
-    benchmark section), else float32. Exact batching is defined against unbatched float32 generate on
-    CPU, so "auto" keeps float32 there when exact mode is on.
+    natively (AVX512-BF16/AMX) and the model is not tiny (`weight_file_bytes`, the size of its weight files,
+    at least BF16_PAYS_FROM_BYTES; unknown counts as not tiny), else float32. Exact batching is defined
+    against unbatched float32 generate on CPU, so "auto" keeps float32 there when exact mode is on.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -45,6 +51,8 @@ def resolve_precision(precision: str, device: str, *, exact: bool) -> str:
     if device != "cpu":
         return "bfloat16"
     if exact:
+        return "float32"
+    if weight_file_bytes is not None and weight_file_bytes < BF16_PAYS_FROM_BYTES:
         return "float32"
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 

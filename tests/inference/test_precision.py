@@ -14,6 +14,7 @@ from torch import nn
 
 from inference.engine import Engine, EngineConfig, SamplingParams
 from inference.engine.precision import (
+    BF16_PAYS_FROM_BYTES,
     Int8WeightOnlyLinear,
     cpu_has_native_bf16,
     quantize_int8_weight_only,
@@ -31,6 +32,9 @@ def test_auto_is_float32_in_exact_mode_and_bfloat16_on_gpus():
     assert resolve_precision("auto", "cpu", exact=True) == "float32"
     assert resolve_precision("auto", "cuda", exact=False) == "bfloat16"
     assert resolve_precision("auto", "cpu", exact=False) == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    # A model of a few MB is bound by per-op overhead, where bf16's conversions cost more than they save.
+    assert resolve_precision("auto", "cpu", exact=False, weight_file_bytes=BF16_PAYS_FROM_BYTES - 1) == "float32"
+    assert resolve_precision("auto", "cuda", exact=False, weight_file_bytes=1) == "bfloat16"
     assert resolve_precision("int8", "cpu", exact=False) == "int8"
 
 
@@ -103,6 +107,11 @@ def test_engine_answers_as_generate_does_on_the_same_weights(demo_dir: Path, nam
         out = reference.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False)
     assert handle_text == out[0, len(prompt):].tolist()
     assert figures["precision"] == precision
+
+
+def test_a_demo_runs_in_float32_by_default(demo_dir: Path):
+    with Engine(demo_dir / "demo-dense", device="cpu", telemetry=False) as engine:
+        assert engine.describe()["precision"] == "float32"
 
 
 def test_smaller_formats_hold_fewer_weight_bytes(demo_dir: Path):
