@@ -5,7 +5,7 @@
 The converter ships with llama.cpp's sources (bench/peers_setup.sh puts them under /work/.cache/bench).
 It recognises a byte-level BPE tokenizer by hashing what its pre-tokenizer does to a test text, and refuses
 one it has no entry for. The demo models' tokenizer is trained locally, so it has none: this step maps such
-a tokenizer to GPT-2's byte-level pre-tokenizer ("gpt2"), which is exactly what the demos' tokenizer uses
+a tokenizer to GPT-2's byte-level pre-tokenizer ("gpt-2"), which is exactly what the demos' tokenizer uses
 (tokenizers' ByteLevel pre-tokenizer without a prefix space, as GPT-2's). A tokenizer the converter knows
 (a real model's) converts as it is: the mapping applies only where the converter would refuse.
 """
@@ -49,7 +49,7 @@ def _run_converter(model_dir: Path, out: Path, outtype: str) -> None:
             return recognised(self, tokenizer)
         except NotImplementedError:
             log.warning("pre-tokenizer not recognised (a locally trained tokenizer): mapped to GPT-2's byte-level one")
-            return "gpt2"
+            return "gpt-2"
 
     TextModel.get_vocab_base_pre = base_pre_or_gpt2
     sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(out), "--outtype", outtype]
