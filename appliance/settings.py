@@ -198,6 +198,14 @@ _engine_exact = env_str("APPLIANCE_ENGINE_EXACT", "off").strip().lower()
 if _engine_exact not in ("on", "off"):
     raise ValueError(f"APPLIANCE_ENGINE_EXACT must be on or off, not {_engine_exact!r}")
 ENGINE_EXACT = _engine_exact == "on"
+# Weights' number format: auto (bfloat16 on GPUs, and on CPUs that compute it natively, AVX512-BF16 or AMX,
+# for models of 128 MiB of weights or more; else float32, and float32 on CPU in exact mode), float32,
+# bfloat16, or int8 (weight-only, CPU kernels).
+ENGINE_PRECISION = env_str("APPLIANCE_ENGINE_PRECISION", "auto").strip().lower()
+if ENGINE_PRECISION not in ("auto", "float32", "bfloat16", "int8"):
+    raise ValueError(f"APPLIANCE_ENGINE_PRECISION must be auto, float32, bfloat16 or int8, not {ENGINE_PRECISION!r}")
+if ENGINE_PRECISION == "int8" and ENGINE_EXACT:
+    raise ValueError("APPLIANCE_ENGINE_PRECISION=int8 cannot run with APPLIANCE_ENGINE_EXACT=on")
 
 LOGGING = {
     "version": 1,

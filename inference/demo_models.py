@@ -9,6 +9,7 @@ are stable across runs and machines.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -95,6 +96,9 @@ DEMO_SPECS: dict[str, DemoSpec] = {
 }
 
 
+MODEL_TYPES = {"moe": "deepseek_v3", "distilled": "qwen2", "dense": "llama"}
+
+
 def train_tokenizer(corpus: str | None = None) -> PreTrainedTokenizerFast:
     """Train the shared byte-level BPE tokenizer on the shipped corpus and wrap it for transformers."""
     text = CORPUS_PATH.read_text(encoding="utf-8") if corpus is None else corpus
@@ -119,6 +123,21 @@ def train_tokenizer(corpus: str | None = None) -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
         model_max_length=CONTEXT_LENGTH,
     )
+
+
+# transformers' Qwen2 tokenizer class always has "<|endoftext|>" (its unknown/end token): a Qwen2 directory
+# without it gets it appended on load, one id past an embedding sized to the trained vocabulary.
+QWEN2_ENDOFTEXT = "<|endoftext|>"
+
+
+def tokenizer_for(model_type: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Return the tokenizer a model of `model_type` is saved with: the shared one, plus the tokens its
+    tokenizer class adds on load (so the config's vocab_size covers every id the loaded tokenizer has)."""
+    if model_type != "qwen2":
+        return tokenizer
+    qwen = copy.deepcopy(tokenizer)
+    qwen.add_special_tokens({"unk_token": QWEN2_ENDOFTEXT})
+    return qwen
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
@@ -148,13 +167,19 @@ def build_config(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> PreTrain
             # Group-limited routing as in the real model: 4 groups of 4 experts, best 2 groups kept.
             n_group=4,
             topk_group=2,
+            # Scores and routing as DeepSeek-V3's config states them: sigmoid scores, group-limited top-k with the
+            # e_score_correction_bias the real checkpoint carries (its weights hold the bias per expert).
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
             num_attention_heads=4,
             num_key_value_heads=4,
+            # MLA with DeepSeek-V3's real latent ranks (kv_lora_rank 512 + rope 64: a latent head of 576, the
+            # only one vLLM's CPU MLA kernels take); toy-sized heads elsewhere: query/key 64 + 64, value 64.
             q_lora_rank=64,
-            kv_lora_rank=32,
-            qk_nope_head_dim=32,
-            qk_rope_head_dim=16,
-            v_head_dim=32,
+            kv_lora_rank=512,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=64,
+            v_head_dim=64,
             # The real checkpoint carries a multi-token-prediction layer that transformers ignores; ours has none.
             num_nextn_predict_layers=0,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
@@ -163,11 +188,12 @@ def build_config(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> PreTrain
         )
     if spec.kind == "distilled":
         return Qwen2Config(
-            hidden_size=96,
+            hidden_size=128,
             intermediate_size=256,
             num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            # Heads of 64, as Qwen2.5's (a head of 24 is not one that attention kernels of other servers take).
+            num_attention_heads=2,
+            num_key_value_heads=1,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
             tie_word_embeddings=True,
             **common,
@@ -188,6 +214,7 @@ def build_config(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> PreTrain
 
 def _write_model(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast, target: Path) -> None:
     """Write one complete demo model directory at `target`."""
+    tokenizer = tokenizer_for(MODEL_TYPES[spec.kind], tokenizer)
     config = build_config(spec, tokenizer)
     # A private RNG scope: the weights depend only on the spec's seed, and callers' RNG state is untouched.
     with torch.random.fork_rng(devices=[]):

@@ -7,6 +7,7 @@
     runner.py      loads the model and runs one forward over the step's batch
     attention.py   the attention function the runner registers with transformers
     exact.py       opt-in bit-exact batching: every row's numbers equal running it alone
+    precision.py   weight precision (float32, bfloat16, int8 weight-only) and the choice per machine
     sampling.py    penalties, temperature, top-k/top-p, seeded generators
     detokenize.py  incremental detokenization and stop sequences
     request.py     one request's state, its sampling parameters, its chunks, the engine's refusals

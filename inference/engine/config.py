@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from inference.engine.precision import PRECISIONS
+
 DEFAULT_CPU_KV_FRACTION = 0.25  # of the memory available when the model is loaded, on CPU
 DEFAULT_GPU_KV_FRACTION = 0.85  # of the GPUs' free memory after the weights are loaded
 
@@ -52,6 +54,10 @@ class EngineConfig:
     # shares the box and an oversubscribed OpenMP barrier costs a scheduler time slice per op; on GPU torch's
     # default. (Measured on the 2-core box: a 16-prompt prefill takes 18 ms on 1 thread, 0.5-8 s on 2 under load.)
     threads: int | None = None
+    # Weights' number format: "auto" (bfloat16 on GPUs, and on CPUs that compute it natively, AVX512-BF16 or
+    # AMX, for models of 128 MiB of weights or more; else float32, and float32 on CPU in exact mode),
+    # "float32", "bfloat16", or "int8" (weight-only, CPU).
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         """Reject settings the engine cannot run with, naming the field."""
@@ -67,6 +73,10 @@ class EngineConfig:
             raise ValueError(f"stream_interval_s must be >= 0, got {self.stream_interval_s}")
         if not 0 <= self.kv_headroom < 1:
             raise ValueError(f"kv_headroom must be in [0, 1), got {self.kv_headroom}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.precision == "int8" and self.exact:
+            raise ValueError("precision int8 cannot run in exact mode (its products are not split per request)")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
 

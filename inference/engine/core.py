@@ -30,6 +30,7 @@ from inference.engine.cache import KVStore
 from inference.engine.config import EngineConfig
 from inference.engine.prompt import encode_chat, load_tokenizer
 from inference.engine.outputs import OutputRouter, RequestHandle, deliver_now
+from inference.engine.precision import resolve_precision, weight_bytes
 from inference.engine.runner import Runner, load_model, resolve_device
 from inference.engine.prefix_cache import PrefixCache
 from inference.engine.scheduler import SCHEDULERS, StepPlan
@@ -76,7 +77,10 @@ class Engine:
             # here, because once from_pretrained starts building it nothing can stop it.
             check_model_dir(self.model_dir, json.loads(config_path.read_text(encoding="utf-8")))
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = load_model(self.model_dir, self.device)
+        weight_files = sum(p.stat().st_size for p in self.model_dir.glob("*.safetensors"))
+        self.precision = resolve_precision(cfg.precision, self.device, exact=cfg.exact, weight_file_bytes=weight_files)
+        self.model = load_model(self.model_dir, self.device, self.precision)
+        self.weight_bytes = weight_bytes(self.model)
         model_config = self.model.config
         self.context_length = int(getattr(model_config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
@@ -101,8 +105,8 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name=f"engine:{self.model_dir.name}", daemon=True)
         self._thread.start()
         log.info(
-            "engine ready: %s on %s (%s, %s), context %d tokens, KV budget %.0f MiB (%d bytes/token)",
-            self.model_dir, self.device, self.model.dtype, "exact" if self.exact else "fast", self.context_length,
+            "engine ready: %s on %s (%s weights, %s), context %d tokens, KV budget %.0f MiB (%d bytes/token)",
+            self.model_dir, self.device, self.precision, "exact" if self.exact else "fast", self.context_length,
             budget / 2**20, self.kv_bytes_per_token,
         )
 
@@ -427,6 +431,9 @@ class Engine:
             "model": self.model_dir.name,
             "device": self.device,
             "exact": self.exact,
+            "precision": self.precision,
+            "weight_bytes": self.weight_bytes,
+            "threads": torch.get_num_threads(),
             "running": len(self.scheduler.running),
             "waiting": self.scheduler.waiting_count,
             "kv_budget_bytes": self.scheduler.kv_budget_bytes,

@@ -19,6 +19,7 @@ from transformers.utils import is_accelerate_available
 from inference.engine.cache import DIRECT_MODEL_TYPES, BatchCache, KVStore
 from inference.engine.attention import ATTENTION_NAME
 from inference.engine.exact import StepLayout, make_exact, step_context
+from inference.engine.precision import load_dtype, quantize_int8_weight_only
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(model_dir: Path, device: str) -> PreTrainedModel:
-    """Load a causal LM from a local directory only: safetensors weights, no hub, no remote code."""
+def load_model(model_dir: Path, device: str, precision: str = "float32") -> PreTrainedModel:
+    """Load a causal LM from a local directory only: safetensors weights, no hub, no remote code.
+
+    `precision` is a resolved one ("float32", "bfloat16" or "int8", see precision.resolve_precision); int8
+    loads in its compute dtype and then converts the layers to int8 weight-only in place.
+    """
     kwargs = dict(local_files_only=True, trust_remote_code=False, use_safetensors=True)
+    dtype = load_dtype(precision)
     if device == "cpu":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+        if precision == "int8":
+            quantize_int8_weight_only(model)
     elif is_accelerate_available():
-        # bf16 halves memory and is the GPUs' native matmul type; "auto" spreads layers over every visible GPU.
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="auto", **kwargs)
+        # "auto" spreads layers over every visible GPU.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="auto", **kwargs)
     else:
         # transformers needs `accelerate` for any device_map; without it one GPU still works.
         log.warning("accelerate is not installed: loading %s onto one GPU only", model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kwargs).to("cuda")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to("cuda")
     return model.eval()
 
 

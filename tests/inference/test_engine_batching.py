@@ -131,7 +131,8 @@ async def _collect(engine: Engine, prompt: list[int], params: SamplingParams) ->
 
 
 def test_a_request_larger_than_the_kv_budget_is_refused_naming_it(demo_dir: Path) -> None:
-    with Engine(demo_dir / "demo-dense", device="cpu", kv_budget_bytes=2048 * 100) as engine:
+    # float32 weights and KV: 2,048 bytes per token of the dense demo (bfloat16 would halve it).
+    with Engine(demo_dir / "demo-dense", device="cpu", precision="float32", kv_budget_bytes=2048 * 100) as engine:
         assert engine.max_request_tokens() == 100
 
         async def scenario() -> None:

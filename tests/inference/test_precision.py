@@ -1,0 +1,130 @@
+"""Weight precision: the setting's rules, int8 weight-only layers against the products they replace, and the
+engine on CPU in bfloat16 and int8 against `generate` on the same weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from inference.engine import Engine, EngineConfig, SamplingParams
+from inference.engine.precision import (
+    BF16_PAYS_FROM_BYTES,
+    Int8WeightOnlyLinear,
+    cpu_has_native_bf16,
+    quantize_int8_weight_only,
+    resolve_precision,
+)
+from inference.engine.runner import load_model
+from tests.inference.conftest import run
+
+ROOT = Path(__file__).resolve().parents[2]
+CHAT = [{"role": "user", "content": "How many experts are active for each token?"}]
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def test_auto_is_float32_in_exact_mode_and_bfloat16_on_gpus():
+    assert resolve_precision("auto", "cpu", exact=True) == "float32"
+    assert resolve_precision("auto", "cuda", exact=False) == "bfloat16"
+    assert resolve_precision("auto", "cpu", exact=False) == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    # A model of a few MB is bound by per-op overhead, where bf16's conversions cost more than they save.
+    assert resolve_precision("auto", "cpu", exact=False, weight_file_bytes=BF16_PAYS_FROM_BYTES - 1) == "float32"
+    assert resolve_precision("auto", "cuda", exact=False, weight_file_bytes=1) == "bfloat16"
+    assert resolve_precision("int8", "cpu", exact=False) == "int8"
+
+
+@pytest.mark.parametrize(("precision", "device", "exact", "message"), [
+    ("fp8", "cpu", False, "precision must be one of auto, float32, bfloat16, int8; got 'fp8'"),
+    ("int8", "cuda", False, "int8 uses torch's CPU kernels"),
+    ("int8", "cpu", True, "cannot run in exact mode"),
+])
+def test_unrunnable_precisions_are_refused_by_name(precision, device, exact, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_precision(precision, device, exact=exact)
+
+
+def test_engine_config_refuses_an_unknown_precision_and_int8_with_exact():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        EngineConfig(precision="float16")
+    with pytest.raises(ValueError, match="int8 cannot run in exact mode"):
+        EngineConfig(precision="int8", exact=True)
+
+
+def test_settings_refuse_an_unknown_precision_variable():
+    env = {**os.environ, "APPLIANCE_ENGINE_PRECISION": "int4", "DJANGO_SETTINGS_MODULE": "appliance.settings"}
+    result = subprocess.run([sys.executable, "-c", "import appliance.settings"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "APPLIANCE_ENGINE_PRECISION must be auto, float32, bfloat16 or int8, not 'int4'" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_computes_the_product_of_its_dequantized_weights(dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=True).to(dtype)
+    q = Int8WeightOnlyLinear(linear)
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (80,)
+    dequantized = q.weight.float() * q.scales.float()[:, None]
+    # Symmetric per-row rounding: no weight moves by more than half a step (a whole step where a bf16 scale,
+    # rounded down, clips the row's largest weight to 127).
+    step = q.scales.float().max() * (0.5 if dtype == torch.float32 else 1.0)
+    assert (dequantized - linear.weight.float()).abs().max() <= step + 1e-6
+    x = torch.randn(3, 5, 96).to(dtype)
+    expected = (x.float() @ dequantized.t() + linear.bias.float()).to(dtype)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(q(x), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_int8_experts_route_like_the_original_experts(demo_dir: Path):
+    model = load_model(demo_dir / "demo-moe", "cpu", "float32")
+    experts = model.model.layers[1].mlp.experts
+    hidden = torch.randn(7, model.config.hidden_size)
+    top_k_index = torch.stack([torch.randperm(experts.num_experts)[:4] for _ in range(7)])
+    top_k_weights = torch.rand(7, 4)
+    with torch.no_grad():
+        expected = experts(hidden, top_k_index, top_k_weights)
+        counts = quantize_int8_weight_only(model)
+        got = experts(hidden, top_k_index, top_k_weights)
+    assert counts["int8_expert_collections"] == 2  # layers 1 and 2; layer 0 is dense
+    assert not hasattr(experts, "gate_up_proj")  # the float weights are gone, not kept beside the int8 ones
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize(("name", "precision"), [("demo-dense", "bfloat16"), ("demo-moe", "int8"),
+                                                 ("demo-distilled", "int8")])
+def test_engine_answers_as_generate_does_on_the_same_weights(demo_dir: Path, name: str, precision: str):
+    reference = load_model(demo_dir / name, "cpu", precision)
+    with Engine(demo_dir / name, device="cpu", precision=precision) as engine:
+        prompt = engine.encode_chat(CHAT)
+        handle_text = run(_tokens(engine, prompt))
+        figures = engine.describe()
+    with torch.inference_mode():
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False)
+    assert handle_text == out[0, len(prompt):].tolist()
+    assert figures["precision"] == precision
+
+
+def test_a_demo_runs_in_float32_by_default(demo_dir: Path):
+    with Engine(demo_dir / "demo-dense", device="cpu", telemetry=False) as engine:
+        assert engine.describe()["precision"] == "float32"
+
+
+def test_smaller_formats_hold_fewer_weight_bytes(demo_dir: Path):
+    sizes = {}
+    for precision in ("float32", "bfloat16", "int8"):
+        with Engine(demo_dir / "demo-moe", device="cpu", precision=precision, telemetry=False) as engine:
+            sizes[precision] = engine.describe()["weight_bytes"]
+    # Halved but for the few small float32 buffers that stay (rotary frequencies, the routers' score bias).
+    assert sizes["bfloat16"] < 0.51 * sizes["float32"]
+    assert sizes["int8"] < 0.7 * sizes["bfloat16"]
+
+
+async def _tokens(engine: Engine, prompt: list[int]) -> list[int]:
+    handle = engine.submit(prompt, GREEDY)
+    [chunk async for chunk in handle]
+    return list(handle.state.output_ids)
