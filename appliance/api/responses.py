@@ -192,7 +192,10 @@ async def run(request: HttpRequest, body: ResponseRequest, flight: InFlight):
         await handle.accepted()
     except Untokenizable as exc:
         flight.settle("refused")
-        return error(str(exc).replace("'messages", "'input"), 400, param="input")
+        # The tokenizer's message counts the instructions and a continuation's history: name the whole input.
+        cause = exc.__cause__ or exc
+        return error(f"Invalid value for 'input': the model's tokenizer or chat template cannot take it "
+                     f"({type(cause).__name__}: {str(cause)[:200]})", 400, param="input")
     except (PromptTooLong, EngineBusy, EngineClosed) as exc:
         return submission_error(exc, flight, body.model, "input")
     answer = ResponseAnswer(body, flight, messages, conversation, store=keeps and body.store is not False)
@@ -303,8 +306,14 @@ class ResponseAnswer:
             self.settle("failed")
             await record(**self.event("failed", str(exc)))
             return error(f"Generation failed: {exc}", 500)
+        try:
+            await self.keep()
+        except Exception as exc:  # asked to store and could not: the caller must not believe it was kept
+            log.exception("storing response %s failed", self.id)
+            self.settle("failed")
+            await record(**self.event("failed", f"storing the response failed: {type(exc).__name__}"))
+            return error("The server could not store the response.", 500)
         self.settle("ok")
-        await self.keep()
         await record(**self.event("ok"))
         output = [self.item(self.status, [self.part()])]
         return JsonResponse(self.response_object(self.status, output))
@@ -340,9 +349,10 @@ class ResponseAnswer:
             yield self.sse("response.content_part.done", **where, part=part)
             item = self.item(self.status, [part])
             yield self.sse("response.output_item.done", output_index=0, item=item)
-            # Settled and kept before the last event: a client that stops reading there has had everything.
-            self.settle("ok")
+            # Kept and settled before the last event: a client that stops reading there has had everything. A
+            # failure to keep ends the stream in response.failed (below), never in a completed one.
             await self.keep()
+            self.settle("ok")
             record_soon(**self.event("ok"))
             yield self.sse(f"response.{self.status}", response=self.response_object(self.status, [item]))
         except (asyncio.CancelledError, GeneratorExit):

@@ -195,3 +195,18 @@ def test_the_readme_lists_the_responses_table() -> None:
     section = README.read_text().split("### The Responses API's fields", 1)[1].split("\n### ", 1)[0]
     rows = re.findall(r"^\| `([a-z_]+)` \| \*\*(honoured|accepted|refused)\*\* \|", section, re.MULTILINE)
     assert dict(rows) == {name: rule.support for name, rule in RESPONSE_FIELDS.items()}
+
+
+def test_one_ledger_event_and_a_transcript_per_response(keeping) -> None:
+    from appliance.api.settlement import _ledger_writer
+    from audit.models import AuditEvent, Transcript
+
+    status, body = respond({"model": keeping, "input": "Describe the box.", "max_output_tokens": 3})
+    assert status == 200
+    _ledger_writer.submit(lambda: None).result()
+    (event,) = [e for e in AuditEvent.objects.filter(action="chat.completion")
+                if e.details.get("response_id") == body["id"]]
+    assert event.details["endpoint"] == "responses" and event.details["stored"] is True
+    assert event.details["completion_tokens"] == body["usage"]["output_tokens"]
+    assert "Describe the box." not in json.dumps(event.details)  # digests, never the text
+    assert Transcript.objects.filter(team=TEAM).count() == 1
