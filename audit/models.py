@@ -239,3 +239,22 @@ class InFlightRequest(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} of {self.team} on {self.model} (pid {self.pid} on {self.host})"
+
+
+class StoredResponse(models.Model):
+    """One /v1/responses answer kept for `previous_response_id`, encrypted like a transcript with its team's key.
+
+    Kept only for a team whose transcript policy keeps transcripts, for as long as that policy's retention; a
+    shredded data key makes it unreadable, as it does the team's transcripts.
+    """
+
+    response_id = models.CharField(max_length=64, unique=True)  # the resp_… id the client sees
+    team = models.CharField(max_length=100, db_index=True)
+    data_key_id = models.BigIntegerField()  # not a foreign key, for the reason Transcript gives
+    created_at = models.DateTimeField(db_index=True)
+    model = models.CharField(max_length=200, blank=True)
+    nonce = models.BinaryField()
+    ciphertext = models.BinaryField()
+
+    def __str__(self) -> str:
+        return f"{self.response_id} of {self.team}"

@@ -29,10 +29,11 @@ def network_attestation() -> str:
 
 @shared_task(name="audit.tasks.purge_expired_transcripts")
 def purge_expired_transcripts() -> int:
-    """Delete transcripts past their team's retention period."""
+    """Delete transcripts, and stored /v1/responses answers, past their team's retention period."""
+    from audit import stored_responses
     from audit.transcripts import purge_expired
 
-    return purge_expired(actor="system:beat")
+    return purge_expired(actor="system:beat") + stored_responses.purge_expired(actor="system:beat")
 
 
 @shared_task(name="audit.tasks.export_bundle")

@@ -102,3 +102,44 @@ def refused_field(payload: dict) -> tuple[str, FieldRule] | None:
 
 def refusal_message(name: str, rule: FieldRule) -> str:
     return f"'{name}' is not supported by this server ({rule.note})."
+
+
+# /v1/responses (OpenAI's Responses API): the same rule, its own fields. `store` and `previous_response_id`
+# are honoured for a team whose transcript policy keeps transcripts and refused by name for one that keeps none.
+RESPONSE_FIELDS: dict[str, FieldRule] = {
+    "model": FieldRule(HONOURED, "a deployed variant the key's team may use"),
+    "input": FieldRule(HONOURED, "a string, or a list of message items (user, assistant, system, developer) whose "
+                                 "content is text or input_text/output_text parts"),
+    "instructions": FieldRule(HONOURED, "a system message before the input (not carried to a continuation)"),
+    "max_output_tokens": FieldRule(HONOURED, "cap on generated tokens; reaching it makes the response incomplete"),
+    "temperature": FieldRule(HONOURED, "0 to 2; 0 is greedy"),
+    "top_p": FieldRule(HONOURED, "nucleus sampling"),
+    "text": FieldRule(HONOURED, "format text, json_object or json_schema (strict or not), enforced by the engine's "
+                                "grammar as for chat's response_format"),
+    "stream": FieldRule(HONOURED, "the typed events, in order, each with its sequence_number"),
+    "store": FieldRule(HONOURED, "kept encrypted per team under its transcript policy and retention; the default "
+                                 "when the team keeps transcripts, refused (true) when it keeps none"),
+    "previous_response_id": FieldRule(HONOURED, "continue from a stored response of the same team (another "
+                                                "team's id is a 404); refused when the team keeps nothing"),
+    "tools": FieldRule(REFUSED, "no tools on /v1/responses (use /v1/chat/completions)"),
+    "tool_choice": FieldRule(REFUSED, "no tools on /v1/responses: only \"none\" and \"auto\"",
+                             harmless=lambda v: v in ("none", "auto")),
+    "parallel_tool_calls": FieldRule(ACCEPTED, "meaningless without tools"),
+    "max_tool_calls": FieldRule(REFUSED, "no tools on /v1/responses"),
+    "reasoning": FieldRule(REFUSED, "the variants have no effort or summary setting"),
+    "include": FieldRule(REFUSED, "no extra output data to include"),
+    "top_logprobs": FieldRule(REFUSED, "no log probabilities on /v1/responses", harmless=lambda v: v == 0),
+    "truncation": FieldRule(REFUSED, "no truncation: a prompt too long is a 400; only \"disabled\"",
+                            harmless=lambda v: v == "disabled"),
+    "background": FieldRule(REFUSED, "no background responses"),
+    "conversation": FieldRule(REFUSED, "no conversation objects: use previous_response_id"),
+    "prompt": FieldRule(REFUSED, "no reusable prompt templates"),
+    "service_tier": FieldRule(REFUSED, "one tier: \"auto\" and \"default\" are accepted, others refused",
+                              harmless=lambda v: v in ("auto", "default")),
+    "prompt_cache_retention": FieldRule(REFUSED, "no prompt-cache retention setting"),
+    "stream_options": FieldRule(ACCEPTED, "meaningless: events are not obfuscated on loopback or a LAN"),
+    "metadata": FieldRule(ACCEPTED, "meaningless: nothing is stored for OpenAI's dashboard"),
+    "user": FieldRule(ACCEPTED, "meaningless: usage is counted per team key"),
+    "safety_identifier": FieldRule(ACCEPTED, "meaningless: usage is counted per team key"),
+    "prompt_cache_key": FieldRule(ACCEPTED, "meaningless: the prefix cache is scoped by team"),
+}

@@ -8,6 +8,7 @@ import copy
 from django.http import JsonResponse
 
 from appliance.api.completions import CompletionRequest
+from appliance.api.responses import ResponseRequest
 from appliance.api.schemas import ChatCompletionRequest
 
 from ..models import ModelVariant, VariantStatus
@@ -78,6 +79,37 @@ SSE_EVENT = {
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
                    "retry": {"type": "integer"}},
 }
+OUTPUT_TEXT = {
+    "type": "object", "required": ["type", "text", "annotations"],
+    "properties": {"type": {"const": "output_text"}, "text": {"type": "string"},
+                   "annotations": {"type": "array"}, "logprobs": {"type": "array"}},
+}
+RESPONSE_USAGE = {
+    "type": "object", "required": ["input_tokens", "output_tokens", "total_tokens"],
+    "properties": {
+        **{k: {"type": "integer", "minimum": 0} for k in ("input_tokens", "output_tokens", "total_tokens")},
+        "input_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer", "minimum": 0}}},
+        "output_tokens_details": {"type": "object",
+                                  "properties": {"reasoning_tokens": {"type": "integer", "minimum": 0}}},
+    },
+}
+RESPONSE = {
+    "type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "response"}, "created_at": {"type": "integer"},
+        "status": {"enum": ["completed", "incomplete", "in_progress", "failed"]},
+        "error": {"type": ["object", "null"]}, "incomplete_details": {"type": ["object", "null"]},
+        "model": {"type": "string"}, "instructions": {"type": ["string", "null"]},
+        "output": {"type": "array", "items": {
+            "type": "object", "required": ["type", "id", "status", "role", "content"],
+            "properties": {"type": {"const": "message"}, "id": {"type": "string"},
+                           "status": {"enum": ["completed", "incomplete", "in_progress"]},
+                           "role": {"const": "assistant"},
+                           "content": {"type": "array", "items": {"$ref": "#/components/schemas/OutputText"}}}}},
+        "previous_response_id": {"type": ["string", "null"]}, "store": {"type": "boolean"},
+        "usage": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/ResponseUsage"}]},
+    },
+}
 MODEL = {
     "type": "object", "required": ["id", "object", "created", "owned_by"],
     "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
@@ -122,7 +154,8 @@ def build(model_examples: list[str]) -> dict:
     """Return the OpenAPI document; model_examples name the variants that are loaded now."""
     body, definitions = request_schema()
     text_body, text_definitions = request_schema(CompletionRequest)
-    definitions = {**definitions, **text_definitions}
+    response_body, response_definitions = request_schema(ResponseRequest)
+    definitions = {**definitions, **text_definitions, **response_definitions}
     example = {"model": model_examples[0] if model_examples else "demo-dense",
                "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
     if model_examples:
@@ -155,6 +188,19 @@ def build(model_examples: list[str]) -> dict:
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TextCompletion"}},
                                         "text/event-stream": {"schema": {"$ref": "#/components/schemas/ServerSentEvent"}}}},
                     **ERRORS}}},
+            "/responses": {"post": {
+                "operationId": "createResponse",
+                "summary": "Generate a response (OpenAI's Responses API), whole or as typed events.",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ResponseRequest"},
+                    "example": {"model": example["model"], "input": "hello", "max_output_tokens": 8}}}},
+                "responses": {
+                    "200": {"description": "The response; with `stream: true`, server-sent typed events "
+                                           "(response.created ... response.completed), each with a sequence_number.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Response"}},
+                                        "text/event-stream": {"schema": {"$ref": "#/components/schemas/ServerSentEvent"}}}},
+                    **ERRORS,
+                    "404": _error("No such model, or no stored response of this team with previous_response_id.")}}},
             "/chat/completions": {"post": {
                 "operationId": "createChatCompletion", "summary": "Generate a chat answer, whole or streamed.",
                 "requestBody": {"required": True, "content": {"application/json": {
@@ -171,7 +217,9 @@ def build(model_examples: list[str]) -> dict:
             "schemas": {**definitions, "ChatCompletionRequest": body, "ChatCompletion": CHAT_COMPLETION,
                         "Usage": USAGE, "ModelList": MODEL_LIST, "Model": MODEL,
                         "CompletionRequest": text_body, "TextCompletion": TEXT_COMPLETION, "ToolCallOut": TOOL_CALL_OUT,
-                        "ChoiceLogprobs": CHOICE_LOGPROBS, "Error": ERROR, "ServerSentEvent": SSE_EVENT},
+                        "ChoiceLogprobs": CHOICE_LOGPROBS,
+                        "ResponseRequest": response_body, "Response": RESPONSE, "OutputText": OUTPUT_TEXT,
+                        "ResponseUsage": RESPONSE_USAGE, "Error": ERROR, "ServerSentEvent": SSE_EVENT},
         },
     }
 

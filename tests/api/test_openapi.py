@@ -14,7 +14,7 @@ def test_the_schema_is_public_and_describes_every_operation(client):
     variant("idle-one", VariantStatus.READY)
     doc = client.get("/v1/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
-    assert set(doc["paths"]) == {"/models", "/models/{model}", "/chat/completions", "/completions"}
+    assert set(doc["paths"]) == {"/models", "/models/{model}", "/chat/completions", "/completions", "/responses"}
     chat = doc["paths"]["/chat/completions"]["post"]
     assert {"200", "400", "401", "403", "404", "429", "503"} <= set(chat["responses"])
     assert "Retry-After" in chat["responses"]["429"]["headers"]
@@ -29,3 +29,13 @@ def test_the_request_schema_follows_the_pydantic_model(client):
     for name in ChatCompletionRequest.model_json_schema().get("$defs", {}):
         assert name in doc["components"]["schemas"]
     assert "$defs" not in body
+
+
+def test_the_responses_schema_follows_its_pydantic_model(client):
+    from appliance.api.responses import ResponseRequest
+
+    doc = client.get("/v1/openapi.json").json()
+    body = doc["components"]["schemas"]["ResponseRequest"]
+    assert set(body["properties"]) == {field.alias or name for name, field in ResponseRequest.model_fields.items()}
+    assert doc["components"]["schemas"]["TextFormat"]["properties"].keys() >= {"type", "name", "schema", "strict"}
+    assert "200" in doc["paths"]["/responses"]["post"]["responses"]
