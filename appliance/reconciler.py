@@ -55,7 +55,7 @@ def engine_config() -> EngineConfig:
     """Return the engine settings this box's configuration asks for (see the README's table)."""
     return EngineConfig(device=settings.ENGINE_DEVICE, queue_limit=settings.ENGINE_QUEUE_LIMIT,
                         kv_budget_bytes=settings.ENGINE_KV_BUDGET_BYTES, threads=settings.ENGINE_THREADS,
-                        exact=settings.ENGINE_EXACT)
+                        exact=settings.ENGINE_EXACT, precision=settings.ENGINE_PRECISION)
 
 
 def restart_or_fail(dep: Deployment) -> None:

@@ -66,3 +66,10 @@ def test_yes_no_settings_read_their_words(value, expected) -> None:
     result = settings_value("APPLIANCE_PRODUCTION", APPLIANCE_PRODUCTION=value)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def test_the_reconciler_passes_the_configured_weight_precision(settings) -> None:
+    settings.ENGINE_PRECISION = "bfloat16"
+    assert engine_config().precision == "bfloat16"
+    settings.ENGINE_PRECISION = "auto"
+    assert engine_config().precision == "auto"
