@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
+import jsonschema_rs
 import pytest
 
 from audit.models import AuditEvent
 from tests.api.test_cached_usage import KEYS, SYSTEM, cached_api, plain_engine, post as post_as  # noqa: F401
 from tests.api.test_chat_api import SETTLED, api, chat, post  # noqa: F401  (api is a fixture)
+from tests.api.test_reasoning import think_engine, thinker  # noqa: F401  (fixtures)
+from tests.api.test_tool_calls import ASK, TOOLS, WEATHER, streamed_calls, tool_engine, tooled  # noqa: F401
 from appliance.api.choices import submit_choices
 from appliance.api.settlement import _ledger_writer
 from inference.engine.request import SamplingParams
@@ -126,3 +131,30 @@ def test_the_later_choices_are_submitted_once_the_first_prompt_is_computed(plain
     assert min(watched.first_computed) >= len(prompt)
     assert [a[-1].cached_tokens for a in answers][1:] == [(len(prompt) - 1) // 16 * 16] * 2
     assert all(a[-1].finish_reason == "length" for a in answers)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_choice_makes_its_own_forced_tool_call(tooled, stream: bool) -> None:
+    status, _, body = post({"model": tooled, "messages": ASK, "tools": TOOLS, "max_tokens": 200, "seed": 5, "n": 2,
+                            "tool_choice": {"type": "function", "function": {"name": "weather"}}, "stream": stream})
+    assert status == 200, body
+    if stream:
+        per_choice = [[e for e in body if e != "[DONE]" and e["choices"] and e["choices"][0]["index"] == i]
+                      for i in range(2)]
+        answers = [streamed_calls(events) for events in per_choice]
+    else:
+        answers = [({0: {"name": c["message"]["tool_calls"][0]["function"]["name"],
+                         "arguments": c["message"]["tool_calls"][0]["function"]["arguments"]}}, c["finish_reason"])
+                   for c in body["choices"]]
+    for calls, finish in answers:
+        assert finish == "tool_calls" and [c["name"] for c in calls.values()] == ["weather"]
+        jsonschema_rs.validate(WEATHER, json.loads(calls[0]["arguments"]))
+
+
+def test_each_choice_has_its_own_reasoning_and_usage_counts_all(thinker) -> None:
+    _, _, body = post(chat(thinker, max_tokens=5, temperature=1.0, seed=2, n=2))
+    alone = [post(chat(thinker, max_tokens=5, temperature=1.0, seed=2 + i))[2] for i in range(2)]
+    for choice, one in zip(body["choices"], alone):
+        assert choice["message"] == one["choices"][0]["message"]
+    assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == sum(
+        one["usage"]["completion_tokens_details"]["reasoning_tokens"] for one in alone)
