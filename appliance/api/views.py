@@ -556,6 +556,11 @@ class Exchange:
         streams = [self.choice_events(choice, handle) for choice, handle in zip(self.choices, handles)]
         events = streams[0] if len(streams) == 1 else merged(streams)
         try:
+            # Every choice opens in index order before any sends text: the SDK's stream helper takes a choice it
+            # has not seen as the next index.
+            for choice in self.choices:
+                for event in self.opening_events(choice):
+                    yield event
             async for event in events:
                 yield event
             if include_usage:
@@ -586,18 +591,24 @@ class Exchange:
         finally:
             await events.aclose()  # stops the choices' readers that an early exit left waiting
 
+    def opening_events(self, choice: Choice) -> list[str]:
+        """Return the events that open a choice's stream: its role, and a named call's name before its arguments."""
+        named = self.tools is not None and self.tools.mode == "named"
+        events = [sse(self.chunk_object({"role": "assistant", "content": None if named else ""}, None, choice.index))]
+        if named:  # the whole answer is this call's arguments: say so first, then stream them
+            call = ToolCall(self.tools.body.named, "")
+            events.append(sse(self.chunk_object({"tool_calls": [{**call.as_openai(0), "function": {
+                "name": call.name, "arguments": ""}}]}, None, choice.index)))
+        return events
+
     async def choice_events(self, choice: Choice, handle):
-        """Yield one choice's SSE events, its finishing chunk last; raise GenerationFailed on an engine error."""
+        """Yield one choice's SSE events after its opening ones, its finishing chunk last; raise GenerationFailed
+        on an engine error."""
         tools, index = self.tools, choice.index
         named = tools is not None and tools.mode == "named"
-        call = ToolCall(tools.body.named, "") if named else None
         sent = 0  # how much of the answer's text has gone out as content (or named-call arguments)
         thinking = ReasoningStream(self.reasoning) if self.reasoning is not None and tools is None else None
         plain = tools is None and thinking is None
-        yield sse(self.chunk_object({"role": "assistant", "content": None if named else ""}, None, index))
-        if named:  # the whole answer is this call's arguments: say so first, then stream them
-            yield sse(self.chunk_object({"tool_calls": [{**call.as_openai(0), "function": {
-                "name": call.name, "arguments": ""}}]}, None, index))
         async for chunk in handle:
             self.absorb(choice, chunk)
             if chunk.finish_reason == "error":

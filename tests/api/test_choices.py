@@ -70,6 +70,9 @@ def test_a_stream_sends_each_choice_under_its_index(served) -> None:
     status, _, events = post(chat(served, max_tokens=6, temperature=1.0, seed=3, n=3, stream=True,
                                   stream_options={"include_usage": True}))
     assert status == 200 and events[-1] == "[DONE]"
+    # Every choice opens (its role) in index order before any sends text, as the SDK's stream helper needs.
+    assert [(e["choices"][0]["index"], e["choices"][0]["delta"]) for e in events[:3]] == [
+        (i, {"role": "assistant", "content": ""}) for i in range(3)]
     texts, finishes, roles = ["", "", ""], [None, None, None], [0, 0, 0]
     for event in events[:-2]:
         (choice,) = event["choices"]
