@@ -12,7 +12,7 @@ from tests.api.test_cached_usage import KEYS, SYSTEM, cached_api, plain_engine, 
 from tests.api.test_chat_api import SETTLED, api, chat, post  # noqa: F401  (api is a fixture)
 from tests.api.test_reasoning import think_engine, thinker  # noqa: F401  (fixtures)
 from tests.api.test_tool_calls import ASK, TOOLS, WEATHER, streamed_calls, tool_engine, tooled  # noqa: F401
-from appliance.api.choices import submit_choices
+from appliance.api.choices import MAX_CHOICES, submit_choices
 from appliance.api.settlement import _ledger_writer
 from inference.engine.request import SamplingParams
 from tests.inference.conftest import run
@@ -161,3 +161,9 @@ def test_each_choice_has_its_own_reasoning_and_usage_counts_all(thinker) -> None
         assert choice["message"] == one["choices"][0]["message"]
     assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == sum(
         one["usage"]["completion_tokens_details"]["reasoning_tokens"] for one in alone)
+
+
+@pytest.mark.django_db
+def test_the_openapi_document_states_the_cap_on_n(client) -> None:
+    n = client.get("/v1/openapi.json").json()["components"]["schemas"]["ChatCompletionRequest"]["properties"]["n"]
+    assert (n["minimum"], n["maximum"]) == (1, MAX_CHOICES) and "computed once" in n["description"]
