@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import jsonschema_rs
 import pytest
+from django.test import AsyncClient
 
 from audit.models import AuditEvent
 from tests.api.test_cached_usage import KEYS, SYSTEM, cached_api, plain_engine, post as post_as  # noqa: F401
-from tests.api.test_chat_api import SETTLED, api, chat, post  # noqa: F401  (api is a fixture)
+from tests.api.test_chat_api import (AUTH, SETTLED, api, broken, chat, post, serve_own_engine,  # noqa: F401
+                                     until_engine)
 from tests.api.test_reasoning import think_engine, thinker  # noqa: F401  (fixtures)
 from tests.api.test_tool_calls import ASK, TOOLS, WEATHER, streamed_calls, tool_engine, tooled  # noqa: F401
 from appliance.api.choices import MAX_CHOICES, submit_choices
 from appliance.api.settlement import _ledger_writer
+from inference.engine import Engine
 from inference.engine.request import SamplingParams
 from tests.inference.conftest import run
 
@@ -167,3 +171,48 @@ def test_each_choice_has_its_own_reasoning_and_usage_counts_all(thinker) -> None
 def test_the_openapi_document_states_the_cap_on_n(client) -> None:
     n = client.get("/v1/openapi.json").json()["components"]["schemas"]["ChatCompletionRequest"]["properties"]["n"]
     assert (n["minimum"], n["maximum"]) == (1, MAX_CHOICES) and "computed once" in n["description"]
+
+
+@pytest.fixture
+def endless(transactional_db, settings, demo_dir):
+    """Serve a dense engine of the test's own that never samples an end of sequence."""
+    engine = Engine(demo_dir / "demo-dense", device="cpu")
+    engine.eos_token_ids = set()
+    yield from serve_own_engine(settings, "api-endless", engine)
+
+
+def test_a_client_leaving_a_stream_of_choices_stops_every_choice(endless) -> None:
+    async def go():
+        response = await AsyncClient().post(
+            "/v1/chat/completions", json.dumps(chat("api-endless", max_tokens=1500, n=3, stream=True)),
+            content_type="application/json", **AUTH)
+        seen, all_seen = set(), asyncio.Event()
+
+        async def read():
+            async for part in response.streaming_content:
+                seen.update(json.loads(line[len("data: "):])["choices"][0]["index"]
+                            for line in part.decode().splitlines() if line.startswith("data: {"))
+                if len(seen) == 3:
+                    all_seen.set()
+
+        # The client goes away as Django's ASGI handler sees it: the task sending the stream is cancelled.
+        reader = asyncio.create_task(read())
+        await all_seen.wait()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await until_engine(endless, running=0, waiting=0)
+
+    run(go())
+    _ledger_writer.submit(lambda: None).result()
+    assert endless.describe()["finished"] == {"cancelled": 3}  # none ran on to its 1500 tokens
+    (event,) = AuditEvent.objects.filter(action="chat.completion")
+    assert event.outcome == "cancelled" and len(event.details["choice_digests"]) == 3
+
+
+def test_a_failed_generation_of_choices_is_a_500_and_one_failed_event(broken) -> None:
+    status, _, body = post(chat(broken, max_tokens=4, n=3))
+    assert status == 500 and "simulated device fault" in body["error"]["message"]
+    status, _, events = post(chat(broken, max_tokens=4, n=3, stream=True))
+    assert status == 200 and events[-1]["error"]["type"] == "server_error"
+    _ledger_writer.submit(lambda: None).result()
+    assert [e.outcome for e in AuditEvent.objects.filter(action="chat.completion")] == ["failed", "failed"]
