@@ -51,24 +51,38 @@ class FirstChunkRead:
 
 
 async def submit_choices(engine, prompt_ids: list[int], params: SamplingParams, n: int, scope: str) -> list:
-    """Submit a request's n choices, the first alone until its prompt is computed; return their handles.
+    """Submit one prompt's n choices, the first alone until its prompt is computed; return their handles.
 
     Raises what the engine refused a submission with (EngineBusy, PromptTooLong, EngineClosed), after
     cancelling the choices it had taken.
     """
-    first = engine.submit(prompt_ids, params, cache_scope=scope)
-    await first.accepted()  # an engine process answers whether it took the request
-    if n == 1:
-        return [first]
-    handles = [FirstChunkRead(first)]
+    return await submit_prompts_choices(engine, [prompt_ids], params, n, scope)
+
+
+async def submit_prompts_choices(engine, prompts: list[list[int]], params: SamplingParams, n: int,
+                                 scope: str) -> list:
+    """Submit n choices of each prompt; return their handles, prompt by prompt (choice i of prompt p at p * n + i).
+
+    Every prompt's first choice is submitted at once (their prompts are computed in the same steps); the other
+    choices once each first choice has sent its first chunk. On a refusal, every choice taken is cancelled.
+    """
+    firsts: list = []
+    handles: list = []
     try:
-        await handles[0].read_first()
-        for index in range(1, n):
-            handle = engine.submit(prompt_ids, choice_params(params, index), cache_scope=scope)
-            handles.append(handle)
-            await handle.accepted()
+        for prompt_ids in prompts:
+            firsts.append(engine.submit(prompt_ids, params, cache_scope=scope))
+            await firsts[-1].accepted()  # an engine process answers whether it took the request
+        if n == 1:
+            return firsts
+        firsts = [FirstChunkRead(first) for first in firsts]
+        await asyncio.gather(*(first.read_first() for first in firsts))
+        for prompt_ids, first in zip(prompts, firsts):
+            handles.append(first)
+            for index in range(1, n):
+                handles.append(engine.submit(prompt_ids, choice_params(params, index), cache_scope=scope))
+                await handles[-1].accepted()
     except BaseException:
-        for handle in handles:
+        for handle in {id(h): h for h in firsts + handles}.values():
             handle.cancel()
         raise
     return handles

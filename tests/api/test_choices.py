@@ -13,6 +13,7 @@ from audit.models import AuditEvent
 from tests.api.test_cached_usage import KEYS, SYSTEM, cached_api, plain_engine, post as post_as  # noqa: F401
 from tests.api.test_chat_api import (AUTH, SETTLED, api, broken, chat, post, serve_own_engine,  # noqa: F401
                                      until_engine)
+from tests.api.test_completions import complete
 from tests.api.test_reasoning import think_engine, thinker  # noqa: F401  (fixtures)
 from tests.api.test_tool_calls import ASK, TOOLS, WEATHER, streamed_calls, tool_engine, tooled  # noqa: F401
 from appliance.api.choices import MAX_CHOICES, submit_choices
@@ -216,3 +217,29 @@ def test_a_failed_generation_of_choices_is_a_500_and_one_failed_event(broken) ->
     assert status == 200 and events[-1]["error"]["type"] == "server_error"
     _ledger_writer.submit(lambda: None).result()
     assert [e.outcome for e in AuditEvent.objects.filter(action="chat.completion")] == ["failed", "failed"]
+
+
+def test_completions_give_n_choices_per_prompt_in_openais_order(served) -> None:
+    params = {"model": served, "max_tokens": 5, "temperature": 1.0, "seed": 6, "echo": True}
+    status, body = complete({**params, "prompt": ["The box", "The ledger"], "n": 2})
+    assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    alone = {(prompt, seed): complete({**params, "prompt": prompt, "seed": seed})[1]
+             for prompt in ("The box", "The ledger") for seed in (6, 7)}
+    # Choice i of prompt p is choice p * n + i, with seed + i.
+    expected = [alone[("The box", 6)], alone[("The box", 7)], alone[("The ledger", 6)], alone[("The ledger", 7)]]
+    assert [c["text"] for c in body["choices"]] == [one["choices"][0]["text"] for one in expected]
+    prompt_tokens = alone[("The box", 6)]["usage"]["prompt_tokens"] + alone[("The ledger", 6)]["usage"]["prompt_tokens"]
+    assert body["usage"]["prompt_tokens"] == prompt_tokens  # each prompt once
+    assert body["usage"]["completion_tokens"] == sum(one["usage"]["completion_tokens"] for one in expected)
+
+
+def test_a_completion_stream_sends_each_choice_under_its_index(served) -> None:
+    params = {"model": served, "prompt": "The box", "max_tokens": 5, "temperature": 1.0, "seed": 2, "n": 3}
+    _, whole = complete(params)
+    status, events = complete({**params, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200 and events[-1] == "[DONE]"
+    texts = ["", "", ""]
+    for event in events[:-2]:
+        (choice,) = event["choices"]
+        texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in whole["choices"]] and events[-2]["usage"] == whole["usage"]

@@ -77,3 +77,12 @@ def test_n_above_eight_is_a_400_naming_n(model, client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=model, messages=MESSAGES, n=9, max_tokens=2)
     assert refused.value.body["param"] == "n"
+
+
+def test_completions_with_two_prompts_and_n_2(model, client):
+    reply = client.completions.create(model=model, prompt=["The box", "The ledger keeps"], n=2, max_tokens=4,
+                                      temperature=0, echo=True)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text.startswith(p) for c, p in zip(reply.choices, ["The box"] * 2 + ["The ledger keeps"] * 2)] == [
+        True] * 4
+    assert reply.choices[0].text == reply.choices[1].text and reply.choices[2].text == reply.choices[3].text
