@@ -1,8 +1,9 @@
 """/v1/completions: OpenAI's legacy text completion (a prompt string or a list of them, echo, logprobs).
 
 Behind the same keys, admission, usage and ledger as chat: one request is one admission and one ledger event
-(its digests cover every prompt and every answer), however many prompts it carries. Each prompt is one
-choice, generated in the engine's shared steps. A stream carries one prompt.
+(its digests cover every prompt and every answer), however many prompts it carries. Each prompt has `n`
+choices (choices.py: its prompt computed once), generated in the engine's shared steps; choice i of prompt p
+is choice p * n + i. A stream carries one prompt (and its n choices).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, Sa
 from appliance import metrics
 from inference.engine.prompt import encode_text
 
+from .choices import MAX_CHOICES, merged, submit_prompts_choices
 from .errors import error, error_payload
 from .fields import ACCEPTED, HONOURED, REFUSED, FieldRule, refusal_message
 from .schemas import (MAX_JSON_DEPTH, ChatCompletionRequest, StreamOptions, StrictBool, StrictFloat, StrictInt,
@@ -44,7 +46,7 @@ COMPLETION_FIELDS: dict[str, FieldRule] = {
     "stream_options": FieldRule(HONOURED, "include_usage"),
     "echo": FieldRule(HONOURED, "the prompt before the answer (not with logprobs)"),
     "logprobs": FieldRule(HONOURED, f"0 to {MAX_LEGACY_LOGPROBS} alternatives per generated token"),
-    "n": FieldRule(REFUSED, "one choice per prompt", harmless=lambda v: not (type(v) is int and v > 1)),
+    "n": FieldRule(HONOURED, f"1 to {MAX_CHOICES} choices per prompt, as for chat"),
     "best_of": FieldRule(REFUSED, "no best-of search", harmless=lambda v: v == 1),
     "suffix": FieldRule(REFUSED, "no fill-in-the-middle"),
     "logit_bias": FieldRule(REFUSED, "a non-empty bias is refused"),
@@ -69,6 +71,8 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     echo: StrictBool = False
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES, description=(
+        "Choices per prompt; each prompt is computed once. With a seed, choice i samples with seed + i."))
     top_k: StrictInt | None = Field(default=None, ge=-1)
 
     @field_validator("prompt")
@@ -125,6 +129,9 @@ def parse_completion_request(raw: bytes):
     if body.echo and body.logprobs is not None:
         return None, error("'echo' with 'logprobs' is not supported by this server (no prompt logprobs).", 400,
                            param="echo", code="unsupported_parameter")
+    if len(body.prompts) * body.n > MAX_PROMPTS:
+        return None, error(f"Invalid value for 'n': {len(body.prompts)} prompts of {body.n} choices each are more "
+                           f"than {MAX_PROMPTS} choices in one request.", 400, param="n")
     if body.stream and len(body.prompts) > 1:
         return None, error("This server streams one prompt per request; send the prompts as separate requests.",
                            400, param="prompt", code="unsupported_value")
@@ -140,20 +147,15 @@ async def run(request: HttpRequest, body: CompletionRequest, flight: InFlight):
     engine, missing = await loaded_engine(body.model, flight)
     if missing is not None:
         return missing
-    handles = []
     try:
-        for prompt in body.prompts:
-            handles.append(engine.submit(encode_text(engine.tokenizer, prompt), body.sampling(),
-                                         cache_scope=flight.caller.team))
-        for handle in handles:
-            await handle.accepted()  # an engine process answers whether it took each request
+        # Choice i of prompt p is handle p * n + i, as OpenAI orders the choices.
+        handles = await submit_prompts_choices(engine, [encode_text(engine.tokenizer, p) for p in body.prompts],
+                                               body.sampling(), body.n, flight.caller.team)
     except (PromptTooLong, EngineBusy, EngineClosed) as exc:
-        for handle in handles:
-            handle.cancel()
         return submission_error(exc, flight, body.model, "prompt")
     answer = TextAnswer(body, flight)
     if body.stream:
-        response = StreamingHttpResponse(answer.sse(handles[0]), content_type="text/event-stream")
+        response = StreamingHttpResponse(answer.sse(handles), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         return response
     return await answer.complete(handles)
@@ -167,11 +169,15 @@ class TextAnswer:
         self.id = f"cmpl-{flight.request_id}"
         self.created = int(time.time())
         self.started = time.monotonic()
-        self.texts = [""] * len(body.prompts)
-        self.logprobs: list[list[dict]] = [[] for _ in body.prompts]
-        self.prompt_tokens = [0] * len(body.prompts)
-        self.completion_tokens = [0] * len(body.prompts)
+        choices = len(body.prompts) * body.n
+        self.texts = [""] * choices
+        self.logprobs: list[list[dict]] = [[] for _ in range(choices)]
+        self.prompt_tokens = [0] * choices
+        self.completion_tokens = [0] * choices
         self.finished = False
+
+    def prompt_of(self, i: int) -> str:
+        return self.body.prompts[i // self.body.n]
 
     def absorb(self, i: int, chunk) -> None:
         self.texts[i] += chunk.text
@@ -179,7 +185,8 @@ class TextAnswer:
         self.prompt_tokens[i], self.completion_tokens[i] = chunk.prompt_tokens, chunk.completion_tokens
 
     def usage(self) -> dict:
-        prompt, completion = sum(self.prompt_tokens), sum(self.completion_tokens)
+        # Each prompt counts once, however many choices it has.
+        prompt, completion = sum(self.prompt_tokens[::self.body.n]), sum(self.completion_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def event(self, outcome: str, finish: list, error_message: str | None = None) -> dict:
@@ -233,49 +240,68 @@ class TextAnswer:
         self.settle("ok")
         await record(**self.event("ok", finish))
         choices = []
-        for i, prompt in enumerate(self.body.prompts):
-            echo = prompt if self.body.echo else ""
+        for i in range(len(handles)):
+            echo = self.prompt_of(i) if self.body.echo else ""
             choices.append(self.choice(i, echo + self.texts[i], finish[i], self.logprobs[i], len(echo)))
         return JsonResponse({"id": self.id, "object": "text_completion", "created": self.created,
                              "model": self.body.model, "choices": choices, "usage": self.usage()})
 
-    def chunk_object(self, text: str, finish, entries: list[dict], offset: int) -> dict:
+    def chunk_object(self, text: str, finish, entries: list[dict], offset: int, index: int = 0) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.body.model,
-                "choices": [self.choice(0, text, finish, entries, offset)]}
+                "choices": [self.choice(index, text, finish, entries, offset)]}
 
-    async def sse(self, handle):
-        finish, sent = None, 0
+    async def sse(self, handles):
+        """Stream one prompt's choices, each chunk under its choice's index; one settlement and event at the end."""
+        finish: list = [None] * len(handles)
+        streams = [self.choice_events(i, handle, finish) for i, handle in enumerate(handles)]
+        events = streams[0] if len(streams) == 1 else merged(streams)
         try:
-            if self.body.echo:
-                yield sse(self.chunk_object(self.body.prompts[0], None, [], 0))
-            async for chunk in handle:
-                self.absorb(0, chunk)
-                if chunk.finish_reason == "error":
-                    self.settle("failed")
-                    record_soon(**self.event("failed", ["error"], chunk.error))
-                    metrics.count_server_error(500)
-                    yield sse(error_payload(f"Generation failed: {chunk.error}"))
-                    return
-                finish = chunk.finish_reason or finish
-                if chunk.text or chunk.logprobs or chunk.finish_reason:
-                    yield sse(self.chunk_object(chunk.text, chunk.finish_reason, chunk.logprobs or [], sent))
-                    sent += len(chunk.text)
+            async for event in events:
+                yield event
             if self.body.stream_options and self.body.stream_options.include_usage:
                 yield sse({**self.chunk_object("", None, [], 0), "choices": [], "usage": self.usage()})
             self.settle("ok")
-            record_soon(**self.event("ok", [finish]))
+            record_soon(**self.event("ok", finish))
             yield "data: [DONE]\n\n"
+        except GenerationFailed as exc:
+            for handle, reason in zip(handles, finish):
+                if reason is None:
+                    handle.cancel()
+            self.settle("failed")
+            record_soon(**self.event("failed", finish, str(exc)))
+            metrics.count_server_error(500)
+            yield sse(error_payload(f"Generation failed: {exc}"))
         except (asyncio.CancelledError, GeneratorExit):
+            for handle, reason in zip(handles, finish):
+                if reason is None:
+                    handle.cancel()
             if not self.finished:
                 self.settle("cancelled")
-                record_soon(**self.event("cancelled", ["cancelled"]))
+                record_soon(**self.event("cancelled", ["cancelled"] * len(handles)))
             raise
         except Exception as exc:  # headers went out with 200: the stream ends with an error event instead
             if not self.finished:
                 self.settle("failed")
-                record_soon(**self.event("failed", ["error"], f"{type(exc).__name__}: {exc}"))
+                record_soon(**self.event("failed", ["error"] * len(handles), f"{type(exc).__name__}: {exc}"))
                 metrics.count_server_error(500)
                 yield sse(error_payload("The server had an error while processing your request."))
+        finally:
+            await events.aclose()  # stops the choices' readers that an early exit left waiting
+
+    async def choice_events(self, i: int, handle, finish: list):
+        """Yield choice i's events (the echoed prompt first, when asked); raise GenerationFailed on an engine error."""
+        sent = 0
+        if self.body.echo:
+            yield sse(self.chunk_object(self.prompt_of(i), None, [], 0, i))
+        async for chunk in handle:
+            self.absorb(i, chunk)
+            if chunk.finish_reason == "error":
+                finish[i] = "error"
+                raise GenerationFailed(chunk.error)
+            finish[i] = chunk.finish_reason or finish[i]
+            if chunk.text or chunk.logprobs or chunk.finish_reason:
+                yield sse(self.chunk_object(chunk.text, chunk.finish_reason, chunk.logprobs or [], sent, i))
+                sent += len(chunk.text)
 
 
 class GenerationFailed(RuntimeError):

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .choices import MAX_CHOICES
+
 HONOURED, ACCEPTED, REFUSED = "honoured", "accepted", "refused"
 
 
@@ -51,9 +53,8 @@ FIELDS: dict[str, FieldRule] = {
     "response_format": FieldRule(HONOURED, "text, json_object and json_schema, enforced token by token by the "
                                            "engine's grammar (strict or not); an unsupported schema keyword is a "
                                            "400 naming it"),
-    # Only n > 1 asks for what we lack; 0, 1.5 or "2" are invalid values, which the schema names as such.
-    "n": FieldRule(REFUSED, "one choice per request; n > 1 is refused",
-                   harmless=lambda v: not (type(v) is int and v > 1)),
+    "n": FieldRule(HONOURED, f"1 to {MAX_CHOICES} choices; the prompt is computed once and its KV shared through "
+                             "the team's prefix cache; with a seed, choice i uses seed + i"),
     "logprobs": FieldRule(HONOURED, "each generated token's log probability under the model's own distribution "
                                     "(before penalties, temperature and grammar)"),
     "top_logprobs": FieldRule(HONOURED, "0 to 20 most likely alternatives per token (with logprobs: true)"),

@@ -9,6 +9,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
 
 from inference.engine.grammar import ANY_OBJECT, GrammarError, json_schema_grammar
 
+from .choices import MAX_CHOICES
 from .errors import error
 from .fields import refused_field, refusal_message
 
@@ -199,7 +200,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
-    n: StrictInt = Field(default=1, ge=1, le=1)  # n > 1 is refused by name before validation (fields.py)
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES, description=(
+        "Choices to generate; the prompt is computed once. With a seed, choice i samples with seed + i."))
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)

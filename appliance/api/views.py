@@ -1,4 +1,4 @@
-"""The OpenAI-compatible team chat API: /v1/models and /v1/chat/completions.
+"""The OpenAI-compatible team chat API: /v1/models and /v1/chat/completions (n choices per request).
 
 Views validate and answer errors; the engine generates; the ledger records
 digests of what went in and out, never the text itself.
@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import jinja2
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
@@ -21,6 +22,7 @@ from inference.engine.prompt import chat_template_source, encode_chat
 from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
 
 from appliance import metrics
+from .choices import merged, submit_choices
 from .errors import error, error_payload
 from .gatekeeper import Admission, Caller, gatekeeper
 from .schemas import parse_chat_request
@@ -237,9 +239,9 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         if outside is not None:
             flight.settle("refused")
             return error(outside[0], 400, param=outside[1])
-        # The team is the prefix cache's scope: a team reuses its own prompts' KV, never another team's.
-        handle = engine.submit(prompt_ids, params, cache_scope=flight.caller.team)
-        await handle.accepted()  # an engine process answers whether it took the request
+        # The team is the prefix cache's scope: a team reuses its own prompts' KV, never another team's (and
+        # a request's later choices reuse what its first one computed).
+        handles = await submit_choices(engine, prompt_ids, params, body.n, flight.caller.team)
     except Untokenizable as exc:
         flight.settle("refused")
         return error(str(exc), 400, param=exc.param)
@@ -259,14 +261,15 @@ async def answer(request: HttpRequest, body, flight: InFlight):
     exchange = Exchange(caller=flight.caller, model=body.model, messages=messages, flight=flight,
                         tools=ToolUse(body, fmt) if body.tool_mode != "none" else None,
                         reasoning=opens_reasoning(engine, template, prompt_ids),
-                        count_tokens=lambda text: len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]))
+                        count_tokens=lambda text: len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]),
+                        n=body.n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        response = StreamingHttpResponse(exchange.sse(handle, include_usage), content_type="text/event-stream")
+        response = StreamingHttpResponse(exchange.sse(handles, include_usage), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response
-    return await exchange.complete(handle)
+    return await exchange.complete(handles)
 
 
 def opens_reasoning(engine, template: str, prompt_ids: list[int]) -> bool | None:
@@ -373,16 +376,41 @@ class ToolUse:
         return None
 
 
+@dataclass
+class Choice:
+    """What one of a request's choices has generated so far."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[dict] | None = None  # OpenAI's logprobs.content entries, when asked for
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, tokens this choice took from the prefix cache
+    finish_reason: str | None = None
+    calls_made: bool = False
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.text)
+
+
+class GenerationFailed(RuntimeError):
+    """One choice's generation ended in an engine error."""
+
+
 class Exchange:
-    """One chat request in flight: turns engine chunks into OpenAI objects and records the outcome."""
+    """One chat request in flight: turns engine chunks into OpenAI objects and records the outcome.
+
+    A request with n > 1 has n choices; usage counts the prompt once and every choice's completion tokens, and
+    the request is settled and recorded once, with a digest of every choice.
+    """
 
     def __init__(self, *, caller: Caller, model: str, messages: list[dict], flight: InFlight | None = None,
-                 tools: ToolUse | None = None, reasoning: bool | None = None, count_tokens=None):
+                 tools: ToolUse | None = None, reasoning: bool | None = None, count_tokens=None, n: int = 1):
         self.tools = tools
         # None: no reasoning section; else whether the answer starts inside one (reasoning.py).
         self.reasoning = reasoning
         self.count_tokens = count_tokens
-        self.reasoning_tokens = 0
         self.caller = caller
         self.model = model
         self.messages = messages
@@ -392,36 +420,50 @@ class Exchange:
         self.id = flight.request_id if flight is not None else new_request_id()
         self.created = int(time.time())
         self.started = time.monotonic()
-        self.text: list[str] = []
-        self.logprobs: list[dict] | None = None  # OpenAI's logprobs.content entries, when asked for
+        self.choices = [Choice(i) for i in range(n)]
         self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.cached_tokens = 0
+        self._frames: dict[int, tuple[str, str]] = {}
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.completion_tokens for choice in self.choices)
+
+    @property
+    def cached_tokens(self) -> int:
+        # The prompt is counted once, as the first choice computed it; the others reuse what it left.
+        return self.choices[0].cached_tokens
 
     def usage(self) -> dict:
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                  "total_tokens": self.prompt_tokens + self.completion_tokens,
                  "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
         if self.reasoning is not None:
-            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+            usage["completion_tokens_details"] = {
+                "reasoning_tokens": sum(choice.reasoning_tokens for choice in self.choices)}
         return usage
 
-    def count_reasoning(self, reasoning: str | None) -> None:
+    def count_reasoning(self, choice: Choice, reasoning: str | None) -> None:
         """Count the reasoning's tokens: all of an answer cut inside it, else its text re-tokenized."""
-        text = "".join(self.text)
         if reasoning is None:
-            self.reasoning_tokens = 0
-        elif CLOSE not in text:
-            self.reasoning_tokens = self.completion_tokens
+            choice.reasoning_tokens = 0
+        elif CLOSE not in choice.answer:
+            choice.reasoning_tokens = choice.completion_tokens
         else:
-            self.reasoning_tokens = min(self.completion_tokens, self.count_tokens(reasoning) + 1)  # + </think>
+            choice.reasoning_tokens = min(choice.completion_tokens, self.count_tokens(reasoning) + 1)  # + </think>
 
     def event(self, outcome: str, finish_reason: str | None, error_message: str | None = None) -> dict:
         details = {
             "model": self.model, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "prompt_digest": ledger.digest(self.prompt_text), "completion_digest": ledger.digest("".join(self.text)),
+            "prompt_digest": ledger.digest(self.prompt_text),
+            "completion_digest": ledger.digest(self.choices[0].answer),
             "finish_reason": finish_reason, "duration_ms": int((time.monotonic() - self.started) * 1000),
         }
+        if len(self.choices) > 1:  # every choice's digest, finish reason and reuse of the first one's prompt
+            details.update(
+                completion_digest=ledger.digest(json.dumps([choice.answer for choice in self.choices])),
+                choice_digests=[ledger.digest(choice.answer) for choice in self.choices],
+                finish_reasons=[choice.finish_reason for choice in self.choices],
+                choice_cached_tokens=[choice.cached_tokens for choice in self.choices])
         if error_message:
             details["error"] = error_message[:500]
         return dict(action="chat.completion", actor=f"team:{self.caller.team}", target=self.model,
@@ -434,147 +476,187 @@ class Exchange:
             self.flight.settle(outcome, self.prompt_tokens, self.completion_tokens, ttft)
 
     def keep_transcript(self) -> None:
-        """Store the exchange encrypted when the team's policy keeps transcripts (a no-op otherwise)."""
-        _transcripts.submit((self.caller.team, self.model, self.messages, "".join(self.text)))
+        """Store each choice's exchange encrypted when the team's policy keeps transcripts (a no-op otherwise)."""
+        for choice in self.choices:
+            _transcripts.submit((self.caller.team, self.model, self.messages, choice.answer))
 
-    def absorb(self, chunk) -> None:
+    def absorb(self, choice: Choice, chunk) -> None:
         if chunk.text and self.first_text_at is None:
             self.first_text_at = time.monotonic()
-        self.text.append(chunk.text)
+        choice.text.append(chunk.text)
         if chunk.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + [logprob_entry(e) for e in chunk.logprobs]
-        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-        self.cached_tokens = chunk.cached_tokens
+            choice.logprobs = (choice.logprobs or []) + [logprob_entry(e) for e in chunk.logprobs]
+        self.prompt_tokens, choice.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        choice.cached_tokens = chunk.cached_tokens
+        choice.finish_reason = chunk.finish_reason or choice.finish_reason
 
-    async def complete(self, handle):
-        finish = None
-        async for chunk in handle:
-            self.absorb(chunk)
-            finish = chunk.finish_reason or finish
-            if chunk.finish_reason == "error":
-                self.settle("failed")
-                await record(**self.event("failed", finish, chunk.error))
-                return error(f"Generation failed: {chunk.error}", 500)
+    def request_finish(self) -> str | None:
+        """Return the ledger's finish_reason: the first choice's (every choice's is in finish_reasons)."""
+        return self.choices[0].finish_reason
+
+    def cancel_unfinished(self, handles) -> None:
+        for choice, handle in zip(self.choices, handles):
+            if choice.finish_reason is None:
+                handle.cancel()
+
+    async def complete(self, handles):
+        async def drain(choice: Choice, handle) -> None:
+            async for chunk in handle:
+                self.absorb(choice, chunk)
+                if chunk.finish_reason == "error":
+                    raise GenerationFailed(chunk.error)
+
+        try:
+            await asyncio.gather(*(drain(choice, handle) for choice, handle in zip(self.choices, handles)))
+        except GenerationFailed as exc:
+            self.cancel_unfinished(handles)
+            self.settle("failed")
+            await record(**self.event("failed", "error", str(exc)))
+            return error(f"Generation failed: {exc}", 500)
         self.settle("ok")
         self.keep_transcript()
-        message = {"role": "assistant", "content": "".join(self.text)}
+        choices = [self.whole_choice(choice) for choice in self.choices]
+        await record(**self.event("ok", self.request_finish()))
+        return JsonResponse({"id": self.id, "object": "chat.completion", "created": self.created,
+                             "model": self.model, "choices": choices, "usage": self.usage()})
+
+    def whole_choice(self, choice: Choice) -> dict:
+        """Return one choice of a whole (not streamed) answer: its message, finish reason and logprobs."""
+        finish = choice.finish_reason
+        message = {"role": "assistant", "content": choice.answer}
         if self.reasoning is not None:
             reasoning, message["content"] = split_reasoning(message["content"], self.reasoning)
             message["reasoning_content"] = reasoning
-            self.count_reasoning(reasoning)
+            self.count_reasoning(choice, reasoning)
         if self.tools is not None:
             content, calls = self.tools.split(message["content"])
             if calls:
                 message = {**message, "content": content, "tool_calls": [call.as_openai() for call in calls]}
                 finish = "tool_calls" if finish == "stop" else finish
-        await record(**self.event("ok", finish))
-        return JsonResponse({
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                         "logprobs": None if self.logprobs is None else {"content": self.logprobs, "refusal": None}}],
-            "usage": self.usage(),
-        })
+        choice.finish_reason = finish
+        return {"index": choice.index, "message": message, "finish_reason": finish,
+                "logprobs": None if choice.logprobs is None else {"content": choice.logprobs, "refusal": None}}
 
-    def chunk_object(self, delta: dict, finish_reason: str | None) -> dict:
+    def chunk_object(self, delta: dict, finish_reason: str | None, index: int = 0) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
 
-    @functools.cached_property
-    def _content_frame(self) -> tuple[str, str]:
-        # A stream's content events differ only in their text: frame them once, encode only the text per event.
-        marker = f"\x00{self.id}\x00"
-        before, after = sse(self.chunk_object({"content": marker}, None)).split(json.dumps(marker))
-        return before, after
-
-    def content_event(self, text: str) -> bytes:
+    def content_event(self, text: str, index: int = 0) -> bytes:
         """Return the SSE event that carries `text`, as sse(chunk_object(...)) would, ready to send."""
-        before, after = self._content_frame
+        frame = self._frames.get(index)
+        if frame is None:
+            # A stream's content events differ only in their text: frame them once, encode only the text per event.
+            marker = f"\x00{self.id}\x00"
+            frame = self._frames[index] = tuple(
+                sse(self.chunk_object({"content": marker}, None, index)).split(json.dumps(marker)))
+        before, after = frame
         return f"{before}{json.dumps(text)}{after}".encode()
 
-    async def sse(self, handle, include_usage: bool):
-        finish = None
-        tools = self.tools
-        named = tools is not None and tools.mode == "named"
-        call = ToolCall(tools.body.named, "") if named else None
-        sent = 0  # how much of the answer's text has gone out as content (or named-call arguments)
-        thinking = ReasoningStream(self.reasoning) if self.reasoning is not None and tools is None else None
+    async def sse(self, handles, include_usage: bool):
+        streams = [self.choice_events(choice, handle) for choice, handle in zip(self.choices, handles)]
+        events = streams[0] if len(streams) == 1 else merged(streams)
         try:
-            yield sse(self.chunk_object({"role": "assistant", "content": None if named else ""}, None))
-            if named:  # the whole answer is this call's arguments: say so first, then stream them
-                yield sse(self.chunk_object({"tool_calls": [{**call.as_openai(0), "function": {
-                    "name": call.name, "arguments": ""}}]}, None))
-            async for chunk in handle:
-                self.absorb(chunk)
-                if chunk.finish_reason == "error":
-                    self.finish("failed", "error", chunk.error)
-                    metrics.count_server_error(500)
-                    yield sse(error_payload(f"Generation failed: {chunk.error}"))
-                    return
-                plain = tools is None and thinking is None
-                if chunk.logprobs:  # the slow path: this event carries its tokens' log probabilities
-                    event = self.chunk_object({"content": chunk.text} if plain else {}, None)
-                    event["choices"][0]["logprobs"] = {"content": [logprob_entry(e) for e in chunk.logprobs],
-                                                       "refusal": None}
-                    yield sse(event)
-                if chunk.text and plain and chunk.logprobs:
-                    pass  # sent with its log probabilities just above
-                elif chunk.text and thinking is not None:
-                    for field, text in thinking.push(chunk.text):
-                        yield sse(self.chunk_object({field: text}, None))
-                elif chunk.text and tools is None:
-                    yield self.content_event(chunk.text)
-                elif chunk.text and named:
-                    yield sse(self.chunk_object({"tool_calls": [{"index": 0, "function": {
-                        "arguments": chunk.text}}]}, None))
-                elif chunk.text and tools.mode == "auto":
-                    text = "".join(self.text)
-                    held = tools.hold_from(text[sent:])
-                    upto = len(text) if held is None else sent + held
-                    if upto > sent:
-                        yield self.content_event(text[sent:upto])
-                        sent = upto
-                if chunk.finish_reason:
-                    finish = chunk.finish_reason
-            if tools is not None and not named:
-                for delta in self.tool_call_deltas(sent):
-                    yield sse(self.chunk_object(delta, None))
-                if self.calls_made and finish == "stop":
-                    finish = "tool_calls"
-            elif named and finish == "stop":
-                finish = "tool_calls"
-            if thinking is not None:
-                for field, text in thinking.finish():
-                    yield sse(self.chunk_object({field: text}, None))
-                self.count_reasoning(split_reasoning("".join(self.text), self.reasoning)[0])
-            yield sse(self.chunk_object({}, finish))
+            # Every choice opens in index order before any sends text: the SDK's stream helper takes a choice it
+            # has not seen as the next index.
+            for choice in self.choices:
+                for event in self.opening_events(choice):
+                    yield event
+            async for event in events:
+                yield event
             if include_usage:
                 yield sse({**self.chunk_object({}, None), "choices": [], "usage": self.usage()})
             # Settled before [DONE] goes out: a client that closes the stream as soon as it reads [DONE] (the
             # official SDK does) has had the whole answer, and the request is ok, not cancelled.
-            self.finish("ok", finish)
+            self.finish("ok", self.request_finish())
             yield "data: [DONE]\n\n"
+        except GenerationFailed as exc:
+            self.cancel_unfinished(handles)
+            self.finish("failed", "error", str(exc))
+            metrics.count_server_error(500)
+            yield sse(error_payload(f"Generation failed: {exc}"))
         except (asyncio.CancelledError, GeneratorExit):
-            # The client went away; the engine stops this request when its
-            # iterator is closed. Record without awaiting: we are being torn down.
+            # The client went away: the engine stops the unfinished choices. Record without awaiting: we are
+            # being torn down.
+            self.cancel_unfinished(handles)
             if not self.finished:
                 self.finish("cancelled", "cancelled")
             raise
         except Exception as exc:  # headers went out with 200: the stream ends with an error event instead
             log.exception("stream %s failed", self.id)
+            self.cancel_unfinished(handles)
             if not self.finished:
                 self.finish("failed", "error", f"{type(exc).__name__}: {exc}")
                 metrics.count_server_error(500)
                 yield sse(error_payload(SERVER_ERROR))
+        finally:
+            await events.aclose()  # stops the choices' readers that an early exit left waiting
 
-    calls_made = False
+    def opening_events(self, choice: Choice) -> list[str]:
+        """Return the events that open a choice's stream: its role, and a named call's name before its arguments."""
+        named = self.tools is not None and self.tools.mode == "named"
+        events = [sse(self.chunk_object({"role": "assistant", "content": None if named else ""}, None, choice.index))]
+        if named:  # the whole answer is this call's arguments: say so first, then stream them
+            call = ToolCall(self.tools.body.named, "")
+            events.append(sse(self.chunk_object({"tool_calls": [{**call.as_openai(0), "function": {
+                "name": call.name, "arguments": ""}}]}, None, choice.index)))
+        return events
 
-    def tool_call_deltas(self, sent: int) -> list[dict]:
+    async def choice_events(self, choice: Choice, handle):
+        """Yield one choice's SSE events after its opening ones, its finishing chunk last; raise GenerationFailed
+        on an engine error."""
+        tools, index = self.tools, choice.index
+        named = tools is not None and tools.mode == "named"
+        sent = 0  # how much of the answer's text has gone out as content (or named-call arguments)
+        thinking = ReasoningStream(self.reasoning) if self.reasoning is not None and tools is None else None
+        plain = tools is None and thinking is None
+        async for chunk in handle:
+            self.absorb(choice, chunk)
+            if chunk.finish_reason == "error":
+                raise GenerationFailed(chunk.error)
+            if chunk.logprobs:  # the slow path: this event carries its tokens' log probabilities
+                event = self.chunk_object({"content": chunk.text} if plain else {}, None, index)
+                event["choices"][0]["logprobs"] = {"content": [logprob_entry(e) for e in chunk.logprobs],
+                                                   "refusal": None}
+                yield sse(event)
+            if chunk.text and plain and chunk.logprobs:
+                pass  # sent with its log probabilities just above
+            elif chunk.text and thinking is not None:
+                for field_name, text in thinking.push(chunk.text):
+                    yield sse(self.chunk_object({field_name: text}, None, index))
+            elif chunk.text and tools is None:
+                yield self.content_event(chunk.text, index)
+            elif chunk.text and named:
+                yield sse(self.chunk_object({"tool_calls": [{"index": 0, "function": {
+                    "arguments": chunk.text}}]}, None, index))
+            elif chunk.text and tools.mode == "auto":
+                text = choice.answer
+                held = tools.hold_from(text[sent:])
+                upto = len(text) if held is None else sent + held
+                if upto > sent:
+                    yield self.content_event(text[sent:upto], index)
+                    sent = upto
+        finish = choice.finish_reason
+        if tools is not None and not named:
+            for delta in self.tool_call_deltas(choice, sent):
+                yield sse(self.chunk_object(delta, None, index))
+            if choice.calls_made and finish == "stop":
+                finish = "tool_calls"
+        elif named and finish == "stop":
+            finish = "tool_calls"
+        if thinking is not None:
+            for field_name, text in thinking.finish():
+                yield sse(self.chunk_object({field_name: text}, None, index))
+            self.count_reasoning(choice, split_reasoning(choice.answer, self.reasoning)[0])
+        choice.finish_reason = finish
+        yield sse(self.chunk_object({}, finish, index))
+
+    def tool_call_deltas(self, choice: Choice, sent: int) -> list[dict]:
         """Return the deltas that end a streamed answer with tools: its calls, and content not yet sent."""
-        text = "".join(self.text)
+        text = choice.answer
         content, calls = self.tools.split(text)
         if not calls:
             return [{"content": text[sent:]}] if text[sent:] else []
-        self.calls_made = True
+        choice.calls_made = True
         deltas = []
         unsent = (content or "")[sent:] if (content or "").startswith(text[:sent]) else ""
         if unsent.strip():
@@ -584,7 +666,7 @@ class Exchange:
     finished = False
 
     def finish(self, outcome: str, finish_reason: str | None, error_message: str | None = None) -> None:
-        """Settle the request and queue its ledger event (and its transcript when ok), without waiting."""
+        """Settle the request and queue its ledger event (and its transcripts when ok), without waiting."""
         self.finished = True
         self.settle(outcome)
         if outcome == "ok":

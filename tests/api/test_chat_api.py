@@ -99,7 +99,7 @@ def test_penalties_and_top_k_are_served(api) -> None:
 
 
 @pytest.mark.parametrize("param,value", [
-    ("top_k", -2), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("n", 2), ("temperature", 7),
+    ("top_k", -2), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("n", 9), ("temperature", 7),
     ("top_p", 0), ("max_tokens", 0), ("max_completion_tokens", -1), ("seed", -1),
 ])
 def test_out_of_range_values_are_400s_naming_the_parameter(api, param: str, value) -> None:

@@ -82,7 +82,7 @@ def test_the_stream_is_the_whole_answer(served) -> None:
 
 
 @pytest.mark.parametrize("params,param", [
-    ({"suffix": "end"}, "suffix"), ({"best_of": 2}, "best_of"), ({"n": 2}, "n"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"suffix": "end"}, "suffix"), ({"best_of": 2}, "best_of"), ({"n": 9}, "n"), ({"prompt": ["a"] * 3, "n": 6}, "n"), ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"prompt": [1, 2, 3]}, "prompt"), ({"echo": True, "logprobs": 1}, "echo"), ({"logprobs": 6}, "logprobs"),
     ({"prompt": ["a", "b"], "stream": True}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": ["x"] * 17}, "prompt"),
 ])
@@ -94,4 +94,4 @@ def test_what_cannot_be_served_is_a_400_naming_it(served, params: dict, param: s
 
 def test_every_refused_completion_field_is_tested() -> None:
     refused = {name for name, rule in COMPLETION_FIELDS.items() if rule.support == "refused"}
-    assert refused == {"n", "best_of", "suffix", "logit_bias"}
+    assert refused == {"best_of", "suffix", "logit_bias"}

@@ -25,7 +25,6 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 # A value of each refused field that asks for what the server lacks.
 ASKING = {
-    "n": 2,
     "functions": [{"name": "f"}], "function_call": "auto",
     "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "high", "verbosity": "low",
