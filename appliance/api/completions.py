@@ -12,7 +12,7 @@ import json
 import time
 
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from audit import ledger
 from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
@@ -22,9 +22,9 @@ from inference.engine.prompt import encode_text
 
 from .choices import MAX_CHOICES, merged, submit_prompts_choices
 from .errors import error, error_payload
-from .fields import ACCEPTED, HONOURED, REFUSED, FieldRule, refusal_message
-from .schemas import (MAX_JSON_DEPTH, ChatCompletionRequest, StreamOptions, StrictBool, StrictFloat, StrictInt,
-                      Text, describe_validation_error, json_depth, too_deep)
+from .fields import ACCEPTED, HONOURED, REFUSED, FieldRule
+from .schemas import (ChatCompletionRequest, StreamOptions, StrictBool, StrictFloat, StrictInt, Text, read_body,
+                      validated)
 from .settlement import InFlight, record, record_soon
 from .views import api_view, loaded_engine, serve, sse, submission_error
 
@@ -103,29 +103,16 @@ class CompletionRequest(BaseModel):
 
 def parse_completion_request(raw: bytes):
     """Return the validated request, or the 400 that names what is wrong with it."""
-    try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, error(f"Request body is not valid JSON: {exc}", 400)
-    except RecursionError:
-        return None, too_deep()
-    if json_depth(payload) > MAX_JSON_DEPTH:
-        return None, too_deep()
-    if not isinstance(payload, dict):
-        return None, error("Request body must be a JSON object", 400)
-    for name, value in payload.items():
-        rule = COMPLETION_FIELDS.get(name)
-        if rule is not None and rule.refuses(value):
-            return None, error(refusal_message(name, rule), 400, param=name, code="unsupported_parameter")
+    payload, invalid = read_body(raw, COMPLETION_FIELDS)
+    if invalid is not None:
+        return None, invalid
     prompt = payload.get("prompt")
     if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
         return None, error("'prompt' as token ids is not supported by this server; send text.", 400,
                            param="prompt", code="unsupported_parameter")
-    try:
-        body = CompletionRequest.model_validate(payload)
-    except ValidationError as exc:
-        message, param = describe_validation_error(exc)
-        return None, error(message, 400, param=param)
+    body, invalid = validated(CompletionRequest, payload)
+    if invalid is not None:
+        return None, invalid
     if body.echo and body.logprobs is not None:
         return None, error("'echo' with 'logprobs' is not supported by this server (no prompt logprobs).", 400,
                            param="echo", code="unsupported_parameter")

@@ -92,10 +92,10 @@ FIELDS: dict[str, FieldRule] = {
 }
 
 
-def refused_field(payload: dict) -> tuple[str, FieldRule] | None:
-    """Return the first field of a request body that asks for something this server does not do, or None."""
+def refused_field(payload: dict, fields: dict) -> tuple[str, FieldRule] | None:
+    """Return the first field of a request body that its endpoint's table refuses, or None."""
     for name, value in payload.items():
-        rule = FIELDS.get(name)
+        rule = fields.get(name)
         if rule is not None and rule.refuses(value):
             return name, rule
     return None

@@ -15,7 +15,7 @@ import time
 from typing import Literal
 
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from audit import ledger, stored_responses
 from inference.engine.grammar import ANY_OBJECT, GrammarError, json_schema_grammar
@@ -24,9 +24,8 @@ from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, Sa
 from appliance import metrics
 
 from .errors import error
-from .fields import RESPONSE_FIELDS, refusal_message
-from .schemas import (MAX_JSON_DEPTH, StrictBool, StrictFloat, StrictInt, Text, UnsupportedSchema,
-                      describe_validation_error, json_depth, too_deep)
+from .fields import RESPONSE_FIELDS
+from .schemas import StrictBool, StrictFloat, StrictInt, Text, UnsupportedSchema, read_body, validated
 from .settlement import InFlight, _ledger_writer, _transcripts, _with_kept_connection, on_gate, record, record_soon
 from .views import DEFAULT_MAX_TOKENS, Untokenizable, api_view, encode, loaded_engine, serve, submission_error
 
@@ -132,25 +131,8 @@ class ResponseRequest(BaseModel):
 
 def parse_response_request(raw: bytes):
     """Return the validated request, or the 400 that names what is wrong with it."""
-    try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, error(f"Request body is not valid JSON: {exc}", 400)
-    except RecursionError:
-        return None, too_deep()
-    if json_depth(payload) > MAX_JSON_DEPTH:
-        return None, too_deep()
-    if not isinstance(payload, dict):
-        return None, error("Request body must be a JSON object", 400)
-    for name, value in payload.items():
-        rule = RESPONSE_FIELDS.get(name)
-        if rule is not None and rule.refuses(value):
-            return None, error(refusal_message(name, rule), 400, param=name, code="unsupported_parameter")
-    try:
-        return ResponseRequest.model_validate(payload), None
-    except ValidationError as exc:
-        message, param = describe_validation_error(exc)
-        return None, error(message, 400, param=param)
+    payload, invalid = read_body(raw, RESPONSE_FIELDS)
+    return (None, invalid) if invalid is not None else validated(ResponseRequest, payload)
 
 
 @api_view

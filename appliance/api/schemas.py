@@ -11,7 +11,7 @@ from inference.engine.grammar import ANY_OBJECT, GrammarError, json_schema_gramm
 
 from .choices import MAX_CHOICES
 from .errors import error
-from .fields import refused_field, refusal_message
+from .fields import FIELDS, refused_field, refusal_message
 
 # The deepest JSON a request body may nest (the schema itself needs 4: body, messages, a message, its parts).
 # Deeper bodies are refused by name, before Python's own recursion limit turns them into a RecursionError.
@@ -339,8 +339,12 @@ def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
     return f"Invalid value for '{where}': {message}", param
 
 
-def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest | None, JsonResponse | None]:
-    """Return the validated request, or the 400 that names what is wrong with it."""
+def read_body(raw: bytes, fields: dict) -> tuple[dict | None, JsonResponse | None]:
+    """Return a request body as a JSON object, or the 400 that names what is wrong with it.
+
+    Every endpoint reads its body here: valid JSON, nested at most MAX_JSON_DEPTH deep, an object, and no field
+    that its table (appliance.api.fields) refuses.
+    """
     try:
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -351,15 +355,26 @@ def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest | None, JsonRe
         return None, too_deep()
     if not isinstance(payload, dict):
         return None, error("Request body must be a JSON object", 400)
-    refused = refused_field(payload)
+    refused = refused_field(payload, fields)
     if refused is not None:
         name, rule = refused
         return None, error(refusal_message(name, rule), 400, param=name, code="unsupported_parameter")
+    return payload, None
+
+
+def validated(model: type[BaseModel], payload: dict):
+    """Return (the validated request, None), or (None, the 400 naming the first invalid field)."""
     try:
-        return ChatCompletionRequest.model_validate(payload), None
+        return model.model_validate(payload), None
     except ValidationError as exc:
         message, param = describe_validation_error(exc)
         return None, error(message, 400, param=param)
+
+
+def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest | None, JsonResponse | None]:
+    """Return the validated request, or the 400 that names what is wrong with it."""
+    payload, invalid = read_body(raw, FIELDS)
+    return (None, invalid) if invalid is not None else validated(ChatCompletionRequest, payload)
 
 
 def too_deep() -> JsonResponse:
