@@ -6,17 +6,14 @@ A team whose policy keeps no transcripts has nothing stored, so the API refuses 
 """
 import json
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
-from django.conf import settings
-from django.db import transaction
 
-from audit import ledger
 from audit.kek import derived_key
 from audit.models import StoredResponse, TeamDataKey, TranscriptPolicy
-from audit.transcripts import _data_key
+from audit.transcripts import _data_key, purge_past_retention
 from audit.verifier import canonical
 
 
@@ -62,16 +59,4 @@ def load(team: str, response_id: str) -> dict:
 
 def purge_expired(actor: str, now: datetime | None = None) -> int:
     """Delete stored responses older than their team's transcript retention; record one event per team."""
-    now = now or datetime.now(timezone.utc)
-    retention = dict(TranscriptPolicy.objects.values_list("team", "retention_days"))
-    total = 0
-    for team in StoredResponse.objects.values_list("team", flat=True).distinct():
-        days = retention.get(team, settings.AUDIT_TRANSCRIPT_RETENTION_DAYS)
-        before = now - timedelta(days=days)
-        with transaction.atomic():
-            count, _ = StoredResponse.objects.filter(team=team, created_at__lt=before).delete()
-            if count:
-                ledger.append("response.purged", actor=actor, target=team,
-                              details={"count": count, "older_than": before.isoformat(), "retention_days": days})
-        total += count
-    return total
+    return purge_past_retention(StoredResponse, "response.purged", actor, now)

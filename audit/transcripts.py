@@ -102,16 +102,24 @@ def read(transcript: Transcript, user) -> dict:
 
 def purge_expired(actor: str, now: datetime | None = None) -> int:
     """Delete transcripts older than their team's retention period; record one event per team."""
+    return purge_past_retention(Transcript, "transcript.purged", actor, now)
+
+
+def purge_past_retention(model, action: str, actor: str, now: datetime | None = None) -> int:
+    """Delete a team-kept model's rows older than the team's transcript retention; one `action` event per team.
+
+    Transcripts and the stored responses of /v1/responses share the team's retention period.
+    """
     now = now or datetime.now(timezone.utc)
     retention = dict(TranscriptPolicy.objects.values_list("team", "retention_days"))
     total = 0
-    for team in Transcript.objects.values_list("team", flat=True).distinct():
+    for team in model.objects.values_list("team", flat=True).distinct():
         days = retention.get(team, settings.AUDIT_TRANSCRIPT_RETENTION_DAYS)
         before = now - timedelta(days=days)
         with transaction.atomic():
-            count, _ = Transcript.objects.filter(team=team, created_at__lt=before).delete()
+            count, _ = model.objects.filter(team=team, created_at__lt=before).delete()
             if count:
-                ledger.append("transcript.purged", actor=actor, target=team,
+                ledger.append(action, actor=actor, target=team,
                               details={"count": count, "older_than": before.isoformat(), "retention_days": days})
         total += count
     return total
