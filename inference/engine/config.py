@@ -55,7 +55,7 @@ class EngineConfig:
     # default. (Measured on the 2-core box: a 16-prompt prefill takes 18 ms on 1 thread, 0.5-8 s on 2 under load.)
     threads: int | None = None
     # Weights' number format: "auto" (bfloat16 on GPUs, and on CPUs that compute it natively, AVX512-BF16 or
-    # AMX, for models of 128 MiB of weights or more; else float32, and float32 on CPU in exact mode),
+    # AMX, for models of 512 MiB of weight files or more; else float32, and float32 on CPU in exact mode),
     # "float32", "bfloat16", or "int8" (weight-only, CPU).
     precision: str = "auto"
 

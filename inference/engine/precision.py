@@ -27,9 +27,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 # Below this many bytes of weight files a model is small enough that a decode step is bound by per-op
-# overhead, not by reading weights, and bfloat16's conversions make it slower than float32 (measured: the
-# few-MB demos decode ~40% slower in bf16; real-shape models of 0.5-0.9B parameters decode and prefill faster).
-BF16_PAYS_FROM_BYTES = 128 * 2**20
+# overhead, not by reading weights, and bfloat16's conversions make it slower than float32 (measured with
+# bench/precision.py: the few-MB demos decode ~40% slower in bf16, and so does the real SmolLM2-135M, 270 MB of
+# bf16 files: one stream 4.7 tok/s in float32 against 2.3 in bf16; real-shape models of 0.5-0.9B parameters,
+# about 1 GB of bf16 files, decode batches and prefill 1.6-6x faster in bf16).
+BF16_PAYS_FROM_BYTES = 512 * 2**20
 
 
 def resolve_precision(precision: str, device: str, *, exact: bool, weight_file_bytes: int | None = None) -> str:
