@@ -54,9 +54,13 @@ def test_a_stream_read_to_done_and_closed_is_ok_in_the_ledger_and_in_usage(count
     box = counted
     key = box.new_key("hostile-counts-stream")
     stream = client(box, key).chat.completions.create(
-        model="counts-dense", messages=[{"role": "user", "content": "count"}], max_tokens=5, stream=True)
+        model="counts-dense", messages=[{"role": "user", "content": "count"}], max_tokens=5, stream=True,
+        stream_options={"include_usage": True},
+        # A random-weight model may sample its end-of-sequence token early; the count under test is 5.
+        extra_body={"ignore_eos": True})
     chunks = list(stream)  # the SDK reads to data: [DONE] and closes the response there
     request_id = chunks[0].id
+    assert chunks[-1].usage.completion_tokens == 5
     event = wait_for(box, f'found = list(AuditEvent.objects.filter(action="chat.completion", '
                           f'details__request_id="{request_id}").values_list("outcome", flat=True))')
     assert event == ["ok"]

@@ -56,7 +56,8 @@ def test_a_killed_engine_fails_its_requests_and_comes_back(box, crashy):
 
     def stream_until_killed():
         try:
-            stream = client.chat.completions.create(model=victim, messages=HELLO, max_tokens=1500, stream=True)
+            stream = client.chat.completions.create(model=victim, messages=HELLO, max_tokens=1500, stream=True,
+                                                    extra_body={"ignore_eos": True})  # still running when killed
             for _ in stream:
                 outcomes.setdefault("streaming", True)
             outcomes["stream"] = "ended"
