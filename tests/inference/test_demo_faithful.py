@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from inference.demo_models import DEMO_SPECS, QWEN2_ENDOFTEXT
 from inference.engine import Engine, SamplingParams
+from inference.engine.prompt import encode_text
 from tests.inference.conftest import run
 
 # Head sizes that the CPU attention kernels of vLLM and llama.cpp both take (24 and 48 are not among them).
@@ -65,7 +66,8 @@ def test_the_engine_refuses_a_token_id_beyond_the_embedding_and_keeps_serving(de
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
     tokenizer.save_pretrained(model_dir)
     with Engine(model_dir, device="cpu", telemetry=False) as engine:
-        prompt = engine.encode_chat([{"role": "user", "content": "say <|extra|>"}])
+        # A raw prompt (a completion's): its control-token spellings are control tokens, as the caller wrote them.
+        prompt = encode_text(engine.tokenizer, "say <|extra|>")
         assert engine.vocab_size in prompt
         with pytest.raises(ValueError, match=rf"token id {engine.vocab_size} is outside the vocabulary \[0, {engine.vocab_size}\)"):
             run(_answer(engine, prompt))
