@@ -112,6 +112,10 @@ class EngineCollector:
                                                    "KV-cache memory reserved by running requests.", labels=["model"]),
             "mean_batch_size": GaugeMetricFamily("appliance_engine_mean_batch_size",
                                                  "Mean requests per step since load.", labels=["model"]),
+            "prefix_cache_blocks": GaugeMetricFamily("appliance_engine_prefix_cache_blocks",
+                                                     "KV blocks held by the prefix cache.", labels=["model"]),
+            "prefix_cache_bytes": GaugeMetricFamily("appliance_engine_prefix_cache_bytes",
+                                                    "Memory held by the prefix cache.", labels=["model"]),
         }
         counters = {
             "steps": CounterMetricFamily("appliance_engine_steps", "Model steps run.", labels=["model"]),
@@ -121,6 +125,18 @@ class EngineCollector:
                                                  labels=["model"]),
             "generated_tokens": CounterMetricFamily("appliance_engine_generated_tokens", "Tokens generated.",
                                                     labels=["model"]),
+            "preemptions": CounterMetricFamily("appliance_engine_preemptions",
+                                               "Running requests sent back to wait for KV room (recomputed later).",
+                                               labels=["model"]),
+            "prefix_cache_query_tokens": CounterMetricFamily("appliance_engine_prefix_cache_query_tokens",
+                                                             "Prompt tokens looked up in the prefix cache.",
+                                                             labels=["model"]),
+            "prefix_cache_hit_tokens": CounterMetricFamily("appliance_engine_prefix_cache_hit_tokens",
+                                                           "Prompt tokens served from the prefix cache.",
+                                                           labels=["model"]),
+            "prefix_cache_evicted_blocks": CounterMetricFamily("appliance_engine_prefix_cache_evicted_blocks",
+                                                               "Prefix-cache blocks evicted for room.",
+                                                               labels=["model"]),
         }
         finished = CounterMetricFamily("appliance_engine_requests_finished", "Finished requests by finish reason.",
                                        labels=["model", "reason"])
@@ -134,10 +150,9 @@ class EngineCollector:
                                             labels=["model", "layer", "expert"])
         for name, engine in engines:
             figures = engine.describe()
-            for key, family in gauges.items():
-                family.add_metric([name], figures[key])
-            for key, family in counters.items():
-                family.add_metric([name], figures[key])
+            for key, family in (*gauges.items(), *counters.items()):
+                if key in figures:  # the prefix cache's figures exist only where it is on (not in exact mode)
+                    family.add_metric([name], figures[key])
             for reason, count in figures["finished"].items():
                 finished.add_metric([name, reason], count)
             moe = engine.telemetry()

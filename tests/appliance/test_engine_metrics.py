@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 from django.test import Client
@@ -51,6 +52,35 @@ def test_metrics_show_each_engine_and_the_moe_idle_experts(served) -> None:
     experts = [s for s in families["appliance_moe_expert_tokens"] if s.labels["model"] == "metrics-moe"
                and s.name.endswith("_total")]
     assert len(experts) == 2 * 16
+
+
+@pytest.mark.django_db
+def test_metrics_show_the_prefix_cache_and_preemptions(demo_dir: Path, served) -> None:
+    # Plain mode, the default: exact mode has no prefix cache.
+    with Engine(demo_dir / "demo-dense", device="cpu", telemetry=False) as engine:
+        engine_client.register("metrics-plain", engine)
+        try:
+            prompt = engine.encode_chat([{"role": "user", "content": "a shared system prompt " * 40}])
+
+            async def twice() -> None:
+                for _ in range(2):
+                    [c async for c in engine.submit(prompt, SamplingParams(max_tokens=2), cache_scope="team")]
+
+            run(twice())
+            families = scrape()
+        finally:
+            engine_client.unregister("metrics-plain")
+
+    def value(family: str) -> float:
+        return next(s.value for s in families[family] if s.labels["model"] == "metrics-plain")
+
+    hit, queried = value("appliance_engine_prefix_cache_hit_tokens"), value("appliance_engine_prefix_cache_query_tokens")
+    assert 0 < hit <= queried == 2 * len(prompt)
+    assert value("appliance_engine_prefix_cache_blocks") > 0 and value("appliance_engine_prefix_cache_bytes") > 0
+    assert value("appliance_engine_preemptions") == 0
+    # The exact-mode engines have no prefix cache, and say nothing about one.
+    assert "metrics-dense" in {s.labels["model"] for s in families["appliance_engine_steps"]}
+    assert "metrics-dense" not in {s.labels["model"] for s in families["appliance_engine_prefix_cache_hit_tokens"]}
 
 
 @pytest.mark.django_db
