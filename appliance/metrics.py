@@ -95,49 +95,40 @@ class ApplianceCollector:
                                       value=ModelVariant.objects.count()))
 
 
+# Each engine's figures (describe()'s keys), published as appliance_engine_<key>.
+ENGINE_GAUGES = {
+    "requests_running": "Requests in the running batch.",
+    "requests_waiting": "Requests waiting for admission.",
+    "kv_budget_bytes": "KV-cache memory the deployment may hold.",
+    "kv_reserved_bytes": "KV-cache memory reserved by running requests.",
+    "mean_batch_size": "Mean requests per step since load.",
+    "prefix_cache_blocks": "KV blocks held by the prefix cache.",
+    "prefix_cache_bytes": "Memory held by the prefix cache.",
+}
+ENGINE_COUNTERS = {
+    "steps": "Model steps run.",
+    "step_seconds": "Seconds spent in steps.",
+    "prompt_tokens": "Prompt tokens prefilled.",
+    "generated_tokens": "Tokens generated.",
+    "preemptions": "Running requests sent back to wait for KV room (recomputed later).",
+    "prefix_cache_query_tokens": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hit_tokens": "Prompt tokens served from the prefix cache.",
+    "prefix_cache_evicted_blocks": "Prefix-cache blocks evicted for room.",
+}
+# Where the published name says more than describe()'s key.
+FIGURE_KEYS = {"requests_running": "running", "requests_waiting": "waiting"}
+
+
 class EngineCollector:
     """Collect the figures of every engine this web process has loaded, at scrape time."""
 
     def collect(self) -> Iterator[Metric]:
         engines = [(name, engine_client.get(name)) for name in engine_client.names()]
         engines = [(name, engine) for name, engine in engines if engine is not None]
-        gauges = {
-            "running": GaugeMetricFamily("appliance_engine_requests_running", "Requests in the running batch.",
-                                         labels=["model"]),
-            "waiting": GaugeMetricFamily("appliance_engine_requests_waiting", "Requests waiting for admission.",
-                                         labels=["model"]),
-            "kv_budget_bytes": GaugeMetricFamily("appliance_engine_kv_budget_bytes",
-                                                 "KV-cache memory the deployment may hold.", labels=["model"]),
-            "kv_reserved_bytes": GaugeMetricFamily("appliance_engine_kv_reserved_bytes",
-                                                   "KV-cache memory reserved by running requests.", labels=["model"]),
-            "mean_batch_size": GaugeMetricFamily("appliance_engine_mean_batch_size",
-                                                 "Mean requests per step since load.", labels=["model"]),
-            "prefix_cache_blocks": GaugeMetricFamily("appliance_engine_prefix_cache_blocks",
-                                                     "KV blocks held by the prefix cache.", labels=["model"]),
-            "prefix_cache_bytes": GaugeMetricFamily("appliance_engine_prefix_cache_bytes",
-                                                    "Memory held by the prefix cache.", labels=["model"]),
-        }
-        counters = {
-            "steps": CounterMetricFamily("appliance_engine_steps", "Model steps run.", labels=["model"]),
-            "step_seconds": CounterMetricFamily("appliance_engine_step_seconds", "Seconds spent in steps.",
-                                                labels=["model"]),
-            "prompt_tokens": CounterMetricFamily("appliance_engine_prompt_tokens", "Prompt tokens prefilled.",
-                                                 labels=["model"]),
-            "generated_tokens": CounterMetricFamily("appliance_engine_generated_tokens", "Tokens generated.",
-                                                    labels=["model"]),
-            "preemptions": CounterMetricFamily("appliance_engine_preemptions",
-                                               "Running requests sent back to wait for KV room (recomputed later).",
-                                               labels=["model"]),
-            "prefix_cache_query_tokens": CounterMetricFamily("appliance_engine_prefix_cache_query_tokens",
-                                                             "Prompt tokens looked up in the prefix cache.",
-                                                             labels=["model"]),
-            "prefix_cache_hit_tokens": CounterMetricFamily("appliance_engine_prefix_cache_hit_tokens",
-                                                           "Prompt tokens served from the prefix cache.",
-                                                           labels=["model"]),
-            "prefix_cache_evicted_blocks": CounterMetricFamily("appliance_engine_prefix_cache_evicted_blocks",
-                                                               "Prefix-cache blocks evicted for room.",
-                                                               labels=["model"]),
-        }
+        gauges = {key: GaugeMetricFamily(f"appliance_engine_{key}", text, labels=["model"])
+                  for key, text in ENGINE_GAUGES.items()}
+        counters = {key: CounterMetricFamily(f"appliance_engine_{key}", text, labels=["model"])
+                    for key, text in ENGINE_COUNTERS.items()}
         finished = CounterMetricFamily("appliance_engine_requests_finished", "Finished requests by finish reason.",
                                        labels=["model", "reason"])
         idle = GaugeMetricFamily("appliance_moe_idle_expert_fraction",
@@ -151,6 +142,7 @@ class EngineCollector:
         for name, engine in engines:
             figures = engine.describe()
             for key, family in (*gauges.items(), *counters.items()):
+                key = FIGURE_KEYS.get(key, key)
                 if key in figures:  # the prefix cache's figures exist only where it is on (not in exact mode)
                     family.add_metric([name], figures[key])
             for reason, count in figures["finished"].items():
