@@ -183,8 +183,9 @@ class EngineClient:
     def alive(self) -> bool:
         return self.exit_reason is None
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Return the chat's prompt ids, encoded here in the web process (the engine process takes ids)."""
+        return encode_chat(self.tokenizer, messages, tools)
 
     def max_request_tokens(self) -> int:
         """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""

@@ -18,7 +18,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from appliance import engine_client
 from audit import ledger
-from inference.engine.prompt import ControlTokenSpelling, chat_template_source, encode_chat
+from inference.engine.prompt import ControlTokenSpelling, chat_template_source
 from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
 
 from appliance import metrics
@@ -295,8 +295,7 @@ TOKENIZER_ERRORS = (TypeError, ValueError, UnicodeError, OverflowError, jinja2.T
 def encode(engine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Return the chat's prompt ids, or raise Untokenizable naming the first message the tokenizer refuses."""
     try:
-        # With tools, the web process's own tokenizer renders them (an engine process's client takes messages only).
-        return encode_chat(engine.tokenizer, messages, tools) if tools else engine.encode_chat(messages)
+        return engine.encode_chat(messages, tools)
     except ControlTokenSpelling as exc:
         raise Untokenizable(str(exc), exc.param) from exc
     except TOKENIZER_ERRORS as whole:
