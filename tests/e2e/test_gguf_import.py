@@ -15,7 +15,8 @@ from appliance import bundled
 from tests.hostile.probes import files_under, shell
 from tests.livebox import ROOT
 
-pytestmark = pytest.mark.e2e
+# What the API or the importer makes of a request, not what the database or broker can change: CI runs it once.
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_neutral]
 
 LICENSE_TEXT = b"Apache License\nVersion 2.0, January 2004\nhttp://www.apache.org/licenses/\n"
 

@@ -3,7 +3,8 @@
 import openai
 import pytest
 
-pytestmark = pytest.mark.e2e
+# What the API or the importer makes of a request, not what the database or broker can change: CI runs it once.
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_neutral]
 
 SYSTEM = "You answer questions about the appliance: its ledger, its engine and its console. " * 10
 

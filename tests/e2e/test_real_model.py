@@ -10,7 +10,8 @@ import pytest
 from appliance import bundled
 from tests.hostile.probes import shell
 
-pytestmark = pytest.mark.e2e
+# What the API or the importer makes of a request, not what the database or broker can change: CI runs it once.
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_neutral]
 
 PROMPTS = [
     "What is the capital of France?",

@@ -12,7 +12,8 @@ from langchain_openai import ChatOpenAI
 from tests.api.test_tool_calls import ASK, SCHEMAS, TOOLS, WEATHER
 from tests.api.tool_variant import write_reasoning_variant, write_tool_variant
 
-pytestmark = pytest.mark.e2e
+# What the API or the importer makes of a request, not what the database or broker can change: CI runs it once.
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_neutral]
 
 
 @pytest.fixture(scope="module")
