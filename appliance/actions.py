@@ -21,6 +21,7 @@ from .models import (
     Deployment,
     LoginFailure,
     ModelVariant,
+    Node,
     Team,
     VariantKind,
     VariantStatus,
@@ -449,3 +450,21 @@ def do_record_password_change(user) -> None:
     with transaction.atomic():
         ConsolePassword.objects.update_or_create(user=user, defaults={"changed_at": timezone.now()})
         ledger.append("console.password_change", actor=f"admin:{user.get_username()}", target=user.get_username())
+
+
+def do_register_node(name: str, *, address: str, version: str, gpus: list, memory_bytes: int, actor: str) -> Node:
+    """Record that a node's web process started: its row created or refreshed, with a node.register event."""
+    check_name(name, field="node name")
+    now = timezone.now()
+    facts = {"address": address, "version": version, "gpus": gpus, "memory_bytes": memory_bytes}
+    with transaction.atomic():
+        node, created = Node.objects.update_or_create(
+            name=name, defaults={**facts, "started_at": now, "last_heartbeat": now, "serving": [], "outstanding": 0})
+        ledger.append("node.register", actor=actor, target=name, outcome="created" if created else "restarted",
+                      details=facts)
+    return node
+
+
+def do_record_heartbeat(name: str, *, serving: list[str], outstanding: int) -> None:
+    """Refresh a node's heartbeat and load; no ledger event (one every few seconds would bury the others)."""
+    Node.objects.filter(name=name).update(last_heartbeat=timezone.now(), serving=serving, outstanding=outstanding)
