@@ -395,3 +395,18 @@ class Node(models.Model):
         if silent_s >= settings.NODE_STALE_AFTER * settings.NODE_HEARTBEAT_S:
             return NodeState.STALE
         return NodeState.UP
+
+
+class Lease(models.Model):
+    """A job that one process of the whole appliance may run at a time (beat's schedule): who holds it, until when.
+
+    Taken and renewed with one conditional update (appliance.actions.do_take_lease), so two contenders on two
+    boxes can never both hold it; a holder that dies stops renewing, and the lease passes on once it expires.
+    """
+
+    name = models.CharField(max_length=64, unique=True)
+    holder = models.CharField(max_length=200)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.holder} until {self.expires_at:%H:%M:%S}"

@@ -254,6 +254,11 @@ APPLIANCE_NODE_ADDRESS = check_node_address(
 NODE_HEARTBEAT_S = env_float("APPLIANCE_NODE_HEARTBEAT_S", 2.0)
 NODE_STALE_AFTER = 3
 NODE_DOWN_AFTER = 5
+# Beat may run on every node; only the holder of the beat lease sends the periodic jobs (appliance.beat). A beat
+# that dies hands over once its lease expires; ticks come at least every third of it, to renew in time.
+BEAT_LEASE_S = env_int("APPLIANCE_BEAT_LEASE_S", 30)
+CELERY_BEAT_SCHEDULER = "appliance.beat:LeaderScheduler"
+CELERY_BEAT_MAX_LOOP_INTERVAL = BEAT_LEASE_S / 3
 
 # Beat: re-hash the model store daily, so files altered on disk are quarantined
 # even when nobody redeploys them.

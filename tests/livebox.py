@@ -157,8 +157,8 @@ def start_nodes(tmp_path_factory, count: int, **extra_env: str):
             boxes.append(launch(tmp_path_factory, procs, port, boxes[0] if boxes else None, **shared,
                                 APPLIANCE_NODE=f"node-{index}", APPLIANCE_NODE_ADDRESS=f"http://127.0.0.1:{port}",
                                 **extra_env))
-        for box in boxes:
-            wait_http(f"{box.url}/v1/models", box.procs, box.home / "logs")
+        for box in boxes:  # started together, several boxes share the machine's cores: allow them longer
+            wait_http(f"{box.url}/v1/models", box.procs, box.home / "logs", timeout=90 * count)
         yield boxes
     finally:
         for procs in running:

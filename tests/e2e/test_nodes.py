@@ -1,10 +1,12 @@
 """Three nodes on one machine act as one appliance: each registers, heartbeats and writes the one ledger."""
 import json
+import signal
+import sys
 import time
 
 import pytest
 
-from tests.livebox import ConsoleSession, start_nodes
+from tests.livebox import ConsoleSession, start, start_nodes
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +23,13 @@ REGISTRATIONS_SCRIPT = """
 import json
 from audit.models import AuditEvent
 print(json.dumps([[e.target, e.details["node"]] for e in AuditEvent.objects.filter(action="node.register")]))
+"""
+BEAT_SCRIPT = """
+import json
+from django.db.models import Q
+from audit.models import AuditEvent
+events = AuditEvent.objects.filter(Q(action="lease.taken") | Q(action="network.attestation", actor="system:beat"))
+print(json.dumps([[e.action, e.details.get("holder", ""), e.details["node"]] for e in events.order_by("seq")]))
 """
 
 
@@ -68,3 +77,50 @@ def test_any_nodes_console_lists_every_node_up(appliance_nodes):
 def test_the_shared_ledger_verifies_from_any_node(appliance_nodes):
     result = appliance_nodes[1].manage("audit_verify")
     assert "intact" in result.stdout, result.stdout + result.stderr
+
+
+def wait_for(box, script: str, done, what: str, timeout: float = 120):
+    """Run script on box until done(its JSON) holds; return that JSON."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = shell_json(box, script)
+        if done(found):
+            return found
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s; last saw {found}"
+        time.sleep(1)
+
+
+def attestations_by(node: str, events) -> int:
+    return sum(1 for action, _, written_on in events if action == "network.attestation" and written_on == node)
+
+
+def test_only_the_lease_holders_beat_acts_and_another_takes_over_when_it_dies(appliance_nodes):
+    # Attestations each second: beat sends each to its own node's queue, so the node of the event says whose beat
+    # sent it. Each beat also attests once at its own start.
+    beats = {}
+    for box in appliance_nodes[:2]:
+        env = {**box.env, "APPLIANCE_AUDIT_ATTESTATION": "1", "APPLIANCE_BEAT_LEASE_S": "3"}
+        beats[box.env["APPLIANCE_NODE"]] = start([sys.executable, "-m", "celery", "-A", "appliance", "beat", "-l",
+                                                  "INFO"], env, box.home / "logs" / "beat.log")
+    try:
+        taken = wait_for(appliance_nodes[0], BEAT_SCRIPT, lambda events: any(e[0] == "lease.taken" for e in events),
+                         "a beat taking the lease")
+        holder = next(e[1] for e in taken if e[0] == "lease.taken")
+        leader = holder.split(":")[0]
+        (follower,) = set(beats) - {leader}
+        events = wait_for(appliance_nodes[0], BEAT_SCRIPT, lambda events: attestations_by(leader, events) >= 3,
+                          "the leader's periodic attestations")
+        assert attestations_by(follower, events) <= 1  # its start attestation only: its schedule sent nothing
+        assert [e[1] for e in events if e[0] == "lease.taken"] == [holder]
+        beats[leader].send_signal(signal.SIGKILL)
+        beats[leader].wait(timeout=20)
+        events = wait_for(appliance_nodes[0], BEAT_SCRIPT, lambda events: len(
+            [e for e in events if e[0] == "lease.taken"]) == 2, "the other beat taking the expired lease")
+        assert [e[1].split(":")[0] for e in events if e[0] == "lease.taken"] == [leader, follower]
+        before = attestations_by(follower, events)
+        wait_for(appliance_nodes[0], BEAT_SCRIPT, lambda events: attestations_by(follower, events) >= before + 1,
+                 "the new leader's periodic attestations")
+    finally:
+        for beat in beats.values():
+            beat.terminate()
+            beat.wait(timeout=20)
