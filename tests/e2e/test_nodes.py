@@ -36,7 +36,7 @@ print(json.dumps([[e.action, e.details.get("holder", ""), e.details["node"]] for
 @pytest.fixture(scope="module")
 def appliance_nodes(tmp_path_factory):
     """Return three nodes sharing one database and KEK, each with its own home, port and processes."""
-    yield from start_nodes(tmp_path_factory, 3, APPLIANCE_NODE_HEARTBEAT_S="0.5")
+    yield from start_nodes(tmp_path_factory, 3, APPLIANCE_NODE_HEARTBEAT_S="1")
 
 
 def shell_json(box, script: str):
@@ -66,11 +66,16 @@ def test_every_node_keeps_heartbeating(appliance_nodes):
     assert {entry["state"] for entry in later.values()} == {"up"}
 
 
+def console_rows(console: ConsoleSession) -> dict[str, str]:
+    """Return the Nodes page's rows by node name."""
+    rows = console.http.get("/admin/appliance/node/").text.split("<tbody>")[1].split("<tr")[1:]
+    return {row.split("</a>")[0].rsplit(">", 1)[1]: row for row in rows}
+
+
 def test_any_nodes_console_lists_every_node_up(appliance_nodes):
-    page = ConsoleSession(appliance_nodes[2]).http.get("/admin/appliance/node/").text
-    rows = page.split("<tbody>")[1].split("<tr")[1:]
-    assert [row.split("</a>")[0].rsplit(">", 1)[1] for row in rows] == ["node-1", "node-2", "node-3"]
-    for row, box in zip(rows, appliance_nodes):
+    rows = console_rows(ConsoleSession(appliance_nodes[2]))
+    assert list(rows) == ["node-1", "node-2", "node-3"]
+    for row, box in zip(rows.values(), appliance_nodes):
         assert ">Up<" in row and box.url in row
 
 
@@ -124,3 +129,18 @@ def test_only_the_lease_holders_beat_acts_and_another_takes_over_when_it_dies(ap
         for beat in beats.values():
             beat.terminate()
             beat.wait(timeout=20)
+
+
+def test_a_node_whose_web_process_is_killed_shows_as_down(appliance_nodes):
+    console = ConsoleSession(appliance_nodes[0])
+    appliance_nodes[2].procs["web"].send_signal(signal.SIGKILL)
+    appliance_nodes[2].procs["web"].wait(timeout=20)
+    killed = time.monotonic()
+    deadline = killed + 120
+    while ">Down<" not in console_rows(console)["node-3"]:
+        assert time.monotonic() < deadline, "node-3 still not down"
+        time.sleep(0.2)
+    # A figure for the record, not a bound: how long the console took to call it down (5 heartbeats of 1 s).
+    print(f"node-3 shown down {time.monotonic() - killed:.1f}s after its web process was killed")
+    rows = console_rows(console)
+    assert ">Up<" in rows["node-1"] and ">Up<" in rows["node-2"]
