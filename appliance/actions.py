@@ -9,6 +9,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from audit import ledger
@@ -19,8 +20,10 @@ from .models import (
     ConsolePassword,
     DesiredState,
     Deployment,
+    Lease,
     LoginFailure,
     ModelVariant,
+    Node,
     Team,
     VariantKind,
     VariantStatus,
@@ -449,3 +452,43 @@ def do_record_password_change(user) -> None:
     with transaction.atomic():
         ConsolePassword.objects.update_or_create(user=user, defaults={"changed_at": timezone.now()})
         ledger.append("console.password_change", actor=f"admin:{user.get_username()}", target=user.get_username())
+
+
+def do_register_node(name: str, *, address: str, version: str, gpus: list, memory_bytes: int, actor: str) -> Node:
+    """Record that a node's web process started: its row created or refreshed, with a node.register event."""
+    check_name(name, field="node name")
+    now = timezone.now()
+    facts = {"address": address, "version": version, "gpus": gpus, "memory_bytes": memory_bytes}
+    with transaction.atomic():
+        node, created = Node.objects.update_or_create(
+            name=name, defaults={**facts, "started_at": now, "last_heartbeat": now, "serving": [], "outstanding": 0})
+        ledger.append("node.register", actor=actor, target=name, outcome="created" if created else "restarted",
+                      details=facts)
+    return node
+
+
+def do_record_heartbeat(name: str, *, serving: list[str], outstanding: int) -> None:
+    """Refresh a node's heartbeat and load; no ledger event (one every few seconds would bury the others)."""
+    Node.objects.filter(name=name).update(last_heartbeat=timezone.now(), serving=serving, outstanding=outstanding)
+
+
+def do_take_lease(name: str, *, holder: str, ttl_s: int) -> bool:
+    """Take or renew a lease for ttl_s seconds when it is free, expired or already holder's; return whether holder
+    now holds it. A change of holder is a lease.taken event; a renewal writes none."""
+    now = timezone.now()
+    Lease.objects.get_or_create(name=name, defaults={"holder": "", "expires_at": now})
+    with transaction.atomic():
+        previous = Lease.objects.select_for_update().filter(name=name).values_list("holder", "expires_at").get()
+        # The one conditional update decides: of two contenders, the second finds the row no longer free.
+        taken = Lease.objects.filter(name=name).filter(Q(holder=holder) | Q(expires_at__lte=now)).update(
+            holder=holder, expires_at=now + timedelta(seconds=ttl_s)) == 1
+        if taken and previous[0] != holder:
+            ledger.append("lease.taken", actor=f"system:{holder}"[:200], target=name, details={
+                "holder": holder, "previous_holder": previous[0], "previous_expired_at": previous[1].isoformat(),
+                "ttl_s": ttl_s})
+    return taken
+
+
+def do_release_lease(name: str, *, holder: str) -> bool:
+    """Let a lease go at once when holder holds it (a beat shutting down), so the next contender need not wait."""
+    return Lease.objects.filter(name=name, holder=holder).update(expires_at=timezone.now()) == 1

@@ -470,5 +470,7 @@ class ApiKeyAdmin(LimitsAdminMixin, admin.ModelAdmin):
         self.message_user(request, "revoked")
 
 
+from .console import nodes  # noqa: E402, F401  (registers the Nodes page)
+
 # The console's first page is the dashboard (appliance.console.dashboard renders it).
 admin.site.index_template = "console/dashboard.html"

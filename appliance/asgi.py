@@ -29,9 +29,10 @@ async def application(scope, receive, send):
         await http_limits.bounded(console_application, scope, receive, send)
 
 
-from appliance import reconciler  # noqa: E402
+from appliance import nodes, reconciler  # noqa: E402
 from appliance.api import settlement  # noqa: E402
 
 reconciler.start()
+nodes.start()  # registers this node, then heartbeats
 # Requests that an earlier web process of this host was serving when it died become chat.interrupted events.
 settlement.recover_interrupted_soon()

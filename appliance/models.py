@@ -3,10 +3,11 @@ import hashlib
 import hmac
 import secrets
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-from .names import validate_team_name, validate_variant_name
+from .names import validate_node_name, validate_team_name, validate_variant_name
 
 
 class VariantKind(models.TextChoices):
@@ -357,3 +358,55 @@ class LoginFailure(models.Model):
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     username = models.CharField(max_length=150, db_index=True)
     address = models.CharField(max_length=64, db_index=True)
+
+
+class NodeState(models.TextChoices):
+    UP = "up", "Up"
+    STALE = "stale", "Stale"
+    DOWN = "down", "Down"
+
+
+class Node(models.Model):
+    """One box of the appliance: registered by its web process at start, kept fresh by its heartbeats."""
+
+    name = models.CharField(max_length=64, unique=True, validators=[validate_node_name])
+    address = models.CharField(max_length=300)  # http://HOST:PORT of its web process, for the other nodes
+    version = models.CharField(max_length=50)
+    # From the box's inventory at registration: [{"name", "memory_bytes"}] per GPU, and host memory.
+    gpus = models.JSONField(default=list, blank=True)
+    memory_bytes = models.BigIntegerField(default=0)
+    started_at = models.DateTimeField()
+    last_heartbeat = models.DateTimeField()
+    # As of the last heartbeat: the variants its engines serve, and requests running or waiting in them.
+    serving = models.JSONField(default=list, blank=True)
+    outstanding = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.address})"
+
+    def state(self, now=None) -> str:
+        """Return up, stale or down from how many heartbeat intervals ago the node last spoke."""
+        silent_s = ((now or timezone.now()) - self.last_heartbeat).total_seconds()
+        if silent_s >= settings.NODE_DOWN_AFTER * settings.NODE_HEARTBEAT_S:
+            return NodeState.DOWN
+        if silent_s >= settings.NODE_STALE_AFTER * settings.NODE_HEARTBEAT_S:
+            return NodeState.STALE
+        return NodeState.UP
+
+
+class Lease(models.Model):
+    """A job that one process of the whole appliance may run at a time (beat's schedule): who holds it, until when.
+
+    Taken and renewed with one conditional update (appliance.actions.do_take_lease), so two contenders on two
+    boxes can never both hold it; a holder that dies stops renewing, and the lease passes on once it expires.
+    """
+
+    name = models.CharField(max_length=64, unique=True)
+    holder = models.CharField(max_length=200)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.holder} until {self.expires_at:%H:%M:%S}"

@@ -73,6 +73,31 @@ def validate_team_name(value) -> None:
     _validate(value, "team name")
 
 
+def validate_node_name(value) -> None:
+    """Raise Django's ValidationError when value is not a valid node name (model validator)."""
+    _validate(value, "node name")
+
+
+def default_node_name(hostname: str) -> str:
+    """Return the node name a host gets when APPLIANCE_NODE is unset: its short host name, lower-cased."""
+    # A DNS label (letters, digits, '-') lower-cased is already a valid name; the domain would add dots.
+    return hostname.split(".", 1)[0].lower()
+
+
+NODE_ADDRESS_PATTERN = re.compile(r"http://([a-z0-9][a-z0-9.-]{0,252}|\[[0-9a-f:]{2,39}\]):([0-9]{1,5})\Z")
+
+
+def check_node_address(value, *, field: str) -> str:
+    """Return value when it is http://HOST:PORT (how other nodes reach a node's web process), else raise InvalidName."""
+    rule = "use http://HOST:PORT, e.g. http://10.0.0.2:8000 (lower-case host, no path)"
+    if not isinstance(value, str):
+        raise InvalidName(f"{field} must be text, not {type(value).__name__}")
+    match = NODE_ADDRESS_PATTERN.match(value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise InvalidName(f"{field} {_shown(value)} is refused; {rule}")
+    return value
+
+
 def _validate(value, field: str) -> None:
     try:
         check_name(value, field=field)

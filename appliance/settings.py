@@ -126,21 +126,24 @@ TEMPLATES = [
 ]
 
 DATABASE_URL = env_str("DATABASE_URL")
+# IMMEDIATE takes the write lock at BEGIN, so concurrent writers (web, worker, beat, and the nodes of an
+# appliance sharing one file) queue on busy_timeout instead of failing with "database is locked" when a read
+# lock cannot be upgraded.
+SQLITE_OPTIONS = {
+    "transaction_mode": "IMMEDIATE",
+    "timeout": 30,
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+}
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+        DATABASES["default"]["OPTIONS"] = dict(SQLITE_OPTIONS)
 else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": APPLIANCE_HOME / "db.sqlite3",
-            "OPTIONS": {
-                # IMMEDIATE takes the write lock at BEGIN, so concurrent writers
-                # (web, worker, beat) queue on busy_timeout instead of failing
-                # with "database is locked" when a read lock cannot be upgraded.
-                "transaction_mode": "IMMEDIATE",
-                "timeout": 30,
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-            },
+            "OPTIONS": dict(SQLITE_OPTIONS),
             "TEST": {"NAME": APPLIANCE_HOME / "test-db.sqlite3"},
         }
     }
@@ -234,6 +237,29 @@ FIT_TIMEOUT_S = env_int("APPLIANCE_FIT_TIMEOUT_S", 300)
 # Each box (node) consumes its own queue, so several boxes can share a broker.
 CELERY_TASK_DEFAULT_QUEUE = env_str("APPLIANCE_QUEUE", "appliance")
 
+# --- Nodes: boxes sharing one database and one broker form one appliance ---
+import socket as _socket  # noqa: E402
+
+from appliance.names import check_name, check_node_address, default_node_name  # noqa: E402
+
+# This box's name in the appliance (the Node row, the node in every ledger event) and the address other nodes
+# reach its web process on.
+APPLIANCE_NODE = check_name(env_str("APPLIANCE_NODE") or default_node_name(_socket.gethostname()),
+                            field="APPLIANCE_NODE")
+APPLIANCE_NODE_ADDRESS = check_node_address(
+    env_str("APPLIANCE_NODE_ADDRESS") or f"http://127.0.0.1:{env_int('APPLIANCE_PORT', 8000)}",
+    field="APPLIANCE_NODE_ADDRESS")
+# The web process refreshes its Node row this often; a node silent for NODE_STALE_AFTER heartbeats shows as
+# stale, for NODE_DOWN_AFTER heartbeats as down.
+NODE_HEARTBEAT_S = env_float("APPLIANCE_NODE_HEARTBEAT_S", 2.0)
+NODE_STALE_AFTER = 3
+NODE_DOWN_AFTER = 5
+# Beat may run on every node; only the holder of the beat lease sends the periodic jobs (appliance.beat). A beat
+# that dies hands over once its lease expires; ticks come at least every third of it, to renew in time.
+BEAT_LEASE_S = env_int("APPLIANCE_BEAT_LEASE_S", 30)
+CELERY_BEAT_SCHEDULER = "appliance.beat:LeaderScheduler"
+CELERY_BEAT_MAX_LOOP_INTERVAL = BEAT_LEASE_S / 3
+
 # Beat: re-hash the model store daily, so files altered on disk are quarantined
 # even when nobody redeploys them.
 CELERY_BEAT_SCHEDULE = {
@@ -268,6 +294,8 @@ AUDIT_MAX_GAP_S = env_int("APPLIANCE_AUDIT_MAX_GAP", 3 * AUDIT_HEARTBEAT_S)
 AUDIT_ATTESTATION_S = env_int("APPLIANCE_AUDIT_ATTESTATION", 60)  # also at each process start
 AUDIT_TRANSCRIPT_RETENTION_DAYS = env_int("APPLIANCE_TRANSCRIPT_RETENTION_DAYS", 30)
 AUDIT_EXPORT_DIR = EXPORT_DIR
+# Every ledger event names the node that wrote it (audit.ledger).
+AUDIT_NODE = APPLIANCE_NODE
 CELERY_BEAT_SCHEDULE.update({
     "audit-heartbeat-checkpoint": {"task": "audit.tasks.heartbeat_checkpoint",
                                    "schedule": float(AUDIT_HEARTBEAT_S)},

@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from django.conf import settings
 from django.db import connections, router, transaction
 
 from audit.canonical import canonical_bytes
@@ -68,6 +69,7 @@ def append_many(events: list[dict]) -> list[AuditEvent]:
         event = AuditEvent(actor=fields["actor"], action=fields["action"], target=fields.get("target", ""),
                            outcome=fields.get("outcome", "ok"), details={} if details is None else details)
         _check_columns(event)
+        event.details = _with_node(event.details)
         built.append(event)
     using = router.db_for_write(AuditEvent)
     # Called inside an outer atomic block this is only a savepoint, and the lock
@@ -99,6 +101,14 @@ def lock(using: str) -> None:
     # so the write lock is already held when the head is read. Without it, two
     # appenders could read the same head; the primary key on seq would then
     # refuse the second insert rather than let the chain fork.
+
+
+def _with_node(details: dict) -> dict:
+    """Return details with the node that writes the event: one ledger serves every node of the appliance."""
+    # Inside details, so the hash covers it and every verifier already checks it, with no new column.
+    if "node" in details:
+        raise ValueError("details must not hold 'node': the ledger records the node that writes the event")
+    return {**details, "node": settings.AUDIT_NODE}
 
 
 def _check_columns(event: AuditEvent) -> None:

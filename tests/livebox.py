@@ -83,39 +83,86 @@ def wait_http(url: str, procs: dict, logs: Path, timeout: float = 90) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
-def start_box(tmp_path_factory, **extra_env: str):
-    """Start a box in a fresh APPLIANCE_HOME (extra_env added to its environment); yield it, then stop it."""
+def launch(tmp_path_factory, procs: dict, port: int | None = None, shared_with: Box | None = None,
+           **extra_env: str) -> Box:
+    """Start a worker and a web process (into procs) in a fresh APPLIANCE_HOME; return the box without waiting for
+    it to answer. Its database is migrated and demo models written first, unless it shares both with another box."""
     home = tmp_path_factory.mktemp("appliance-home")
     env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_QUEUE": f"e2e-{uuid.uuid4().hex[:8]}",
            "PYTHONUNBUFFERED": "1", "APPLIANCE_RECONCILE_INTERVAL": "0.3", **extra_env}
-    database = None
-    if os.environ.get("DATABASE_URL", "").startswith("postgres"):
-        database = PostgresDatabase(os.environ["DATABASE_URL"])
-        env["DATABASE_URL"] = database.url
-    procs: dict[str, subprocess.Popen] = {}
-    try:
-        port = free_port()
-        box = Box(home=home, env=env, url=f"http://127.0.0.1:{port}", demo_dir=home / "demo-models",
-                  procs=procs)
+    port = port or free_port()
+    demo_dir = shared_with.demo_dir if shared_with else home / "demo-models"
+    box = Box(home=home, env=env, url=f"http://127.0.0.1:{port}", demo_dir=demo_dir, procs=procs)
+    if shared_with is None:
         box.manage("migrate", "--verbosity", "0")
         box.manage("make_demo_models", str(box.demo_dir))
-        logs = home / "logs"
-        logs.mkdir()
-        procs["worker"] = start([sys.executable, "-m", "celery", "-A", "appliance", "worker", "-Q",
-                                 env["APPLIANCE_QUEUE"], "-c", "1", "-l", "INFO", "--without-heartbeat",
-                                 "--without-gossip", "--without-mingle"], env, logs / "worker.log")
-        procs["web"] = start([sys.executable, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1",
-                              "--port", str(port), "--lifespan", "off", *WEB_ARGS], env, logs / "web.log")
-        wait_http(f"{box.url}/v1/models", procs, logs)
+    logs = home / "logs"
+    logs.mkdir()
+    procs["worker"] = start([sys.executable, "-m", "celery", "-A", "appliance", "worker", "-Q",
+                             env["APPLIANCE_QUEUE"], "-c", "1", "-l", "INFO", "--without-heartbeat",
+                             "--without-gossip", "--without-mingle"], env, logs / "worker.log")
+    procs["web"] = start([sys.executable, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1",
+                          "--port", str(port), "--lifespan", "off", *WEB_ARGS], env, logs / "web.log")
+    return box
+
+
+def stop(procs: dict) -> None:
+    for proc in procs.values():
+        proc.terminate()
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def own_database_url() -> tuple[str | None, "PostgresDatabase | None"]:
+    """Return the DATABASE_URL a new box gets (None: the default) and the throwaway database to drop after it."""
+    if os.environ.get("DATABASE_URL", "").startswith("postgres"):
+        database = PostgresDatabase(os.environ["DATABASE_URL"])
+        return database.url, database
+    return None, None
+
+
+def start_box(tmp_path_factory, **extra_env: str):
+    """Start a box in a fresh APPLIANCE_HOME (extra_env added to its environment); yield it, then stop it."""
+    url, database = own_database_url()
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        box = launch(tmp_path_factory, procs, **({"DATABASE_URL": url} if url else {}), **extra_env)
+        wait_http(f"{box.url}/v1/models", procs, box.home / "logs")
         yield box
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
+        if database:
+            database.drop()
+
+
+def start_nodes(tmp_path_factory, count: int, **extra_env: str):
+    """Start count boxes as the nodes node-1.. of one appliance: one database (a shared SQLite file by default), one
+    KEK, each its own APPLIANCE_HOME, queue, port and processes; yield them, then stop them."""
+    import base64
+    import secrets
+
+    url, database = own_database_url()
+    if url is None:
+        url = f"sqlite:///{tmp_path_factory.mktemp('appliance-db') / 'appliance.sqlite3'}"
+    shared = {"DATABASE_URL": url, "APPLIANCE_AUDIT_KEK": base64.b64encode(secrets.token_bytes(32)).decode()}
+    boxes: list[Box] = []
+    running: list[dict] = []
+    try:
+        for index in range(1, count + 1):
+            port, procs = free_port(), {}
+            running.append(procs)
+            boxes.append(launch(tmp_path_factory, procs, port, boxes[0] if boxes else None, **shared,
+                                APPLIANCE_NODE=f"node-{index}", APPLIANCE_NODE_ADDRESS=f"http://127.0.0.1:{port}",
+                                **extra_env))
+        for box in boxes:  # started together, several boxes share the machine's cores: allow them longer
+            wait_http(f"{box.url}/v1/models", box.procs, box.home / "logs", timeout=90 * count)
+        yield boxes
+    finally:
+        for procs in running:
+            stop(procs)
         if database:
             database.drop()
 
@@ -126,10 +173,26 @@ class ConsoleAdmin:
     password: str
 
 
-def make_console_admin(box) -> ConsoleAdmin:
+def make_console_admin(box, username: str = "admin") -> ConsoleAdmin:
     """Create a superuser on the box, as an administrator would with createsuperuser."""
-    admin = ConsoleAdmin("admin", "browser-test-" + uuid.uuid4().hex)
+    admin = ConsoleAdmin(username, "browser-test-" + uuid.uuid4().hex)
     box.manage("shell", "--no-imports", "-c",
                "from django.contrib.auth import get_user_model\n"
                f"get_user_model().objects.create_superuser({admin.username!r}, password={admin.password!r})")
     return admin
+
+
+class ConsoleSession:
+    """A staff member (created for it) signed in to a live box's console over HTTP."""
+
+    def __init__(self, box):
+        admin = make_console_admin(box, f"console-{uuid.uuid4().hex[:8]}")
+        self.username = admin.username
+        self.http = httpx.Client(base_url=box.url, timeout=60)
+        self.http.get("/admin/login/")
+        signed_in = self.post("/admin/login/?next=/admin/", {"username": admin.username, "password": admin.password})
+        assert signed_in.status_code == 302, signed_in.text[:500]
+
+    def post(self, url: str, data: dict) -> httpx.Response:
+        return self.http.post(url, data={**data, "csrfmiddlewaretoken": self.http.cookies["csrftoken"]},
+                              headers={"Referer": str(self.http.base_url) + url})

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import override_settings
 
@@ -40,7 +41,7 @@ def test_a_single_failed_sign_in_is_a_ledger_event_without_the_password(client, 
     assert sign_in(client, "hunter2-not-the-password").status_code == 200
     event = AuditEvent.objects.get(action="console.sign_in_failed")
     assert (event.actor, event.target, event.outcome) == ("sign-in:root", "root", "denied")
-    assert event.details == {"address": "127.0.0.1", "username_length": 4}
+    assert event.details == {"address": "127.0.0.1", "username_length": 4, "node": settings.APPLIANCE_NODE}
     assert not any("hunter2" in json.dumps(e.body_fields(), default=str) for e in AuditEvent.objects.all())
 
 

@@ -8,10 +8,10 @@ ledger verifies.
 import html
 import json
 import re
-import uuid
 
-import httpx
 import pytest
+
+from tests.livebox import ConsoleSession
 
 from .probes import assert_alive, shell, tree_digest
 
@@ -93,21 +93,8 @@ print(json.dumps(out))
     assert counts == [0, 0]
 
 
-class Console:
+class Console(ConsoleSession):
     """A staff member signed in to the live box's console over HTTP."""
-
-    def __init__(self, box):
-        self.username, password = f"names-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-        box.manage("shell", "--no-imports", "-c", "from django.contrib.auth import get_user_model\n"
-                   f"get_user_model().objects.create_superuser({self.username!r}, password={password!r})")
-        self.http = httpx.Client(base_url=box.url, timeout=60)
-        self.http.get("/admin/login/")
-        signed_in = self.post("/admin/login/?next=/admin/", {"username": self.username, "password": password})
-        assert signed_in.status_code == 302, signed_in.text[:500]
-
-    def post(self, url: str, data: dict) -> httpx.Response:
-        return self.http.post(url, data={**data, "csrfmiddlewaretoken": self.http.cookies["csrftoken"]},
-                              headers={"Referer": str(self.http.base_url) + url})
 
     def form_errors(self, url: str, data: dict) -> str:
         """Post a form that must be refused; return its page's error list as text."""

@@ -1,0 +1,146 @@
+"""Three nodes on one machine act as one appliance: each registers, heartbeats and writes the one ledger."""
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from tests.livebox import ConsoleSession, start, start_nodes
+
+pytestmark = pytest.mark.e2e
+
+NODES_SCRIPT = """
+import json
+from django.utils import timezone
+from appliance.models import Node
+now = timezone.now()
+print(json.dumps({n.name: {"address": n.address, "state": n.state(now), "version": n.version,
+                           "memory_bytes": n.memory_bytes, "started_at": n.started_at.isoformat(),
+                           "last_heartbeat": n.last_heartbeat.isoformat()} for n in Node.objects.all()}))
+"""
+REGISTRATIONS_SCRIPT = """
+import json
+from audit.models import AuditEvent
+print(json.dumps([[e.target, e.details["node"]] for e in AuditEvent.objects.filter(action="node.register")]))
+"""
+BEAT_SCRIPT = """
+import json
+from django.db.models import Q
+from audit.models import AuditEvent
+events = AuditEvent.objects.filter(Q(action="lease.taken") | Q(action="network.attestation", actor="system:beat"))
+print(json.dumps([[e.action, e.details.get("holder", ""), e.details["node"]] for e in events.order_by("seq")]))
+"""
+
+
+@pytest.fixture(scope="module")
+def appliance_nodes(tmp_path_factory):
+    """Return three nodes sharing one database and KEK, each with its own home, port and processes."""
+    yield from start_nodes(tmp_path_factory, 3, APPLIANCE_NODE_HEARTBEAT_S="1")
+
+
+def shell_json(box, script: str):
+    return json.loads(box.manage("shell", "--no-imports", "-c", script).stdout.strip().splitlines()[-1])
+
+
+def test_every_node_registers_itself_with_its_address(appliance_nodes):
+    listed = shell_json(appliance_nodes[0], NODES_SCRIPT)
+    assert sorted(listed) == ["node-1", "node-2", "node-3"]
+    for box, name in zip(appliance_nodes, ["node-1", "node-2", "node-3"]):
+        assert listed[name]["address"] == box.url
+        assert listed[name]["state"] == "up" and listed[name]["memory_bytes"] > 0 and listed[name]["version"]
+    # Each registration was written by the node it registers, into the one ledger.
+    assert sorted(map(tuple, shell_json(appliance_nodes[2], REGISTRATIONS_SCRIPT))) == [
+        ("node-1", "node-1"), ("node-2", "node-2"), ("node-3", "node-3")]
+
+
+def test_every_node_keeps_heartbeating(appliance_nodes):
+    first = shell_json(appliance_nodes[1], NODES_SCRIPT)
+    deadline = time.monotonic() + 60
+    while True:
+        later = shell_json(appliance_nodes[1], NODES_SCRIPT)
+        if all(later[name]["last_heartbeat"] > first[name]["last_heartbeat"] for name in first):
+            break
+        assert time.monotonic() < deadline, f"no heartbeat from some node: {first} then {later}"
+        time.sleep(0.5)
+    assert {entry["state"] for entry in later.values()} == {"up"}
+
+
+def console_rows(console: ConsoleSession) -> dict[str, str]:
+    """Return the Nodes page's rows by node name."""
+    rows = console.http.get("/admin/appliance/node/").text.split("<tbody>")[1].split("<tr")[1:]
+    return {row.split("</a>")[0].rsplit(">", 1)[1]: row for row in rows}
+
+
+def test_any_nodes_console_lists_every_node_up(appliance_nodes):
+    rows = console_rows(ConsoleSession(appliance_nodes[2]))
+    assert list(rows) == ["node-1", "node-2", "node-3"]
+    for row, box in zip(rows.values(), appliance_nodes):
+        assert ">Up<" in row and box.url in row
+
+
+def test_the_shared_ledger_verifies_from_any_node(appliance_nodes):
+    result = appliance_nodes[1].manage("audit_verify")
+    assert "intact" in result.stdout, result.stdout + result.stderr
+
+
+def wait_for(box, script: str, done, what: str, timeout: float = 120):
+    """Run script on box until done(its JSON) holds; return that JSON."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = shell_json(box, script)
+        if done(found):
+            return found
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s; last saw {found}"
+        time.sleep(1)
+
+
+def attestations_by(node: str, events) -> int:
+    return sum(1 for action, _, written_on in events if action == "network.attestation" and written_on == node)
+
+
+def test_only_the_lease_holders_beat_acts_and_another_takes_over_when_it_dies(appliance_nodes):
+    # Attestations each second: beat sends each to its own node's queue, so the node of the event says whose beat
+    # sent it. Each beat also attests once at its own start.
+    beats = {}
+    for box in appliance_nodes[:2]:
+        env = {**box.env, "APPLIANCE_AUDIT_ATTESTATION": "1", "APPLIANCE_BEAT_LEASE_S": "3"}
+        beats[box.env["APPLIANCE_NODE"]] = start([sys.executable, "-m", "celery", "-A", "appliance", "beat", "-l",
+                                                  "INFO"], env, box.home / "logs" / "beat.log")
+    try:
+        taken = wait_for(appliance_nodes[0], BEAT_SCRIPT, lambda events: any(e[0] == "lease.taken" for e in events),
+                         "a beat taking the lease")
+        holder = next(e[1] for e in taken if e[0] == "lease.taken")
+        leader = holder.split(":")[0]
+        (follower,) = set(beats) - {leader}
+        events = wait_for(appliance_nodes[0], BEAT_SCRIPT, lambda events: attestations_by(leader, events) >= 3,
+                          "the leader's periodic attestations")
+        assert attestations_by(follower, events) <= 1  # its start attestation only: its schedule sent nothing
+        assert [e[1] for e in events if e[0] == "lease.taken"] == [holder]
+        beats[leader].send_signal(signal.SIGKILL)
+        beats[leader].wait(timeout=20)
+        events = wait_for(appliance_nodes[0], BEAT_SCRIPT, lambda events: len(
+            [e for e in events if e[0] == "lease.taken"]) == 2, "the other beat taking the expired lease")
+        assert [e[1].split(":")[0] for e in events if e[0] == "lease.taken"] == [leader, follower]
+        before = attestations_by(follower, events)
+        wait_for(appliance_nodes[0], BEAT_SCRIPT, lambda events: attestations_by(follower, events) >= before + 1,
+                 "the new leader's periodic attestations")
+    finally:
+        for beat in beats.values():
+            beat.terminate()
+            beat.wait(timeout=20)
+
+
+def test_a_node_whose_web_process_is_killed_shows_as_down(appliance_nodes):
+    console = ConsoleSession(appliance_nodes[0])
+    appliance_nodes[2].procs["web"].send_signal(signal.SIGKILL)
+    appliance_nodes[2].procs["web"].wait(timeout=20)
+    killed = time.monotonic()
+    deadline = killed + 120
+    while ">Down<" not in console_rows(console)["node-3"]:
+        assert time.monotonic() < deadline, "node-3 still not down"
+        time.sleep(0.2)
+    # A figure for the record, not a bound: how long the console took to call it down (5 heartbeats of 1 s).
+    print(f"node-3 shown down {time.monotonic() - killed:.1f}s after its web process was killed")
+    rows = console_rows(console)
+    assert ">Up<" in rows["node-1"] and ">Up<" in rows["node-2"]
