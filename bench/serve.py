@@ -46,9 +46,9 @@ def exact_length_fields(server: str, max_tokens: int) -> dict:
     """The request fields that make a server generate exactly max_tokens, where it has them."""
     if server.startswith("llama.cpp"):
         return {"ignore_eos": True}
-    if server == "vllm":
+    if server in ("vllm", "appliance"):  # the appliance's API honours both as extensions, as vLLM does
         return {"ignore_eos": True, "min_tokens": max_tokens}
-    # The appliance's API and transformers serve have no such field: their short answers are counted.
+    # transformers serve has no such field: its short answers are counted.
     return {}
 
 
@@ -107,7 +107,8 @@ def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, serv
             for name in models:
                 print(f"{name}: appliance", flush=True)
                 report["models"][name]["appliance"] = measure(
-                    box.url, {"Authorization": f"Bearer {box.key}"}, name, levels, max_tokens, rounds)
+                    box.url, {"Authorization": f"Bearer {box.key}"}, name, levels, max_tokens, rounds,
+                    exact_length_fields("appliance", max_tokens))
         box.stop()
         for name in models:
             for server in servers:

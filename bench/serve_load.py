@@ -205,7 +205,8 @@ def engine_in_process(model_dir, levels: list[int], max_tokens: int, exact: bool
     async def level(engine: Engine, clients: int) -> dict:
         async def one(i: int) -> Sample:
             sample = Sample(index=i)
-            async for chunk in engine.submit(prompt(i), SamplingParams(max_tokens=max_tokens, temperature=0)):
+            async for chunk in engine.submit(
+                    prompt(i), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)):
                 if chunk.text:
                     sample.saw_text()
                 sample.completion_tokens = chunk.completion_tokens
