@@ -8,7 +8,8 @@ Servers: the appliance (web + worker, models deployed through the registry, over
 `llama-server` (what Ollama runs) on GGUF f16 and q8_0 of the same weights converted with llama.cpp's own
 script (bench/gguf_convert.py), vLLM's CPU build in its own virtualenv, and `transformers serve` without and
 with `--continuous-batching`. The peers are set up once by `bash bench/peers_setup.sh`; a missing one is
-reported and skipped. Models: the three demos and the random-weight real-shape models of bench/shapes.py.
+reported and skipped. Models: the three demos, the real model (the bundled SmolLM2-135M, as its import
+converts it) and the random-weight real-shape models of bench/shapes.py.
 Every server is asked for exactly --max-tokens tokens per request (ignore_eos / min_tokens where it has
 them); the tokens counted are those `usage.completion_tokens` reports, and answers of another length are
 counted per row. Unless --skip-in-process, each demo also gets the static-batch ceiling (one `generate` over

@@ -98,6 +98,32 @@ def write_shape(name: str, out_dir: Path) -> Path:
     return target
 
 
+REAL_MODEL = "smollm2-135m"  # the real model the box ships with (appliance.bundled), converted once
+
+
+def write_real_model(out_dir: Path) -> Path:
+    """Write the bundled SmolLM2 GGUF as the model directory the appliance stores at its import (dequantized
+    safetensors, tokenizer, chat template, by the appliance's own converter), so every server gets the same files."""
+    target = out_dir / REAL_MODEL
+    if (target / "config.json").is_file():
+        return target
+    import os
+    import subprocess
+
+    from appliance import bundled
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{REAL_MODEL}.", dir=out_dir))
+    try:
+        subprocess.run([sys.executable, "-m", "appliance.gguf_convert", str(bundled.gguf_path()), str(staging)],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "DJANGO_SETTINGS_MODULE": "appliance.settings", "TQDM_DISABLE": "1"})
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
