@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.serve_box import (  # noqa: E402
     DEMOS, KINDS, Appliance, LlamaServer, TransformersServe, VllmServe, temp_home,
 )
-from bench.serve_load import drive, engine_in_process, in_process_baselines, warm_up  # noqa: E402
+from bench.serve_load import MIN_REQUESTS, drive, engine_in_process, in_process_baselines, warm_up  # noqa: E402
 from inference.engine.precision import cpu_has_native_bf16  # noqa: E402
 
 PEERS = ("llama.cpp-f16", "llama.cpp-q8_0", "vllm", "transformers", "transformers-cb")
@@ -54,11 +54,11 @@ def exact_length_fields(server: str, max_tokens: int) -> dict:
 
 
 def measure(url: str, headers: dict, model: str, levels: list[int], max_tokens: int, rounds: int,
-            extra: dict | None = None) -> list[dict]:
+            extra: dict | None = None, min_requests: int = MIN_REQUESTS) -> list[dict]:
     warm_up(url, headers, model)
     results = []
     for clients in levels:
-        row = asyncio.run(drive(url, headers, model, clients, max_tokens, rounds, extra))
+        row = asyncio.run(drive(url, headers, model, clients, max_tokens, rounds, extra, min_requests))
         print(f"    {clients:>3} clients: {row['tokens_per_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.1f} ms  "
               f"p95 {row['ttft_p95_ms']:7.1f} ms (burst p50 {row['ttft_burst_p50_ms']:7.1f} ms)  "
               f"ITL p50 {row['itl_p50_ms']:6.1f} ms  errors {row['errors']}  not {max_tokens} tokens "
@@ -82,11 +82,12 @@ def peer(server: str, model_dir: Path, levels: list[int], threads: int, log: Pat
 
 
 def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, servers: list[str],
-        exact: str = "auto", in_process: bool = True, threads: int | None = None) -> dict:
+        exact: str = "auto", in_process: bool = True, threads: int | None = None,
+        min_requests: int = MIN_REQUESTS) -> dict:
     home = temp_home()
     threads = threads or os.cpu_count() or 1
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "max_tokens": max_tokens, "levels": levels,
-                    "rounds": rounds, "exact": exact, "peer_threads": threads,
+                    "rounds": rounds, "min_requests": min_requests, "exact": exact, "peer_threads": threads,
                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "load_before": os.getloadavg()}, "models": {}}
     box = Appliance(home, exact=exact)
@@ -109,7 +110,7 @@ def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, serv
                 print(f"{name}: appliance", flush=True)
                 report["models"][name]["appliance"] = measure(
                     box.url, {"Authorization": f"Bearer {box.key}"}, name, levels, max_tokens, rounds,
-                    exact_length_fields("appliance", max_tokens))
+                    exact_length_fields("appliance", max_tokens), min_requests)
         box.stop()
         for name in models:
             for server in servers:
@@ -120,7 +121,8 @@ def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, serv
                 try:
                     other.start()
                     report["models"][name][server] = measure(
-                        other.url, {}, other.model, levels, max_tokens, rounds, exact_length_fields(server, max_tokens))
+                        other.url, {}, other.model, levels, max_tokens, rounds, exact_length_fields(server, max_tokens),
+                        min_requests)
                 except Exception as exc:  # a peer that cannot serve this model is a finding, not the end of the run
                     print(f"    {server} failed: {str(exc)[-600:]}", flush=True)
                     report["models"][name][server] = {"failed": str(exc)[-3000:]}
@@ -260,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    parser.add_argument("--min-requests", type=int, default=MIN_REQUESTS,
+                        help="requests per level at the least (a single client on a real-shape model takes seconds a token)")
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--exact", choices=list(EXACT), default="auto",
                         help="the appliance's APPLIANCE_ENGINE_EXACT (auto: the appliance's default, plain batched products)")
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     report = run(args.models, args.levels, args.max_tokens, args.rounds, args.servers, args.exact,
-                 in_process=not args.skip_in_process, threads=args.peer_threads)
+                 in_process=not args.skip_in_process, threads=args.peer_threads, min_requests=args.min_requests)
     print_table(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"serve-{stamp}.json").write_text(json.dumps(report, indent=2))
