@@ -23,7 +23,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"demo-moe": "moe", "demo-distilled": "distilled", "demo-dense": "dense",
-         "smollm2-135m": "dense", "qwen2.5-0.5b-shape": "dense", "deepseek-v3-shape": "moe"}
+         "smollm2-135m": "dense", "qwen2_5-0_5b-shape": "dense", "deepseek-v3-shape": "moe"}
 DEMOS = ("demo-moe", "demo-distilled", "demo-dense")
 PEERS_HOME = Path(os.environ.get("BENCH_PEERS_HOME", "/work/.cache/bench"))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
