@@ -4,8 +4,8 @@ traffic of a real size, not only the per-step overhead of the few-MB demos.
     .venv/bin/python bench/shapes.py                      # both, under /work/.cache/bench/models
     .venv/bin/python bench/shapes.py --out DIR --names qwen2_5-0_5b-shape
 
-qwen2_5-0_5b-shape (a variant name takes no '.'): Qwen2.5-0.5B's config as published (24 layers, hidden 896, 14 query / 2 KV heads of
-    64, SwiGLU 4864, vocabulary 151,936, tied embeddings): 494M parameters.
+qwen2_5-0_5b-shape (a variant name takes no '.'): Qwen2.5-0.5B's config as published (24 layers, hidden 896,
+    14 query / 2 KV heads of 64, SwiGLU 4864, vocabulary 151,936, tied embeddings): 494M parameters.
 deepseek-v3-shape: DeepSeek-V3's layer as published where it decides the cost per token — MLA with the
     real ranks (q_lora 1536, kv_lora 512, nope/rope/v head dims 128/64/128), routed experts of the real
     width (2048) with the real routing (sigmoid scores, noaux_tc with e_score_correction_bias, 8 groups,
