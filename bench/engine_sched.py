@@ -42,6 +42,7 @@ from inference.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 FILLER = ("The ledger keeps every chat request as a digest in a hash chain; beat signs a checkpoint every few "
           "minutes, and an auditor verifies the bundle on any machine. ")
 STREAMS = 15
+ALONE_TOKENS = 6  # chunks each stream receives in a window without the long prompt
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,8 +73,11 @@ async def decode_gaps(engine: Engine, long_prompt: list[int], rounds: int) -> di
     windows: list[tuple[str, float, float]] = []
     ttfts: list[float] = []
     for _ in range(rounds):
-        started = time.perf_counter()
-        await asyncio.sleep(0.5)
+        # The window without the long prompt lasts ALONE_TOKENS chunks of every stream, not a fixed time: on
+        # a loaded box one step of 15 streams can take longer than any fixed window, leaving it empty.
+        started, marks = time.perf_counter(), [len(a) for a in arrivals]
+        while min(len(a) - m for a, m in zip(arrivals, marks)) < ALONE_TOKENS:
+            await asyncio.sleep(0.01)
         windows.append(("alone", started, time.perf_counter()))
         started = time.perf_counter()
         handle = engine.submit(long_prompt, SamplingParams(max_tokens=4, temperature=0))

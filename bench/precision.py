@@ -39,7 +39,7 @@ from inference.engine import Engine, SamplingParams  # noqa: E402
 from inference.engine.precision import cpu_has_native_bf16, resolve_precision  # noqa: E402
 
 DEMO_DIR = Path(tempfile.mkdtemp(prefix="bench-precision-"))
-DEFAULT_MODELS = [*DEMO_SPECS, "qwen2.5-0.5b-shape", "deepseek-v3-shape"]
+DEFAULT_MODELS = [*DEMO_SPECS, "qwen2_5-0_5b-shape", "deepseek-v3-shape"]
 
 
 def model_dir(name: str) -> Path:

@@ -8,7 +8,8 @@ Servers: the appliance (web + worker, models deployed through the registry, over
 `llama-server` (what Ollama runs) on GGUF f16 and q8_0 of the same weights converted with llama.cpp's own
 script (bench/gguf_convert.py), vLLM's CPU build in its own virtualenv, and `transformers serve` without and
 with `--continuous-batching`. The peers are set up once by `bash bench/peers_setup.sh`; a missing one is
-reported and skipped. Models: the three demos and the random-weight real-shape models of bench/shapes.py.
+reported and skipped. Models: the three demos, the real model (the bundled SmolLM2-135M, as its import
+converts it) and the random-weight real-shape models of bench/shapes.py.
 Every server is asked for exactly --max-tokens tokens per request (ignore_eos / min_tokens where it has
 them); the tokens counted are those `usage.completion_tokens` reports, and answers of another length are
 counted per row. Unless --skip-in-process, each demo also gets the static-batch ceiling (one `generate` over
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.serve_box import (  # noqa: E402
     DEMOS, KINDS, Appliance, LlamaServer, TransformersServe, VllmServe, temp_home,
 )
-from bench.serve_load import drive, engine_in_process, in_process_baselines, warm_up  # noqa: E402
+from bench.serve_load import MIN_REQUESTS, drive, engine_in_process, in_process_baselines, warm_up  # noqa: E402
 from inference.engine.precision import cpu_has_native_bf16  # noqa: E402
 
 PEERS = ("llama.cpp-f16", "llama.cpp-q8_0", "vllm", "transformers", "transformers-cb")
@@ -46,18 +47,18 @@ def exact_length_fields(server: str, max_tokens: int) -> dict:
     """The request fields that make a server generate exactly max_tokens, where it has them."""
     if server.startswith("llama.cpp"):
         return {"ignore_eos": True}
-    if server == "vllm":
+    if server in ("vllm", "appliance"):  # the appliance's API honours both as extensions, as vLLM does
         return {"ignore_eos": True, "min_tokens": max_tokens}
-    # The appliance's API and transformers serve have no such field: their short answers are counted.
+    # transformers serve has no such field: its short answers are counted.
     return {}
 
 
 def measure(url: str, headers: dict, model: str, levels: list[int], max_tokens: int, rounds: int,
-            extra: dict | None = None) -> list[dict]:
+            extra: dict | None = None, min_requests: int = MIN_REQUESTS) -> list[dict]:
     warm_up(url, headers, model)
     results = []
     for clients in levels:
-        row = asyncio.run(drive(url, headers, model, clients, max_tokens, rounds, extra))
+        row = asyncio.run(drive(url, headers, model, clients, max_tokens, rounds, extra, min_requests))
         print(f"    {clients:>3} clients: {row['tokens_per_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.1f} ms  "
               f"p95 {row['ttft_p95_ms']:7.1f} ms (burst p50 {row['ttft_burst_p50_ms']:7.1f} ms)  "
               f"ITL p50 {row['itl_p50_ms']:6.1f} ms  errors {row['errors']}  not {max_tokens} tokens "
@@ -81,11 +82,12 @@ def peer(server: str, model_dir: Path, levels: list[int], threads: int, log: Pat
 
 
 def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, servers: list[str],
-        exact: str = "auto", in_process: bool = True, threads: int | None = None) -> dict:
+        exact: str = "auto", in_process: bool = True, threads: int | None = None,
+        min_requests: int = MIN_REQUESTS) -> dict:
     home = temp_home()
     threads = threads or os.cpu_count() or 1
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "max_tokens": max_tokens, "levels": levels,
-                    "rounds": rounds, "exact": exact, "peer_threads": threads,
+                    "rounds": rounds, "min_requests": min_requests, "exact": exact, "peer_threads": threads,
                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "load_before": os.getloadavg()}, "models": {}}
     box = Appliance(home, exact=exact)
@@ -107,7 +109,8 @@ def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, serv
             for name in models:
                 print(f"{name}: appliance", flush=True)
                 report["models"][name]["appliance"] = measure(
-                    box.url, {"Authorization": f"Bearer {box.key}"}, name, levels, max_tokens, rounds)
+                    box.url, {"Authorization": f"Bearer {box.key}"}, name, levels, max_tokens, rounds,
+                    exact_length_fields("appliance", max_tokens), min_requests)
         box.stop()
         for name in models:
             for server in servers:
@@ -118,7 +121,8 @@ def run(models: list[str], levels: list[int], max_tokens: int, rounds: int, serv
                 try:
                     other.start()
                     report["models"][name][server] = measure(
-                        other.url, {}, other.model, levels, max_tokens, rounds, exact_length_fields(server, max_tokens))
+                        other.url, {}, other.model, levels, max_tokens, rounds, exact_length_fields(server, max_tokens),
+                        min_requests)
                 except Exception as exc:  # a peer that cannot serve this model is a finding, not the end of the run
                     print(f"    {server} failed: {str(exc)[-600:]}", flush=True)
                     report["models"][name][server] = {"failed": str(exc)[-3000:]}
@@ -258,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    parser.add_argument("--min-requests", type=int, default=MIN_REQUESTS,
+                        help="requests per level at the least (a single client on a real-shape model takes seconds a token)")
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--exact", choices=list(EXACT), default="auto",
                         help="the appliance's APPLIANCE_ENGINE_EXACT (auto: the appliance's default, plain batched products)")
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     report = run(args.models, args.levels, args.max_tokens, args.rounds, args.servers, args.exact,
-                 in_process=not args.skip_in_process, threads=args.peer_threads)
+                 in_process=not args.skip_in_process, threads=args.peer_threads, min_requests=args.min_requests)
     print_table(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"serve-{stamp}.json").write_text(json.dumps(report, indent=2))

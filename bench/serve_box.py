@@ -23,7 +23,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"demo-moe": "moe", "demo-distilled": "distilled", "demo-dense": "dense",
-         "qwen2.5-0.5b-shape": "dense", "deepseek-v3-shape": "moe"}
+         "smollm2-135m": "dense", "qwen2_5-0_5b-shape": "dense", "deepseek-v3-shape": "moe"}
 DEMOS = ("demo-moe", "demo-distilled", "demo-dense")
 PEERS_HOME = Path(os.environ.get("BENCH_PEERS_HOME", "/work/.cache/bench"))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -83,12 +83,13 @@ class Appliance:
         return result.stdout
 
     def model_dir(self, name: str) -> Path:
-        """Where a model's files are: the demos in this home, the real-shape models in the peers' cache."""
+        """Where a model's files are: the demos in this home; the real model and the real-shape models in the
+        peers' cache."""
         if name in DEMOS:
             return self.demo_dir / name
-        from bench.shapes import DEFAULT_OUT, write_shape
+        from bench.shapes import DEFAULT_OUT, REAL_MODEL, write_real_model, write_shape
 
-        return write_shape(name, DEFAULT_OUT)
+        return write_real_model(DEFAULT_OUT) if name == REAL_MODEL else write_shape(name, DEFAULT_OUT)
 
     def start(self, models: list[str]) -> Appliance:
         """Migrate, write the demo models, start worker and web, deploy `models`, issue a key."""

@@ -87,9 +87,9 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
 
 
 async def drive(url: str, headers: dict, model: str, clients: int, max_tokens: int, rounds: int = 1,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, min_requests: int = MIN_REQUESTS) -> dict:
     """Run one concurrency level and return its figures."""
-    total = max(clients * rounds, MIN_REQUESTS)
+    total = max(clients * rounds, min_requests)
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
@@ -205,7 +205,8 @@ def engine_in_process(model_dir, levels: list[int], max_tokens: int, exact: bool
     async def level(engine: Engine, clients: int) -> dict:
         async def one(i: int) -> Sample:
             sample = Sample(index=i)
-            async for chunk in engine.submit(prompt(i), SamplingParams(max_tokens=max_tokens, temperature=0)):
+            async for chunk in engine.submit(
+                    prompt(i), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)):
                 if chunk.text:
                     sample.saw_text()
                 sample.completion_tokens = chunk.completion_tokens

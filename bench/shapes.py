@@ -2,10 +2,10 @@
 traffic of a real size, not only the per-step overhead of the few-MB demos.
 
     .venv/bin/python bench/shapes.py                      # both, under /work/.cache/bench/models
-    .venv/bin/python bench/shapes.py --out DIR --names qwen2.5-0.5b-shape
+    .venv/bin/python bench/shapes.py --out DIR --names qwen2_5-0_5b-shape
 
-qwen2.5-0.5b-shape: Qwen2.5-0.5B's config as published (24 layers, hidden 896, 14 query / 2 KV heads of
-    64, SwiGLU 4864, vocabulary 151,936, tied embeddings): 494M parameters.
+qwen2_5-0_5b-shape (a variant name takes no '.'): Qwen2.5-0.5B's config as published (24 layers, hidden 896,
+    14 query / 2 KV heads of 64, SwiGLU 4864, vocabulary 151,936, tied embeddings): 494M parameters.
 deepseek-v3-shape: DeepSeek-V3's layer as published where it decides the cost per token — MLA with the
     real ranks (q_lora 1536, kv_lora 512, nope/rope/v head dims 128/64/128), routed experts of the real
     width (2048) with the real routing (sigmoid scores, noaux_tc with e_score_correction_bias, 8 groups,
@@ -59,7 +59,7 @@ def deepseek_v3_scaled(tokenizer) -> DeepseekV3Config:
     )
 
 
-SHAPES = {"qwen2.5-0.5b-shape": (qwen25_05b, "qwen2", 2001), "deepseek-v3-shape": (deepseek_v3_scaled, "deepseek_v3", 2002)}
+SHAPES = {"qwen2_5-0_5b-shape": (qwen25_05b, "qwen2", 2001), "deepseek-v3-shape": (deepseek_v3_scaled, "deepseek_v3", 2002)}
 
 
 def _ids(tokenizer) -> dict:
@@ -92,6 +92,32 @@ def write_shape(name: str, out_dir: Path) -> Path:
                             "for the benchmark only."}, indent=2) + "\n", encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+REAL_MODEL = "smollm2-135m"  # the real model the box ships with (appliance.bundled), converted once
+
+
+def write_real_model(out_dir: Path) -> Path:
+    """Write the bundled SmolLM2 GGUF as the model directory the appliance stores at its import (dequantized
+    safetensors, tokenizer, chat template, by the appliance's own converter), so every server gets the same files."""
+    target = out_dir / REAL_MODEL
+    if (target / "config.json").is_file():
+        return target
+    import os
+    import subprocess
+
+    from appliance import bundled
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{REAL_MODEL}.", dir=out_dir))
+    try:
+        subprocess.run([sys.executable, "-m", "appliance.gguf_convert", str(bundled.gguf_path()), str(staging)],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "DJANGO_SETTINGS_MODULE": "appliance.settings", "TQDM_DISABLE": "1"})
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
