@@ -154,6 +154,8 @@ def _stop(process: subprocess.Popen) -> None:
 class EngineClient:
     """One deployment's engine process, as the web process sees it."""
 
+    engine = "builtin"  # which engine this client drives (appliance.engines); the vLLM client says "vllm"
+
     def __init__(self, name: str, model_dir: Path, sock: socket.socket, process: subprocess.Popen, info: dict):
         self.name, self.model_dir, self.process = name, model_dir, process
         self.pid = process.pid

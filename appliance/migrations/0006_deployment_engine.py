@@ -1,0 +1,16 @@
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ('appliance', '0005_provenance_lineage'),
+    ]
+
+    operations = [
+        migrations.AddField(
+            model_name='deployment',
+            name='engine',
+            field=models.CharField(choices=[('builtin', "builtin (transformers, this project's engine)"), ('vllm', 'vLLM'), ('sglang', 'SGLang'), ('auto', 'auto (vLLM where installed and CUDA is present, else builtin)')], default='builtin', max_length=16),
+        ),
+    ]
