@@ -41,9 +41,10 @@ def resolve(engine: str) -> str:
     return "vllm" if installed(settings.VLLM_PYTHON) and cuda_present() else "builtin"
 
 
-def start(engine: str, name: str, model_dir: Path, config: EngineConfig):
+def start(deployment, config: EngineConfig):
     """Start the engine of one deployment and return its client once it is ready; raise EngineUnavailable."""
-    chosen = resolve(engine)
+    name, model_dir = deployment.variant.name, Path(deployment.variant.store_path)
+    chosen = resolve(deployment.engine)
     if chosen == "builtin":
         return engine_client.start_engine(name, model_dir, config)
     if chosen == "vllm":
@@ -52,5 +53,5 @@ def start(engine: str, name: str, model_dir: Path, config: EngineConfig):
                                     "its virtualenv (bash bench/peers_setup.sh vllm builds one)")
         from . import vllm_engine
 
-        return vllm_engine.start_vllm(name, model_dir, settings.VLLM_PYTHON)
+        return vllm_engine.start_vllm(name, model_dir, settings.VLLM_PYTHON, deployment.engine_flags)
     raise EngineUnavailable(f"the {chosen} engine is not supported by this appliance yet: deploy on builtin or vllm")

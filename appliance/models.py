@@ -148,6 +148,8 @@ class Deployment(models.Model):
     actual = models.CharField(max_length=16, choices=ActualState.choices, default=ActualState.UNDEPLOYED)
     device = models.CharField(max_length=100, blank=True)
     engine = models.CharField(max_length=16, choices=Engine.choices, default=Engine.BUILTIN)
+    # The fit plan as the external engine's arguments (inference.fit.engine_flags), set by `deploy --plan`.
+    engine_flags = models.JSONField(default=list, blank=True)
     detail = models.TextField(blank=True)
     # What the loaded engine really allocated (measured in its engine process, appliance.fitting.record_measurement),
     # shown next to the fit advisor's prediction.

@@ -97,7 +97,7 @@ def load(dep: Deployment) -> None:
         return
     started = time.monotonic()
     try:
-        engine = engines.start(dep.engine, variant.name, Path(variant.store_path), engine_config())
+        engine = engines.start(dep, engine_config())
     except Exception as exc:
         log.exception("loading %s failed", variant.name)
         actions.do_record_load(dep.pk, variant.name, outcome="failed", actor=ACTOR, detail=f"load failed: {exc}",

@@ -223,6 +223,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("APPLIANCE_LOG_LEVEL", "INFO")},
+    # httpx logs every request at INFO: one line per chat request passed to a vLLM engine.
+    "loggers": {"httpx": {"level": "WARNING"}},
 }
 
 # The team API (appliance/api/) asks the registry about keys and variants through this.
