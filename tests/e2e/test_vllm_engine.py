@@ -221,3 +221,15 @@ def test_undeploy_stops_every_engine_process(box, key, deployed):
 def _status(box, key) -> int:
     return httpx.post(f"{box.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                       json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code
+
+
+def test_vllms_own_parser_takes_every_nodes_command_of_a_plan_and_refuses_a_bad_flag(settings):
+    from appliance.engine_plan import check_with_vllm, vllm_plan
+    from inference.fit.engine_flags import NodeLaunch
+
+    settings.VLLM_PYTHON = vllm_python()
+    planned = vllm_plan("2x8xH200", "dp16-ep16", 8192, "bf16", head="10.0.0.1")
+    bad = NodeLaunch(0, ("--tensor-parallel-size", "two"))
+    verdicts = check_with_vllm([*planned.launches, bad], "/models/r1")
+    assert verdicts[:2] == ["ok", "ok"]
+    assert "--tensor-parallel-size" in verdicts[2] and "invalid" in verdicts[2]
