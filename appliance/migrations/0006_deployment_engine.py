@@ -4,7 +4,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('appliance', '0005_provenance_lineage'),
+        ('appliance', '0006_nodes'),
     ]
 
     operations = [
