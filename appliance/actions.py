@@ -28,7 +28,7 @@ from .models import (
     VariantKind,
     VariantStatus,
 )
-from .names import NAME_MAX, check_name
+from .names import NAME_MAX, check_engine_name, check_name
 
 log = logging.getLogger(__name__)
 
@@ -191,19 +191,35 @@ def do_analyse_fit(variant: ModelVariant, *, actor: str) -> None:
         transaction.on_commit(lambda: analyse_fit.delay(variant.pk))
 
 
-def do_deploy(variant: ModelVariant, *, actor: str) -> Deployment:
-    """Ask the web process to load the variant."""
+def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
+              engine_flags: list[str] | None = None) -> Deployment:
+    """Ask the web process to load the variant, on `engine` (None keeps the deployment's engine, builtin at first)
+    with `engine_flags`, the fit plan as that engine's arguments (None keeps them).
+
+    A running deployment keeps its engine until it is undeployed: a change of engine is refused, not applied
+    half-way (the web process would have to unload and load it behind the administrator's back).
+    """
+    if engine is not None:
+        check_engine_name(engine)
     with transaction.atomic():
         variant = ModelVariant.objects.select_for_update().get(pk=variant.pk)
         if variant.status not in (VariantStatus.READY, VariantStatus.DEPLOYED):
             raise ActionRefused(f"variant {variant.name} is {variant.status}; only a ready variant can be deployed")
         deployment, _ = Deployment.objects.get_or_create(variant=variant)
+        if engine is not None and engine != deployment.engine:
+            if deployment.desired == DesiredState.DEPLOYED and deployment.actual != ActualState.FAILED:
+                raise ActionRefused(f"variant {variant.name} is deployed on {deployment.engine}; undeploy it "
+                                    f"before deploying it on {engine}")
+            deployment.engine = engine
+        if engine_flags is not None:
+            deployment.engine_flags = [str(flag) for flag in engine_flags]
         deployment.desired = DesiredState.DEPLOYED
         if deployment.actual == ActualState.FAILED:
             # A new deploy is a new attempt: let the reconciler try again.
             deployment.actual, deployment.detail = ActualState.UNDEPLOYED, ""
         deployment.save()
-        ledger.append("deployment.deploy", actor=actor, target=variant.name, outcome="requested")
+        ledger.append("deployment.deploy", actor=actor, target=variant.name, outcome="requested",
+                      details={"engine": deployment.engine, "engine_flags": deployment.engine_flags})
     return deployment
 
 

@@ -1,5 +1,6 @@
 """The console: the Django admin, with lifecycle actions that go through appliance.actions."""
 import base64
+import functools
 from pathlib import Path
 
 from django import forms
@@ -16,7 +17,7 @@ from . import actions, fitting, lineage, ollama
 from .templatetags.humanize_fit import count
 from .actions import do_update_api_key, do_update_team
 from .modelfiles import InvalidModelDir, OutsideStore, validate_gguf_file
-from .models import ApiKey, Deployment, ModelVariant, Relation, Team
+from .models import ApiKey, Deployment, Engine, ModelVariant, Relation, Team
 from .names import InvalidName
 
 admin.site.site_header = "LLM appliance console"
@@ -104,10 +105,22 @@ class ImportForm(forms.ModelForm):
         return [{"name": parent.name, "relation": self.cleaned_data["relation"]}] if parent else []
 
 
+def deploy_on(engine: str, label: str):
+    """Return the console action that deploys the selected variants on `engine`, through do_deploy like any deploy
+    (the engine is never a form field: a form would write the deployment row itself)."""
+
+    def action(modeladmin, request, queryset):
+        modeladmin._each(request, queryset, functools.partial(actions.do_deploy, engine=engine),
+                         f"deploy on {engine} requested")
+
+    action.__name__ = f"deploy_on_{engine}"
+    return admin.action(description=f"Deploy on {label}")(action)
+
+
 class DeploymentInline(admin.StackedInline):
     model = Deployment
     can_delete = False
-    readonly_fields = ["desired", "actual", "device", "detail", "updated_at"]
+    readonly_fields = ["desired", "actual", "engine", "device", "detail", "updated_at"]
     fields = readonly_fields
 
     def has_add_permission(self, request, obj=None):
@@ -120,7 +133,8 @@ class ModelVariantAdmin(admin.ModelAdmin):
                     "serving", "fit_verdict"]
     list_filter = ["kind", "status", "random_weights"]
     search_fields = ["name", "architecture"]
-    actions = ["verify_files", "analyse_fit", "deploy", "undeploy", "delete_variants"]
+    actions = ["verify_files", "analyse_fit", "deploy", *(deploy_on(engine, label) for engine, label in Engine.choices),
+               "undeploy", "delete_variants"]
     inlines = [DeploymentInline]
     readonly_fields = ["name", "kind", "origin", "lineage_tree", "provenance_table", "architecture", "model_type",
                        "params_total", "params_active", "dtype", "context_length", "source_path", "store_path",
@@ -249,7 +263,7 @@ class ModelVariantAdmin(admin.ModelAdmin):
         if dep is None:
             return "–"
         text = dep.actual if dep.converged else f"{dep.actual} → {dep.desired}"
-        return f"{text} ({dep.device})" if dep.device else text
+        return f"{dep.engine}: {text} ({dep.device})" if dep.device else f"{dep.engine}: {text}"
 
     def _each(self, request, queryset, action, verb):
         for variant in queryset:

@@ -105,7 +105,7 @@ def _await_ready(sock: socket.socket, process: subprocess.Popen, log_path: Path)
         raise EngineStartFailed(reply[1])
     code = process.wait(timeout=CLOSE_TIMEOUT_S)
     raise EngineStartFailed(f"the engine process {exit_description(code)} while loading; "
-                            f"last lines of {log_path}: {_tail(log_path)}")
+                            f"last lines of {log_path}: {log_tail(log_path)}")
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes:
@@ -138,7 +138,7 @@ def exit_description(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def _tail(path: Path, lines: int = 5) -> str:
+def log_tail(path: Path, lines: int = 5) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
     except OSError:
@@ -151,8 +151,30 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-class EngineClient:
+class ClientBasics:
+    """What every engine's client (this builtin one, appliance.vllm_engine's) answers the same way."""
+
+    tokenizer = None
+    exit_reason: str | None = None
+    _max_request_tokens = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.exit_reason is None
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Return the chat's prompt ids, encoded here in the web process (the engine process takes ids)."""
+        return encode_chat(self.tokenizer, messages, tools)
+
+    def max_request_tokens(self) -> int:
+        """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""
+        return self._max_request_tokens
+
+
+class EngineClient(ClientBasics):
     """One deployment's engine process, as the web process sees it."""
+
+    engine = "builtin"  # which engine this client drives (appliance.engines); the vLLM client says "vllm"
 
     def __init__(self, name: str, model_dir: Path, sock: socket.socket, process: subprocess.Popen, info: dict):
         self.name, self.model_dir, self.process = name, model_dir, process
@@ -178,18 +200,6 @@ class EngineClient:
         self._reader.start()
 
     # ---- what the API asks -----------------------------------------------------------------------
-
-    @property
-    def alive(self) -> bool:
-        return self.exit_reason is None
-
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Return the chat's prompt ids, encoded here in the web process (the engine process takes ids)."""
-        return encode_chat(self.tokenizer, messages, tools)
-
-    def max_request_tokens(self) -> int:
-        """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""
-        return self._max_request_tokens
 
     def submit(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
                **options) -> "ClientHandle":
@@ -318,7 +328,7 @@ class EngineClient:
             _call_soon(loop, _deliver_all, items)
         for loop, future in pending.values():
             _call_soon(loop, _settle, future, EngineClosed(failure))
-        _notify_gone(self)
+        notify_gone(self)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
@@ -350,7 +360,7 @@ def on_engine_gone(callback) -> None:
     _on_gone.append(callback)
 
 
-def _notify_gone(client: EngineClient) -> None:
+def notify_gone(client: EngineClient) -> None:
     for callback in _on_gone:
         try:
             callback(client)

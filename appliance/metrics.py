@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import engine_client, usage
+from .external_metrics import ExternalEngineCollector
 from .console import dashboard
 from .models import ModelVariant
 
@@ -163,6 +164,7 @@ class EngineCollector:
 REGISTRY = CollectorRegistry(auto_describe=False)
 REGISTRY.register(ApplianceCollector())
 REGISTRY.register(EngineCollector())
+REGISTRY.register(ExternalEngineCollector())  # vLLM's own metrics, per variant
 for _runtime in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # this web process's own CPU, memory, GC
     REGISTRY.register(_runtime)
 # Every 5xx this web process answered on the API (a 500, a 503, or a stream that ended in an error event). The

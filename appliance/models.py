@@ -131,6 +131,15 @@ class ActualState(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
+class Engine(models.TextChoices):
+    """Which engine serves a deployment; `auto` is resolved when the web process loads it (appliance.engines)."""
+
+    BUILTIN = "builtin", "builtin (transformers, this project's engine)"
+    VLLM = "vllm", "vLLM"
+    SGLANG = "sglang", "SGLang"
+    AUTO = "auto", "auto (vLLM where installed and CUDA is present, else builtin)"
+
+
 class Deployment(models.Model):
     """What the administrator wants loaded (desired) and what the web process has (actual)."""
 
@@ -138,6 +147,9 @@ class Deployment(models.Model):
     desired = models.CharField(max_length=16, choices=DesiredState.choices, default=DesiredState.UNDEPLOYED)
     actual = models.CharField(max_length=16, choices=ActualState.choices, default=ActualState.UNDEPLOYED)
     device = models.CharField(max_length=100, blank=True)
+    engine = models.CharField(max_length=16, choices=Engine.choices, default=Engine.BUILTIN)
+    # The fit plan as the external engine's arguments (inference.fit.engine_flags), set by `deploy --plan`.
+    engine_flags = models.JSONField(default=list, blank=True)
     detail = models.TextField(blank=True)
     # What the loaded engine really allocated (measured in its engine process, appliance.fitting.record_measurement),
     # shown next to the fit advisor's prediction.

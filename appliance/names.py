@@ -58,6 +58,19 @@ def check_name(value, *, field: str) -> str:
     return value
 
 
+# The engines a deployment may ask for (appliance.models.Engine holds their labels); listed here so that the
+# command line, the console and the actions refuse an unknown one with the same message.
+ENGINE_NAMES = ("builtin", "vllm", "sglang", "auto")
+
+
+def check_engine_name(value) -> str:
+    """Return value when it names a known engine, else raise InvalidName listing the known ones."""
+    if value not in ENGINE_NAMES:
+        shown = _shown(value) if isinstance(value, str) else type(value).__name__
+        raise InvalidName(f"engine {shown} is refused: use one of {', '.join(ENGINE_NAMES)}")
+    return value
+
+
 def is_valid_name(value) -> bool:
     """Return whether value passes check_name."""
     return isinstance(value, str) and _problem(value) is None

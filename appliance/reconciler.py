@@ -18,7 +18,7 @@ from django.db import close_old_connections
 from audit import attestation, egress, ledger
 from inference.engine import EngineConfig
 
-from . import actions, engine_client, fitting, fp8
+from . import actions, engine_client, engines, fitting, fp8
 from .importer import check_store, quarantine
 from .modelfiles import InvalidModelDir
 from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
@@ -97,7 +97,7 @@ def load(dep: Deployment) -> None:
         return
     started = time.monotonic()
     try:
-        engine = engine_client.start_engine(variant.name, Path(variant.store_path), engine_config())
+        engine = engines.start(dep, engine_config())
     except Exception as exc:
         log.exception("loading %s failed", variant.name)
         actions.do_record_load(dep.pk, variant.name, outcome="failed", actor=ACTOR, detail=f"load failed: {exc}",
@@ -113,7 +113,8 @@ def load(dep: Deployment) -> None:
     engine_client.register(variant.name, engine)
     actions.do_record_load(dep.pk, variant.name, outcome="ok", actor=ACTOR, device=engine.device,
                            engine_process=engine.process_report,
-                           details={"device": engine.device, "pid": engine.pid, "duration_ms": duration_ms})
+                           details={"device": engine.device, "pid": engine.pid, "duration_ms": duration_ms,
+                                    "engine": engine.engine})
     fitting.record_measurement(dep.pk, engine.measured)
 
 

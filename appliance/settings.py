@@ -210,12 +210,21 @@ if ENGINE_PRECISION not in ("auto", "float32", "bfloat16", "int8"):
 if ENGINE_PRECISION == "int8" and ENGINE_EXACT:
     raise ValueError("APPLIANCE_ENGINE_PRECISION=int8 cannot run with APPLIANCE_ENGINE_EXACT=on")
 
+# External engines (a deployment's `engine`, appliance/engines.py): the Python interpreter of the virtualenv each
+# one is installed in (it pins its own torch and transformers). Empty: that engine is not installed on this box.
+VLLM_PYTHON = env_str("APPLIANCE_VLLM_PYTHON", "")
+SGLANG_PYTHON = env_str("APPLIANCE_SGLANG_PYTHON", "")
+# Seconds an external engine may take to answer its /health after start (vLLM's CPU build takes about a minute).
+EXTERNAL_ENGINE_READY_S = env_float("APPLIANCE_EXTERNAL_ENGINE_READY_S", 600.0)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("APPLIANCE_LOG_LEVEL", "INFO")},
+    # httpx logs every request at INFO: one line per chat request passed to a vLLM engine.
+    "loggers": {"httpx": {"level": "WARNING"}},
 }
 
 # The team API (appliance/api/) asks the registry about keys and variants through this.

@@ -167,6 +167,17 @@ def start_nodes(tmp_path_factory, count: int, **extra_env: str):
             database.drop()
 
 
+def read_stream(stream) -> tuple[str, object, str | None]:
+    """Return (text, usage, finish_reason) of a streamed chat completion read with the official client."""
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return "".join(pieces), usage, finish
+
+
 @dataclass
 class ConsoleAdmin:
     username: str

@@ -15,7 +15,7 @@ from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from audit import ledger
-from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
+from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
 
 from appliance import metrics
 from inference.engine.prompt import encode_text
@@ -138,7 +138,7 @@ async def run(request: HttpRequest, body: CompletionRequest, flight: InFlight):
         # Choice i of prompt p is handle p * n + i, as OpenAI orders the choices.
         handles = await submit_prompts_choices(engine, [encode_text(engine.tokenizer, p) for p in body.prompts],
                                                body.sampling(), body.n, flight.caller.team)
-    except (PromptTooLong, EngineBusy, EngineClosed) as exc:
+    except (PromptTooLong, EngineBusy, EngineClosed, FieldNotHonoured) as exc:
         return submission_error(exc, flight, body.model, "prompt")
     answer = TextAnswer(body, flight)
     if body.stream:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from audit import ledger, stored_responses
 from inference.engine.grammar import ANY_OBJECT, GrammarError, json_schema_grammar
-from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
+from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
 
 from appliance import metrics
 
@@ -178,7 +178,7 @@ async def run(request: HttpRequest, body: ResponseRequest, flight: InFlight):
         cause = exc.__cause__ or exc
         return error(f"Invalid value for 'input': the model's tokenizer or chat template cannot take it "
                      f"({type(cause).__name__}: {str(cause)[:200]})", 400, param="input")
-    except (PromptTooLong, EngineBusy, EngineClosed) as exc:
+    except (PromptTooLong, EngineBusy, EngineClosed, FieldNotHonoured) as exc:
         return submission_error(exc, flight, body.model, "input")
     answer = ResponseAnswer(body, flight, messages, conversation, store=keeps and body.store is not False)
     if body.stream:

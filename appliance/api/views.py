@@ -19,7 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 from appliance import engine_client
 from audit import ledger
 from inference.engine.prompt import ControlTokenSpelling, chat_template_source
-from inference.engine.request import EngineBusy, EngineClosed, PromptTooLong, SamplingParams
+from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
 
 from appliance import metrics
 from .choices import merged, submit_choices
@@ -242,7 +242,7 @@ async def answer(request: HttpRequest, body, flight: InFlight):
         # The team is the prefix cache's scope: a team reuses its own prompts' KV, never another team's (and
         # a request's later choices reuse what its first one computed).
         handles = await submit_choices(engine, prompt_ids, params, body.n, flight.caller.team)
-    except Untokenizable as exc:
+    except (Untokenizable, FieldNotHonoured) as exc:
         flight.settle("refused")
         return error(str(exc), 400, param=exc.param)
     except PromptTooLong as exc:
@@ -333,7 +333,10 @@ async def loaded_engine(model: str, flight: InFlight):
 
 
 def submission_error(exc: Exception, flight: InFlight, model: str, param: str):
-    """Return the answer to an engine's refusal at submit (busy, closed, too long), settled."""
+    """Return the answer to an engine's refusal at submit (busy, closed, too long, a field it cannot honour), settled."""
+    if isinstance(exc, FieldNotHonoured):
+        flight.settle("refused")
+        return error(str(exc), 400, param=exc.param)
     if isinstance(exc, PromptTooLong):
         flight.settle("refused")
         return error(str(exc), 400, param=param, code="context_length_exceeded")

@@ -30,6 +30,14 @@ class EngineClosed(RuntimeError):
     """The engine was closed and accepts no more requests."""
 
 
+class FieldNotHonoured(ValueError):
+    """The deployment's engine cannot do what a request field asks (an external engine's gap); a 400 naming it."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens and when it stops."""

@@ -6,6 +6,8 @@ import httpx
 import openai
 import pytest
 
+from tests.livebox import read_stream
+
 pytestmark = pytest.mark.e2e
 
 
@@ -41,14 +43,8 @@ def test_streaming_matches_the_non_streaming_answer(box, key, dense):
     stream = client(box, key).chat.completions.create(
         model=dense, messages=messages, max_tokens=16, temperature=0, stream=True,
         stream_options={"include_usage": True})
-    pieces, usage, finish = [], None, None
-    for chunk in stream:
-        if chunk.usage:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            pieces.append(choice.delta.content or "")
-            finish = choice.finish_reason or finish
-    assert "".join(pieces) == whole.choices[0].message.content
+    text, usage, finish = read_stream(stream)
+    assert text == whole.choices[0].message.content
     assert finish == whole.choices[0].finish_reason
     assert usage.completion_tokens == whole.usage.completion_tokens
 

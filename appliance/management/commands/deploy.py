@@ -11,13 +11,21 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("name")
+        parser.add_argument("--engine", help="builtin, vllm, sglang or auto (default: the deployment's engine, "
+                                                 "builtin for a first deploy)")
+        parser.add_argument("--plan", help="with --engine vllm: the fit plan (tp2, dp8-ep8, ...) as vLLM's arguments")
+        parser.add_argument("--hardware", help="with --plan: the deployment's hardware over every box (e.g. 2x8xH200; "
+                                               "default: this box)")
+        parser.add_argument("--context", type=int, help="with --plan: vLLM's max model length (default: the model's)")
         parser.add_argument("--wait", action="store_true", help="wait until the web process has loaded it")
         parser.add_argument("--timeout", type=float, default=300)
 
-    def handle(self, name, wait, timeout, **options):
+    def handle(self, name, engine, plan, hardware, context, wait, timeout, **options):
+        variant = get_variant(name)
+        flags = planned_flags(engine, plan, hardware, context) if plan or hardware or context else None
         with refusals_as_errors():
-            deployment = do_deploy(get_variant(name), actor=cli_actor())
-        self.stdout.write(f"{name}: deploy requested")
+            deployment = do_deploy(variant, actor=cli_actor(), engine=engine, engine_flags=flags)
+        self.stdout.write(f"{name}: deploy requested on engine {deployment.engine}")
         if not wait:
             return
 
@@ -28,4 +36,26 @@ class Command(BaseCommand):
         deployment = wait_for(settled, timeout=timeout, what=f"the web process to load {name} (is it running?)")
         if deployment.actual == ActualState.FAILED:
             raise CommandError(f"{name} failed to load: {deployment.detail}")
-        self.stdout.write(f"{name} deployed on {deployment.device}")
+        self.stdout.write(f"{name} deployed on {deployment.device} ({deployment.engine})")
+
+
+def planned_flags(engine: str | None, plan: str | None, hardware: str | None, context: int | None) -> list[str]:
+    """Return vLLM's arguments for the plan on this box; refuse what this box cannot start, naming what is missing."""
+    from appliance.engine_plan import vllm_plan
+    from inference.fit.engine_flags import missing_for
+    from inference.fit.hardware import inventory
+
+    if engine != "vllm":
+        raise CommandError("--plan, --hardware and --context set vLLM's arguments: deploy with --engine vllm")
+    try:
+        planned = vllm_plan(hardware, plan, context)
+    except ValueError as exc:
+        raise CommandError(f"deploy refused: {exc}") from exc
+    missing = missing_for(planned.plan, planned.hardware, inventory(measure=False).gpus)
+    if missing:
+        raise CommandError(f"deploy refused: {missing}")
+    if len(planned.launches) > 1:
+        raise CommandError(f"deploy refused: plan {planned.plan.label} runs on {len(planned.launches)} boxes, and "
+                           "this appliance does not yet start the other nodes' parts from their workers; start each "
+                           "node's command from `manage.py fit MODEL --vllm-flags` (same --plan and --hardware)")
+    return list(planned.launches[0].args)

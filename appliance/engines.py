@@ -1,0 +1,57 @@
+"""Which engine serves a deployment, and starting it: the builtin engine process, or vLLM supervised the same way.
+
+A deployment names its engine (appliance.models.Engine); `auto` is resolved here, when the web process loads it:
+vLLM where it is installed (settings.VLLM_PYTHON) and CUDA is present, else builtin. On a CPU box `auto` stays
+builtin: vLLM's CPU build is a community package, slower than the builtin engine on the small models and unable
+to start some architectures the builtin engine serves. Every engine's client answers the team API the same way
+(encode_chat, submit → chunks, describe, close, alive), so keys, quotas, usage, transcripts and the ledger are
+settled by the same code whichever engine generated the tokens.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from django.conf import settings
+
+from inference.engine.config import EngineConfig
+
+from . import engine_client
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine a deployment asks for cannot run on this box; the message says what is missing."""
+
+
+def installed(python: str) -> bool:
+    """Return whether an engine's interpreter setting points at an executable."""
+    return bool(python) and os.access(python, os.X_OK)
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve(engine: str) -> str:
+    """Return the engine that serves a deployment asking for `engine`: `auto` becomes vllm or builtin."""
+    if engine != "auto":
+        return engine
+    return "vllm" if installed(settings.VLLM_PYTHON) and cuda_present() else "builtin"
+
+
+def start(deployment, config: EngineConfig):
+    """Start the engine of one deployment and return its client once it is ready; raise EngineUnavailable."""
+    name, model_dir = deployment.variant.name, Path(deployment.variant.store_path)
+    chosen = resolve(deployment.engine)
+    if chosen == "builtin":
+        return engine_client.start_engine(name, model_dir, config)
+    if chosen == "vllm":
+        if not installed(settings.VLLM_PYTHON):
+            raise EngineUnavailable("vLLM is not installed on this box: set APPLIANCE_VLLM_PYTHON to the python of "
+                                    "its virtualenv (bash bench/peers_setup.sh vllm builds one)")
+        from . import vllm_engine
+
+        return vllm_engine.start_vllm(name, model_dir, settings.VLLM_PYTHON, deployment.engine_flags)
+    raise EngineUnavailable(f"the {chosen} engine is not supported by this appliance yet: deploy on builtin or vllm")

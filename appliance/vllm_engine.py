@@ -1,0 +1,358 @@
+"""A deployment served by vLLM: its engine process on this node, supervised like the builtin one, and its client.
+
+`start_vllm` starts `python -m inference.vllm_launch` with vLLM's own interpreter (settings.VLLM_PYTHON), from the
+variant's store path, its OpenAI server bound to 127.0.0.1 on a free port, with a small environment of its own
+(no database or broker URL, no proxies; the guard's sitecustomize first on PYTHONPATH). It is ready when vLLM's
+/health answers 200; the launcher's report of the guard and telemetry switches, as that interpreter saw them, is
+what the deployment.load event records.
+
+The client answers the team API as appliance.engine_client.EngineClient does: the web process renders the chat
+with the variant's own template and tokenizer, sends the token ids to vLLM's /v1/completions (streamed, usage on
+every chunk) and turns vLLM's chunks into the engine's Chunks. So keys, quotas, usage, transcripts and the
+ledger's digests are settled by the same code as on the builtin engine; what vLLM is not asked to do here (this
+appliance's grammars, log probabilities) is refused as a 400 naming the field. When the process ends unasked, its
+streams end in an error chunk and the reconciler restarts it, as for the builtin engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import httpx
+from django.conf import settings
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance.engine_client import (CLOSE_TIMEOUT_S, ClientBasics, EngineStartFailed, exit_description, log_tail,
+                                     notify_gone)
+from appliance.names import is_valid_name
+from audit import egress
+from inference.engine.outputs import chunks_until_final
+from inference.engine.prompt import load_tokenizer
+from inference.engine.request import (Chunk, EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong,
+                                      SamplingParams)
+from inference.vllm_guard import TELEMETRY_OFF
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+SITE_DIR = ROOT / "inference" / "vllm_site"  # its sitecustomize installs the guard in every vLLM interpreter
+READY_POLL_S = 0.5
+# Read without a deadline: a long answer streams for minutes. Connecting is loopback: seconds mean it is gone.
+HTTP_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
+METRICS_MAX_AGE_S = 1.0  # /metrics and the console ask several times per scrape; vLLM is asked once
+# What the engine's environment keeps of the web process's: nothing that names a database, a broker, a proxy or a
+# secret. vLLM's own VLLM_* settings pass (its CPU KV space, threads), except the telemetry ones vllm_guard sets.
+KEPT_VARIABLES = ("PATH", "LANG", "LC_ALL", "TMPDIR", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TZ")
+# vLLM's finish reasons, in the builtin engine's words.
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_environment(home: Path) -> dict[str, str]:
+    """Return the vLLM process's environment: the kept variables, its own HOME, the guard's site first on the path."""
+    env = {name: value for name, value in os.environ.items() if name in KEPT_VARIABLES or name.startswith("VLLM_")}
+    # sitecustomize sets the switches again inside each interpreter; set here too, they are what /proc shows.
+    env.update(egress.OFFLINE_ENVIRONMENT, **TELEMETRY_OFF)
+    env.update(HOME=str(home), PYTHONPATH=str(SITE_DIR), PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1")
+    return env
+
+
+def vllm_arguments(name: str, model_dir: Path, port: int, flags: Iterable[str] = ()) -> list[str]:
+    """Return the vLLM server's arguments: the store path, loopback only, usage with cached tokens, no model defaults."""
+    return ["--model", str(model_dir), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+            # Sampling is what the request says, as on the builtin engine, not the checkpoint's generation_config.
+            "--generation-config", "vllm", "--enable-prompt-tokens-details", "--disable-uvicorn-access-log",
+            *flags]
+
+
+def start_vllm(name: str, model_dir: Path, python: str, flags: Iterable[str] = ()) -> "VllmClient":
+    """Start one deployment's vLLM engine process and return its client once /health answers."""
+    if not is_valid_name(name):  # it names the log and report files
+        raise EngineStartFailed(f"{name!r} is not a valid variant name")
+    home = Path(settings.APPLIANCE_HOME) / "engines" / "vllm"
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = Path(settings.APPLIANCE_HOME) / "logs" / f"engine-{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path = home / f"{name}.report.json"
+    report_path.unlink(missing_ok=True)
+    port = free_port()
+    command = [python, "-m", "inference.vllm_launch", "--report", str(report_path), "--",
+               *vllm_arguments(name, model_dir, port, flags)]
+    with open(log_path, "ab") as log_file:
+        # Its own process group, so the EngineCore processes vLLM starts are stopped with it; stdin is the pipe
+        # whose closing tells the launcher the web process has gone.
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
+                                   cwd=home, env=engine_environment(home), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await_health(url, process, log_path, settings.EXTERNAL_ENGINE_READY_S)
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        card = httpx.get(f"{url}/v1/models", timeout=10, trust_env=False).json()["data"][0]
+        return VllmClient(name, model_dir, process, url, report, int(card["max_model_len"]))
+    except BaseException:
+        stop_group(process)
+        raise
+
+
+def await_health(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Return once the engine's /health answers 200; raise EngineStartFailed when it exits or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EngineStartFailed(f"the vLLM engine process {exit_description(process.returncode)} while "
+                                    f"loading; last lines of {log_path}: {log_tail(log_path)}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(READY_POLL_S)
+    raise EngineStartFailed(f"the vLLM engine did not answer /health within {timeout_s:.0f} s; "
+                            f"last lines of {log_path}: {log_tail(log_path)}")
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 0.0) -> None:
+    """Stop the engine's process group: SIGTERM and up to grace_s to finish, then SIGKILL for what is left."""
+    try:
+        if grace_s:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # nothing of the group is left
+    process.wait()
+
+
+def completion_body(name: str, prompt_ids: list[int], params: SamplingParams, scope: str | None) -> dict:
+    """Return vLLM's /v1/completions body for one request; raise FieldNotHonoured for what it is not asked to do."""
+    if params.grammar is not None:
+        raise FieldNotHonoured("This deployment runs on vLLM, which is not given this appliance's structured-output "
+                               "grammars: response_format json_schema / json_object and forced tool calls are served "
+                               "on the builtin engine only.", "response_format")
+    if params.logprobs is not None:
+        raise FieldNotHonoured("This deployment runs on vLLM, whose log probabilities are not passed through: "
+                               "logprobs are served on the builtin engine only.", "logprobs")
+    body = {"model": name, "prompt": prompt_ids, "max_tokens": params.max_tokens, "temperature": params.temperature,
+            "top_p": params.top_p, "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty, "min_tokens": params.min_tokens,
+            "ignore_eos": params.ignore_eos, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    optional = {"top_k": params.top_k or None, "stop": list(params.stop) or None, "seed": params.seed,
+                "logit_bias": {str(t): b for t, b in params.logit_bias.items()} if params.logit_bias else None,
+                "stop_token_ids": list(params.stop_token_ids) or None,
+                # The team is the prefix cache's scope, as on the builtin engine: vLLM never shares KV across salts.
+                "cache_salt": scope}
+    body.update({key: value for key, value in optional.items() if value is not None})
+    return body
+
+
+def refusal(status: int, text: str) -> Exception:
+    """Return the engine's refusal of a request, as the builtin engine would raise it."""
+    try:
+        detail = json.loads(text)
+        message = str(detail.get("error", detail).get("message", text)) if isinstance(detail, dict) else text
+    except (ValueError, AttributeError):
+        message = text
+    message = message[:500]
+    if status == 400 and ("context length" in message or "maximum model length" in message):
+        return PromptTooLong(message)
+    if status in (429, 503):
+        return EngineBusy(f"the vLLM engine is busy: {message}")
+    if status < 500:
+        return FieldNotHonoured(f"The vLLM engine refused the request: {message}", None)
+    return EngineClosed(f"the vLLM engine answered {status}: {message}")
+
+
+class VllmClient(ClientBasics):
+    """One deployment's vLLM engine process, as the web process sees it (the interface of EngineClient)."""
+
+    engine = "vllm"
+    exact = False
+
+    def __init__(self, name: str, model_dir: Path, process: subprocess.Popen, url: str, report: dict,
+                 context_length: int):
+        self.name, self.model_dir, self.process, self.url = name, model_dir, process, url
+        self.pid = process.pid
+        self.process_report = report  # the launcher's own check of its guard and telemetry switches
+        self.device = report["device"]
+        self.context_length = self._max_request_tokens = context_length  # vLLM's max model length
+        self.measured: dict = {}  # vLLM sizes its own KV cache; its figures are in its metrics
+        self.tokenizer = load_tokenizer(model_dir)
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        self.vocab_size = int(config.get("vocab_size") or len(self.tokenizer))
+        self.exit_reason: str | None = None
+        self._closing = False
+        self._http: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its AsyncClient
+        self._scraped: tuple[float, list] = (0.0, [])
+        self._scrape_lock = threading.Lock()
+        threading.Thread(target=self._watch, name=f"vllm-watch:{name}", daemon=True).start()
+
+    def submit(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
+               cache_scope: str | None = None) -> "VllmHandle":
+        """Send a request from inside a running event loop; `await handle.accepted()` before reading its chunks."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        if prompt_ids and len(prompt_ids) + params.max_tokens > self._max_request_tokens:
+            raise PromptTooLong(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                                f"exceeds this deployment's limit of {self.context_length} tokens")
+        body = completion_body(self.name, prompt_ids, params, cache_scope)
+        if not self.alive:
+            raise EngineClosed(f"the vLLM engine process {self.exit_reason}")
+        return VllmHandle(self._client(), body)
+
+    def _client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._http.get(loop)
+        if client is None:
+            # trust_env=False: no proxy variable may route the engine's loopback traffic anywhere else.
+            client = self._http[loop] = httpx.AsyncClient(
+                base_url=self.url, timeout=HTTP_TIMEOUT, trust_env=False,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        return client
+
+    # ---- figures ---------------------------------------------------------------------------------
+
+    def scraped(self) -> list:
+        """Return the metric families of the engine's own /metrics, at most METRICS_MAX_AGE_S old ([] if gone)."""
+        with self._scrape_lock:
+            taken, families = self._scraped
+            if time.monotonic() - taken > METRICS_MAX_AGE_S and self.alive:
+                try:
+                    text = httpx.get(f"{self.url}/metrics", timeout=2, trust_env=False).text
+                    families = list(text_string_to_metric_families(text))
+                except (httpx.TransportError, ValueError):
+                    families = []
+                self._scraped = (time.monotonic(), families)
+            return families
+
+    def describe(self) -> dict:
+        """Return the builtin engine's figures that vLLM's metrics give (requests, tokens, finishes); 0 the rest."""
+        figures = {"running": 0, "waiting": 0, "kv_budget_bytes": 0, "kv_reserved_bytes": 0, "mean_batch_size": 0,
+                   "steps": 0, "step_seconds": 0, "prompt_tokens": 0, "generated_tokens": 0, "finished": {},
+                   "resident_bytes": None}
+        names = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+                 "vllm:prompt_tokens_total": "prompt_tokens", "vllm:generation_tokens_total": "generated_tokens"}
+        for family in self.scraped():
+            for sample in family.samples:
+                if sample.name in names:
+                    figures[names[sample.name]] += int(sample.value)
+                elif sample.name == "vllm:request_success_total":
+                    reason = FINISH_REASONS.get(sample.labels.get("finished_reason", ""), "stop")
+                    figures["finished"][reason] = figures["finished"].get(reason, 0) + int(sample.value)
+        return figures
+
+    def telemetry(self) -> dict:
+        """Return MoE routing telemetry: none here (vLLM exposes expert load only with EPLB, on GPUs)."""
+        return {}
+
+    # ---- life --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the engine: SIGTERM to its process group, SIGKILL to what is left after CLOSE_TIMEOUT_S."""
+        self._closing = True
+        stop_group(self.process, grace_s=CLOSE_TIMEOUT_S)
+        if self.process.stdin:
+            self.process.stdin.close()
+
+    def _watch(self) -> None:
+        code = self.process.wait()
+        stop_group(self.process)  # the EngineCore processes it left behind, if it was killed
+        self.exit_reason = "closed" if self._closing else exit_description(code)
+        if not self._closing:
+            log.error("vLLM engine process of %s (pid %d) %s", self.name, self.pid, self.exit_reason)
+        notify_gone(self)
+
+
+class VllmHandle:
+    """A request sent to vLLM: `await accepted()`, then `async for` yields its Chunks; leaving early cancels it."""
+
+    def __init__(self, http: httpx.AsyncClient, body: dict) -> None:
+        loop = asyncio.get_running_loop()
+        self.answer: asyncio.Future = loop.create_future()  # vLLM's 200, or its refusal
+        self.chunks: asyncio.Queue[Chunk] = asyncio.Queue()
+        self._task = loop.create_task(self._run(http, body))
+
+    async def accepted(self) -> None:
+        """Wait for vLLM to take the request; raise its refusal (PromptTooLong, EngineBusy, EngineClosed, ...)."""
+        try:
+            await self.answer
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        """Close the request's connection: vLLM aborts a request whose client has gone."""
+        self._task.cancel()
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return chunks_until_final(self.chunks, self.cancel)
+
+    async def _run(self, http: httpx.AsyncClient, body: dict) -> None:
+        state = {"prompt": 0, "completion": 0, "cached": 0, "finish": None}
+        try:
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    self._settle(refusal(response.status_code, (await response.aread()).decode(errors="replace")))
+                    return
+                self._settle(None)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        break
+                    self._absorb(json.loads(line[6:]), state)
+            finish = FINISH_REASONS.get(state["finish"]) if state["finish"] else None
+            self._put("", finish or "error", state, None if finish else "the vLLM stream ended without a finish")
+        except httpx.HTTPError as exc:  # the engine process went away under the request
+            if not self.answer.done():
+                self._settle(EngineClosed(f"the vLLM engine cannot be reached ({type(exc).__name__})"))
+            else:
+                self._put("", "error", state, f"the vLLM engine process ended the stream ({type(exc).__name__})")
+        except StreamError as exc:
+            self._put("", "error", state, str(exc))
+        except asyncio.CancelledError:  # cancelled before vLLM answered: whoever waits for the answer stops too
+            self._settle(EngineClosed("the request was cancelled before the vLLM engine took it"))
+            raise
+
+    def _absorb(self, event: dict, state: dict) -> None:
+        if "error" in event:
+            raise StreamError(f"the vLLM engine failed the request: {str(event['error'])[:300]}")
+        usage = event.get("usage") or {}
+        if usage:
+            state["prompt"], state["completion"] = usage["prompt_tokens"], usage.get("completion_tokens") or 0
+            state["cached"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        for choice in event.get("choices") or ():
+            state["finish"] = choice.get("finish_reason") or state["finish"]
+            if choice.get("text"):
+                self._put(choice["text"], None, state)
+
+    def _put(self, text: str, finish: str | None, state: dict, error: str | None = None) -> None:
+        self.chunks.put_nowait(Chunk(text, finish, state["prompt"], state["completion"], error, state["cached"]))
+
+    def _settle(self, error: Exception | None) -> None:
+        if self.answer.done():
+            return
+        if error is None:
+            self.answer.set_result(None)
+        else:
+            self.answer.set_exception(error)
+
+
+class StreamError(RuntimeError):
+    """vLLM sent an error event in the middle of a stream."""

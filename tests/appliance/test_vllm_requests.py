@@ -1,0 +1,57 @@
+"""What the web process sends a vLLM engine for one request, and how vLLM's refusals come back (no engine needed).
+
+The end-to-end behaviour, with vLLM's CPU build, is tests/e2e/test_vllm_engine.py (`pytest -m vllm`).
+"""
+import pytest
+
+from appliance.vllm_engine import completion_body, engine_environment, refusal, vllm_arguments
+from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
+
+
+def test_the_body_carries_the_token_ids_and_every_sampling_field_vllm_honours():
+    params = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=20, stop=("###",), seed=3,
+                            presence_penalty=0.1, frequency_penalty=0.2, logit_bias={5: -100.0}, min_tokens=2,
+                            ignore_eos=True, stop_token_ids=(9,))
+    body = completion_body("dense", [1, 2, 3], params, "team-a")
+    assert body["prompt"] == [1, 2, 3] and body["model"] == "dense" and body["max_tokens"] == 7
+    assert (body["temperature"], body["top_p"], body["top_k"], body["seed"]) == (0.5, 0.9, 20, 3)
+    assert body["stop"] == ["###"] and body["stop_token_ids"] == [9] and body["logit_bias"] == {"5": -100.0}
+    assert (body["min_tokens"], body["ignore_eos"]) == (2, True)
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert body["cache_salt"] == "team-a"  # one team's prompts never reuse another team's KV
+
+
+def test_unset_fields_are_left_to_vllms_defaults():
+    body = completion_body("dense", [1], SamplingParams(), None)
+    assert not {"top_k", "stop", "seed", "logit_bias", "stop_token_ids", "cache_salt"} & set(body)
+
+
+@pytest.mark.parametrize("params,param", [(SamplingParams(grammar="start: /x/"), "response_format"),
+                                          (SamplingParams(logprobs=2), "logprobs")])
+def test_fields_not_passed_to_vllm_are_refused_naming_them(params, param):
+    with pytest.raises(FieldNotHonoured) as info:
+        completion_body("dense", [1], params, None)
+    assert info.value.param == param and "builtin engine only" in str(info.value)
+
+
+@pytest.mark.parametrize("status,text,kind", [
+    (400, '{"error": {"message": "This model\'s maximum context length is 2048 tokens."}}', PromptTooLong),
+    (400, '{"error": {"message": "top_k must be -1 or at least 1"}}', FieldNotHonoured),
+    (503, "overloaded", EngineBusy),
+    (500, "boom", EngineClosed),
+])
+def test_vllms_refusals_come_back_as_the_builtin_engines(status, text, kind):
+    assert type(refusal(status, text)) is kind
+
+
+def test_the_engine_listens_on_loopback_and_gets_no_database_broker_or_proxy(settings, monkeypatch, tmp_path):
+    for name, value in {"DATABASE_URL": "postgres://secret@db/x", "CELERY_BROKER_URL": "redis://r/0",
+                        "HTTPS_PROXY": "http://proxy:3128", "VLLM_CPU_KVCACHE_SPACE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    env = engine_environment(tmp_path)
+    assert not {"DATABASE_URL", "CELERY_BROKER_URL", "HTTPS_PROXY"} & set(env)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HOME"] == str(tmp_path)
+    assert env["VLLM_NO_USAGE_STATS"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    args = vllm_arguments("dense", tmp_path, 8000)
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    assert "--trust-remote-code" not in args

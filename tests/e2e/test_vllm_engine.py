@@ -1,0 +1,235 @@
+"""A deployment on vLLM (its CPU build, in its own virtualenv) served through the appliance, with real processes.
+
+One box and one vLLM deployment for the whole module: vLLM takes about a minute to start on this CPU. Selected
+only by `pytest -m vllm` (tests/conftest.py), which CI runs in a step of its own with the virtualenv that
+bench/peers_setup.sh builds; without that virtualenv these tests fail, they never skip.
+"""
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.livebox import read_stream, start_box
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+MODEL = "dense-vllm"
+DEFAULT_PYTHON = Path(os.environ.get("BENCH_PEERS_HOME", "/work/.cache/bench")) / "vllm-venv" / "bin" / "python"
+
+
+def vllm_python() -> str:
+    python = os.environ.get("APPLIANCE_VLLM_PYTHON") or str(DEFAULT_PYTHON)
+    if not os.access(python, os.X_OK):
+        pytest.fail(f"the vLLM tests need vLLM's CPU build: {python} is missing (bash bench/peers_setup.sh vllm, "
+                    "or set APPLIANCE_VLLM_PYTHON)")
+    return python
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    # 1 GiB of KV cache: the demo model needs little, and the box runs other tests' processes too.
+    yield from start_box(tmp_path_factory, APPLIANCE_VLLM_PYTHON=vllm_python(), VLLM_CPU_KVCACHE_SPACE="1")
+
+
+@pytest.fixture(scope="module")
+def deployed(box):
+    box.manage("import_model", str(box.demo_dir / "demo-dense"), "--name", MODEL, "--kind", "dense", "--wait")
+    out = box.manage("deploy", MODEL, "--engine", "vllm", "--wait", "--timeout", "900", timeout=960).stdout
+    assert "(vllm)" in out
+    return MODEL
+
+
+@pytest.fixture(scope="module")
+def key(box):
+    return box.new_key("vllm-team")
+
+
+def client(box, key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{box.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def events(box, action: str, target: str = MODEL) -> list[dict]:
+    """Return the ledger's events of one action on target, oldest first, as {outcome, actor, details}."""
+    script = ("import json\nfrom audit.models import AuditEvent as E\n"
+              f"print(json.dumps([dict(outcome=e.outcome, actor=e.actor, details=e.details) for e in "
+              f"E.objects.filter(action={action!r}, target={target!r}).order_by('seq')]))")
+    return json.loads(box.manage("shell", "--no-imports", "-c", script).stdout.strip().splitlines()[-1])
+
+
+def engine_pid(box) -> int:
+    return [e for e in events(box, "deployment.load") if e["outcome"] == "ok"][-1]["details"]["pid"]
+
+
+def digest(box, text: str) -> str:
+    script = f"from audit import ledger\nprint(ledger.digest({text!r}))"
+    return box.manage("shell", "--no-imports", "-c", script).stdout.strip().splitlines()[-1]
+
+
+def until(predicate, what: str, attempts: int = 600, pause: float = 0.5):
+    """Return predicate()'s first truthy answer, asking up to `attempts` times."""
+    for _ in range(attempts):
+        result = predicate()
+        if result:
+            return result
+        time.sleep(pause)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_the_load_records_vllm_and_its_interpreters_own_guard_and_telemetry_check(box, deployed):
+    load = [e for e in events(box, "deployment.load") if e["outcome"] == "ok"][-1]
+    assert load["details"]["engine"] == "vllm"
+    report = [e for e in events(box, "process.start") if e["actor"] == f"system:engine:{MODEL}"][-1]["details"]
+    assert report["engine"] == "vllm" and report["pid"] == load["details"]["pid"]
+    assert report["python"] == vllm_python()
+    assert report["guard_installed"] is True
+    assert report["allowlist"] == ["127.0.0.0/8", "::1/128"]
+    assert report["outside_connection"].startswith("refused: egress refused")
+    assert report["telemetry"]["usage_stats_enabled"] is False
+    assert report["telemetry"]["VLLM_NO_USAGE_STATS"] is True and report["telemetry"]["VLLM_DO_NOT_TRACK"] is True
+    assert all(report["libraries_read"].values()) and report["libraries_read"]["transformers.is_offline_mode()"]
+
+
+def test_every_process_of_the_engine_starts_guarded_offline_and_untracked(box, deployed):
+    launcher = psutil.Process(engine_pid(box))
+    processes = [launcher, *launcher.children(recursive=True)]
+    interpreters = [p for p in processes if p.exe() == launcher.exe()]  # not the tools vLLM runs (lscpu, ...)
+    assert len(interpreters) >= 2  # the API server and vLLM's EngineCore
+    site = str(Path(__file__).resolve().parents[2] / "inference" / "vllm_site")
+    pids = {p.pid for p in interpreters}
+    for process in interpreters:
+        env = process.environ()
+        if not env:  # vLLM's setproctitle wrote VLLM::EngineCore over the environment block: a fork, guard inherited
+            assert process.cmdline()[0].startswith("VLLM::") and process.ppid() in pids
+            continue
+        assert env.get("PYTHONPATH") == site, process.cmdline()  # its sitecustomize installs the guard first
+        assert env["VLLM_NO_USAGE_STATS"] == "1" and env["DO_NOT_TRACK"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    for process in processes:
+        assert not {"DATABASE_URL", "CELERY_BROKER_URL"} & set(process.environ()), process.cmdline()
+    listening = [c.laddr for p in processes for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(address.ip == "127.0.0.1" for address in listening)
+
+
+def test_chat_through_the_appliance_with_usage_and_ledger_digests(box, key, deployed):
+    messages = [{"role": "user", "content": "Which engine answers?"}]
+    whole = client(box, key).chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    answer = whole.choices[0].message.content
+    assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage.completion_tokens >= 1
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    event = until(lambda: [e for e in events(box, "chat.completion") if e["details"]["request_id"] == whole.id],
+                  "the request's chat.completion event")[0]
+    assert event["outcome"] == "ok" and event["actor"] == "team:vllm-team"
+    assert event["details"]["completion_digest"] == digest(box, answer)
+    assert event["details"]["prompt_digest"] == digest(box, json.dumps(messages, sort_keys=True))
+    assert event["details"]["completion_tokens"] == whole.usage.completion_tokens
+
+
+def test_streaming_with_the_official_client_gives_the_same_answer_and_usage(box, key, deployed):
+    messages = [{"role": "user", "content": "Describe the audit ledger."}]
+    whole = client(box, key).chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    stream = client(box, key).chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                                      stream=True, stream_options={"include_usage": True})
+    text, usage, finish = read_stream(stream)
+    assert text == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_n_choices_are_one_request_with_every_choices_tokens(box, key, deployed):
+    reply = client(box, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Two?"}],
+                                                     max_tokens=6, n=2, seed=7)
+    assert [choice.index for choice in reply.choices] == [0, 1]
+    assert reply.usage.completion_tokens >= 2
+
+
+def test_fields_vllm_is_not_given_are_400s_naming_them(box, key, deployed):
+    with pytest.raises(openai.BadRequestError) as info:
+        client(box, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, logprobs=True)
+    assert info.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError) as info:
+        client(box, key).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    assert info.value.body["param"] == "response_format"
+
+
+def test_a_team_past_its_token_quota_is_refused_before_vllm_is_asked(box, deployed):
+    key = box.new_key("vllm-limited")
+    box.manage("shell", "--no-imports", "-c",
+               "from appliance import actions\nfrom appliance.models import Team\n"
+               "actions.do_update_team(Team.objects.get(name='vllm-limited'), actor='admin:test', "
+               "values={'tokens_per_month': 1})")
+
+    def refused():
+        try:
+            client(box, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                     max_tokens=2)
+        except openai.RateLimitError as exc:
+            return exc
+        return None
+
+    refusal = until(refused, "a 429 once the team's usage passes its month's budget", attempts=20)
+    assert refusal.status_code == 429
+    assert [e for e in events(box, "chat.refused") if e["actor"] == "team:vllm-limited"]
+
+
+def test_metrics_carry_the_engines_own_metrics_labelled_by_variant(box, key, deployed):
+    client(box, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    text = httpx.get(f"{box.url}/metrics", timeout=30).text
+    lines = [line for line in text.splitlines() if line.startswith("vllm:generation_tokens_total{")]
+    assert lines and all(f'model="{MODEL}"' in line for line in lines)
+    assert float(lines[0].rsplit(" ", 1)[1]) >= 1
+    assert f'appliance_engine_generated_tokens_total{{model="{MODEL}"}}' in text
+
+
+def test_a_killed_engine_is_recorded_and_restarted(box, key, deployed):
+    old = engine_pid(box)
+    os.kill(old, signal.SIGKILL)
+    crash = until(lambda: [e for e in events(box, "deployment.crashed") if e["details"].get("pid") == old],
+                  "the crash's ledger event")[0]
+    assert crash["outcome"] == "restarting" and "SIGKILL" in crash["details"]["reason"]
+    until(lambda: engine_pid(box) != old, "a new engine process", attempts=1800)
+    reply = until(lambda: _answer_or_none(box, key), "an answer from the restarted engine", attempts=120)
+    assert reply.usage.completion_tokens >= 1
+    assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+
+
+def _answer_or_none(box, key):
+    try:
+        return client(box, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                        max_tokens=4)
+    except openai.APIStatusError:
+        return None
+
+
+def test_undeploy_stops_every_engine_process(box, key, deployed):
+    launcher = psutil.Process(engine_pid(box))
+    processes = [launcher, *launcher.children(recursive=True)]
+    box.manage("undeploy", MODEL)
+    until(lambda: _status(box, key) == 503, "the variant answering 503 once unloaded")
+    until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes),
+          "every engine process gone")
+    assert [e for e in events(box, "deployment.unload")]
+
+
+def _status(box, key) -> int:
+    return httpx.post(f"{box.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code
+
+
+def test_vllms_own_parser_takes_every_nodes_command_of_a_plan_and_refuses_a_bad_flag(settings):
+    from appliance.engine_plan import check_with_vllm, vllm_plan
+    from inference.fit.engine_flags import NodeLaunch
+
+    settings.VLLM_PYTHON = vllm_python()
+    planned = vllm_plan("2x8xH200", "dp16-ep16", 8192, "bf16", head="10.0.0.1")
+    bad = NodeLaunch(0, ("--tensor-parallel-size", "two"))
+    verdicts = check_with_vllm([*planned.launches, bad], "/models/r1")
+    assert verdicts[:2] == ["ok", "ok"]
+    assert "--tensor-parallel-size" in verdicts[2] and "invalid" in verdicts[2]

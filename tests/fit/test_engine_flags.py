@@ -1,0 +1,106 @@
+"""The fit plan as vLLM's arguments: one box's flags, each node's command over several boxes, deploy's refusals."""
+import pytest
+from django.core.management import CommandError, call_command
+
+from appliance import actions, importer
+from appliance.engine_plan import vllm_plan
+from appliance.models import Deployment
+from inference.fit.engine_flags import NodeLaunch, missing_for, node_launches, vllm_flags
+from inference.fit.hardware import parse_hardware
+from inference.fit.parallel import PlanError, parse_plan
+
+
+def flag(flags: list[str] | tuple[str, ...], name: str) -> str | None:
+    return flags[flags.index(name) + 1] if name in flags else None
+
+
+@pytest.mark.parametrize("plan,tp,dp,ep", [("tp8", "8", None, False), ("dp8-ep8", "1", "8", True),
+                                           ("ep8", "1", "8", True), ("tp8-dpattn", "1", "8", False),
+                                           ("dp4-tp2", "2", "4", False)])
+def test_each_plan_becomes_vllms_parallel_sizes(plan, tp, dp, ep):
+    flags = vllm_flags(parse_plan(plan, 8), 8192, "bf16")
+    assert flag(flags, "--tensor-parallel-size") == tp
+    assert flag(flags, "--data-parallel-size") == dp
+    assert ("--enable-expert-parallel" in flags) is ep
+    assert flag(flags, "--max-model-len") == "8192" and flag(flags, "--dtype") == "bfloat16"
+    assert flag(flags, "--gpu-memory-utilization") == "0.90"
+
+
+def test_the_models_own_context_and_dtype_are_left_to_vllm_when_not_planned():
+    flags = vllm_flags(parse_plan("tp1", 0), None, "stored")
+    assert "--max-model-len" not in flags and "--dtype" not in flags
+
+
+def test_an_offload_plan_is_refused_for_vllm():
+    with pytest.raises(PlanError, match="vLLM does not do"):
+        vllm_flags(parse_plan("tp8-offload", 8), 4096, "bf16")
+
+
+def test_expert_parallelism_over_two_boxes_is_one_head_and_one_headless_node():
+    hw = parse_hardware("2x8xH200")
+    head, other = node_launches(parse_plan("dp16-ep16", hw.gpus), hw, 4096, "bf16", head="10.0.0.1")
+    for launch in (head, other):
+        assert flag(launch.args, "--data-parallel-size") == "16"
+        assert flag(launch.args, "--data-parallel-size-local") == "8"
+        assert flag(launch.args, "--data-parallel-address") == "10.0.0.1"
+        assert "--enable-expert-parallel" in launch.args
+    assert "--headless" not in head.args
+    assert "--headless" in other.args and flag(other.args, "--data-parallel-start-rank") == "8"
+    assert other.command("/models/r1").startswith("vllm serve /models/r1 --tensor-parallel-size 1")
+
+
+def test_tensor_parallelism_across_boxes_is_refused_naming_the_way_that_works():
+    hw = parse_hardware("2x8xH200")
+    with pytest.raises(PlanError, match="write dp16-ep16"):
+        node_launches(parse_plan("tp16", hw.gpus), hw, 4096, "bf16")
+
+
+def test_a_box_without_gpus_is_told_what_it_lacks():
+    hw = parse_hardware("2x8xH200")
+    plan = parse_plan("dp16-ep16", hw.gpus)
+    assert missing_for(plan, hw, 0) == ("plan 'dp16-ep16' runs vLLM on 8 GPU(s) per box, and this box has no "
+                                        "CUDA device (torch.cuda.is_available() is false)")
+    assert missing_for(plan, hw, 4) == "plan 'dp16-ep16' runs vLLM on 8 GPU(s) per box, and this box has 4"
+    assert missing_for(plan, hw, 8) is None
+
+
+def test_fit_prints_every_nodes_command(capsys, settings):
+    settings.VLLM_PYTHON = ""
+    call_command("fit", "/models/r1", "--vllm-flags", "--plan", "dp16-ep16", "--hardware", "2x8xH200",
+                 "--context", "8192", "--head-address", "10.0.0.1")
+    out = capsys.readouterr().out
+    planned = vllm_plan("2x8xH200", "dp16-ep16", 8192, head="10.0.0.1")
+    assert planned.describe("/models/r1") in out
+    assert "node 0 (head: serves the API on 127.0.0.1): vllm serve /models/r1" in out
+    assert "node 1: vllm serve /models/r1" in out and "--headless" in out
+    assert "not checked with vLLM's parser: vLLM is not installed here" in out
+    assert all(isinstance(launch, NodeLaunch) for launch in planned.launches)
+
+
+@pytest.fixture
+def variant(demo_dir, django_capture_on_commit_callbacks, db):
+    with django_capture_on_commit_callbacks(execute=False):
+        variant = actions.do_start_import(name="demo-dense", kind="dense", source_path=str(demo_dir / "demo-dense"),
+                                          actor="test")
+    importer.run_import(variant.pk)
+    return variant
+
+
+def test_deploy_with_a_multi_node_plan_refuses_on_a_box_without_gpus(variant):
+    with pytest.raises(CommandError, match="deploy refused: plan 'dp16-ep16' runs vLLM on 8 GPU.s. per box, and "
+                                           "this box has no CUDA device"):
+        call_command("deploy", "demo-dense", "--engine", "vllm", "--plan", "dp16-ep16", "--hardware", "2x8xH200")
+    with pytest.raises(CommandError, match="deploy refused: plan 'tp2' splits over 2 GPUs but the hardware has none"):
+        call_command("deploy", "demo-dense", "--engine", "vllm", "--plan", "tp2")
+    assert not Deployment.objects.exists()
+
+
+def test_deploy_with_a_plan_stores_its_flags_for_vllm(variant, capsys):
+    call_command("deploy", "demo-dense", "--engine", "vllm", "--plan", "tp1", "--context", "512")
+    flags = Deployment.objects.get(variant__name="demo-dense").engine_flags
+    assert flag(flags, "--tensor-parallel-size") == "1" and flag(flags, "--max-model-len") == "512"
+
+
+def test_a_plan_is_for_vllm_only(variant):
+    with pytest.raises(CommandError, match="deploy with --engine vllm"):
+        call_command("deploy", "demo-dense", "--plan", "tp1")
