@@ -20,6 +20,7 @@ from .models import (
     ConsolePassword,
     DesiredState,
     Deployment,
+    FitAnalysis,
     Lease,
     LoginFailure,
     ModelVariant,
@@ -173,6 +174,29 @@ def _record_failure(variant: ModelVariant, reason: str, *, outcome: str, actor: 
     ledger.append("variant.import", actor=actor, target=variant.name, outcome=outcome, details={"reason": reason})
 
 
+def do_quarantine(variant_id: int, problems: list[str], *, actor: str) -> None:
+    """Mark a variant whose files no longer match its manifest and undeploy it; it will not be loaded."""
+    with transaction.atomic(durable=True):
+        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
+        if variant.status != VariantStatus.QUARANTINED:
+            variant.transition(VariantStatus.QUARANTINED, "; ".join(problems))
+            variant.save()
+        Deployment.objects.filter(variant=variant).update(desired=DesiredState.UNDEPLOYED)
+        ledger.append("variant.quarantine", actor=actor, target=variant.name, outcome="refused",
+                      details={"problems": problems[:20]})
+
+
+def do_record_verified(variant_id: int, *, actor: str) -> None:
+    """Record that a variant's stored files match its manifest; a quarantined variant is ready again."""
+    with transaction.atomic(durable=True):
+        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
+        if variant.status == VariantStatus.QUARANTINED:
+            variant.transition(VariantStatus.READY)
+            variant.save()
+        ledger.append("variant.verify", actor=actor, target=variant.name, outcome="ok",
+                      details={"files": len(variant.manifest)})
+
+
 def do_verify(variant: ModelVariant, *, actor: str) -> None:
     """Enqueue a re-hash of the variant's stored files against its manifest."""
     from .tasks import verify_variant
@@ -189,6 +213,32 @@ def do_analyse_fit(variant: ModelVariant, *, actor: str) -> None:
     with transaction.atomic():
         ledger.append("variant.fit", actor=actor, target=variant.name, outcome="queued")
         transaction.on_commit(lambda: analyse_fit.delay(variant.pk))
+
+
+def do_record_fit(variant: ModelVariant, summary: dict, *, duration_ms: int, actor: str) -> None:
+    """Store the fit advisor's report for a variant, with its variant.fit event."""
+    hardware, verdict = summary["hardware"]["label"], summary["verdict"]
+    with transaction.atomic(durable=True):
+        FitAnalysis.objects.update_or_create(variant=variant, defaults={
+            "hardware": hardware, "context": summary["context"], "report": summary,
+            "verdict": verdict["verdict"], "margin_gb": verdict["margin_gb"],
+            "max_concurrent": verdict.get("max_concurrent") or 0})
+        ledger.append("variant.fit", actor=actor, target=variant.name, details={
+            "hardware": hardware, "context": summary["context"], "verdict": verdict["verdict"],
+            "duration_ms": duration_ms})
+
+
+def do_record_fit_failure(variant: ModelVariant, *, outcome: str, reason: str, duration_ms: int,
+                          actor: str) -> None:
+    """Record a fit analysis that was refused, failed or stopped (no report is stored)."""
+    ledger.append("variant.fit", actor=actor, target=variant.name, outcome=outcome, details={
+        "reason": reason[:500], "duration_ms": duration_ms})
+
+
+def do_record_measurement(deployment_id: int, measured: dict) -> None:
+    """Store what a loaded engine really allocated, measured in its process; the console shows it beside the
+    advisor's prediction, and it is no ledger event (the deployment.load event records the load)."""
+    Deployment.objects.filter(pk=deployment_id).update(measured=measured)
 
 
 def do_deploy(variant: ModelVariant, *, actor: str) -> Deployment:
@@ -338,7 +388,9 @@ def forget_loaded_state() -> None:
     with transaction.atomic():
         Deployment.objects.exclude(actual=ActualState.UNDEPLOYED).update(
             actual=ActualState.UNDEPLOYED, device="", detail="")
-        ModelVariant.objects.filter(status=VariantStatus.DEPLOYED).update(status=VariantStatus.READY)
+        for variant in ModelVariant.objects.select_for_update().filter(status=VariantStatus.DEPLOYED):
+            variant.transition(VariantStatus.READY)
+            variant.save(update_fields=["status", "status_detail"])
 
 
 # --- Teams, limits and console ---

@@ -17,12 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from django.conf import settings
-from django.db import transaction
 
-from audit import ledger
-
+from . import actions
 from .modelfiles import InvalidModelDir, in_store
-from .models import Deployment, FitAnalysis, ModelVariant
+from .models import FitAnalysis, ModelVariant
 from .weightcheck import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -104,28 +102,24 @@ def supervise(cmd: list[str], out: Path, *, timeout_s: float, cancelled) -> str:
 
 
 def _store(variant: ModelVariant, summary: dict, charts: dict, started: float) -> None:
-    """Save an analysis's report and charts, and record it in the ledger."""
+    """Save an analysis's charts, then its report with its ledger event."""
     target = charts_dir(variant)
     target.mkdir(parents=True, exist_ok=True)
     for kind, chart in charts.items():
         if chart is not None:
             (target / f"{kind}.png").write_bytes(chart.read_bytes())
-    verdict = summary["verdict"]
-    with transaction.atomic():
-        FitAnalysis.objects.update_or_create(variant=variant, defaults={
-            "hardware": summary["hardware"]["label"], "context": summary["context"], "report": summary,
-            "verdict": verdict["verdict"], "margin_gb": verdict["margin_gb"],
-            "max_concurrent": verdict.get("max_concurrent") or 0})
-        ledger.append("variant.fit", actor=ACTOR, target=variant.name, details={
-            "hardware": summary["hardware"]["label"], "context": summary["context"], "verdict": verdict["verdict"],
-            "duration_ms": int((time.monotonic() - started) * 1000)})
+    actions.do_record_fit(variant, summary, duration_ms=elapsed_ms(started), actor=ACTOR)
 
 
 def _record(variant: ModelVariant, started: float, *, outcome: str, reason: str) -> None:
     """Record an analysis that was refused, failed or stopped (no report is stored)."""
     log.warning("fit analysis of %s %s: %s", variant.name, outcome, reason)
-    ledger.append("variant.fit", actor=ACTOR, target=variant.name, outcome=outcome, details={
-        "reason": reason[:500], "duration_ms": int((time.monotonic() - started) * 1000)})
+    actions.do_record_fit_failure(variant, outcome=outcome, reason=reason, duration_ms=elapsed_ms(started),
+                                  actor=ACTOR)
+
+
+def elapsed_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
 
 
 def record_measurement(deployment_id: int, measured: dict) -> None:
@@ -133,7 +127,7 @@ def record_measurement(deployment_id: int, measured: dict) -> None:
     if "error" in measured:  # the engine could not measure itself; it serves anyway
         log.warning("deployment %d has no measurement: %s", deployment_id, measured["error"])
         return
-    Deployment.objects.filter(pk=deployment_id).update(measured=measured)
+    actions.do_record_measurement(deployment_id, measured)
 
 
 def predicted_vs_measured(variant: ModelVariant) -> list[dict]:

@@ -15,10 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
-
-from audit import ledger
 
 from . import actions
 from .actions import LeaseLost
@@ -39,7 +36,7 @@ from .modelfiles import (
     validate_gguf_file,
     validate_model_dir,
 )
-from .models import DesiredState, Deployment, ModelVariant, VariantStatus
+from .models import ModelVariant, VariantStatus
 from .names import InvalidName, check_name, is_valid_name
 from .provenance import check_expected_hash, from_hf_dir, merge
 from .weightcheck import check_model_dir
@@ -284,18 +281,6 @@ def check_store(variant: ModelVariant) -> list[str]:
     return manifest_mismatches(variant.manifest, stored)
 
 
-def quarantine(variant_id: int, problems: list[str], *, actor: str) -> None:
-    """Mark a variant whose files no longer match its manifest; it will not be loaded."""
-    with transaction.atomic():
-        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
-        if variant.status != VariantStatus.QUARANTINED:
-            variant.transition(VariantStatus.QUARANTINED, "; ".join(problems))
-            variant.save()
-        Deployment.objects.filter(variant=variant).update(desired=DesiredState.UNDEPLOYED)
-        ledger.append("variant.quarantine", actor=actor, target=variant.name, outcome="refused",
-                      details={"problems": problems[:20]})
-
-
 def run_verify(variant_id: int) -> None:
     """Re-hash a variant's store; quarantine it on mismatch, release it from quarantine when intact."""
     variant = ModelVariant.objects.filter(pk=variant_id).first()
@@ -303,12 +288,6 @@ def run_verify(variant_id: int) -> None:
         return
     problems = check_store(variant)
     if problems:
-        quarantine(variant_id, problems, actor=ACTOR)
-        return
-    with transaction.atomic():
-        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
-        if variant.status == VariantStatus.QUARANTINED:
-            variant.transition(VariantStatus.READY)
-            variant.save()
-        ledger.append("variant.verify", actor=ACTOR, target=variant.name, outcome="ok",
-                      details={"files": len(variant.manifest)})
+        actions.do_quarantine(variant_id, problems, actor=ACTOR)
+    else:
+        actions.do_record_verified(variant_id, actor=ACTOR)
