@@ -12,7 +12,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from audit.verifier import canonical
+from audit.canonical import canonical_bytes
 
 from .modelfiles import InvalidModelDir
 from .models import Relation
@@ -127,14 +127,14 @@ def manifest_document(name: str, files: dict, provenance: dict, parents: list) -
 
 
 def document_digest(document: dict) -> str:
-    return hashlib.sha256(canonical(document)).hexdigest()
+    return hashlib.sha256(canonical_bytes(document)).hexdigest()
 
 
 def sign_manifest(document: dict) -> dict:
     """Return the ledger details of a signed manifest: the document's digest, the signature and the key."""
     from audit.keys import sign
 
-    fingerprint, signature = sign(canonical(document))
+    fingerprint, signature = sign(canonical_bytes(document))
     return {"manifest_sha256": document_digest(document), "key": fingerprint,
             "signature": base64.b64encode(signature).decode(), "document": document}
 
@@ -159,7 +159,7 @@ def verify_manifest(name: str, files: dict, provenance: dict, parents: list) -> 
         return f"variant {name}'s manifest is signed by unknown key {details.get('key')}"
     try:
         Ed25519PublicKey.from_public_bytes(bytes(key.public_key)).verify(
-            base64.b64decode(details.get("signature", "")), canonical(document))
+            base64.b64decode(details.get("signature", "")), canonical_bytes(document))
     except (InvalidSignature, ValueError):
         return f"variant {name}'s manifest signature does not verify (ledger event {event.seq})"
     return None

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 
 from audit import egress, keys, ledger
-from audit.verifier import canonical
+from audit.canonical import canonical_bytes
 
 # Sockets in these states belong to no process's open connections any more.
 GONE = {psutil.CONN_TIME_WAIT, psutil.CONN_CLOSE}
@@ -125,7 +125,7 @@ def attest(actor: str = "system:beat", members: list[Member] | None = None,
            policy: egress.Policy | None = None) -> "ledger.AuditEvent":
     """Record a signed network.attestation event: "ok", "alert" (a connection outside) or "incomplete"."""
     payload = snapshot(policy, members)
-    fingerprint, signature = keys.sign(canonical(payload))
+    fingerprint, signature = keys.sign(canonical_bytes(payload))
     outcome = "alert" if payload["outside"] else "incomplete" if payload["unreadable"] else "ok"
     return ledger.append("network.attestation", actor=actor, outcome=outcome, details={
         "snapshot": payload, "key": fingerprint, "signature": base64.b64encode(signature).decode()})
@@ -143,5 +143,5 @@ def signature_valid(details: dict) -> bool:
 
     key = SigningKey.objects.filter(fingerprint=details.get("key")).first()
     return key is not None and ed25519_verify(bytes(key.public_key), base64.b64decode(details.get("signature", "")),
-                                              canonical(details.get("snapshot")))
+                                              canonical_bytes(details.get("snapshot")))
 

@@ -7,10 +7,11 @@ from pathlib import Path
 from django.conf import settings
 
 from audit import keys, ledger
+from audit.canonical import canonical_bytes
 from audit.checkpoints import make_checkpoint
 from audit.merkle import MerkleTree, leaf_hash
 from audit.models import GENESIS_HASH, AuditEvent, Checkpoint
-from audit.verifier import Key, canonical, open_checkpoint, verify_bundle
+from audit.verifier import Key, open_checkpoint, verify_bundle
 
 VERIFIER = Path(__file__).with_name("verifier.py")
 AUDITOR_README = Path(__file__).with_name("auditor_readme.txt")
@@ -53,7 +54,7 @@ def export(out: Path, since: datetime, until: datetime | None = None, *, actor: 
         "first_seq": first_seq, "last_seq": last_seq, "prev_hash": prev_hash, "tree_size": size,
         "heartbeat_s": settings.AUDIT_HEARTBEAT_S, "max_gap_s": settings.AUDIT_MAX_GAP_S,
     }
-    manifest_bytes = canonical(manifest)
+    manifest_bytes = canonical_bytes(manifest)
     fingerprint, signature = keys.sign(manifest_bytes, key)
     frontier = tree.frontier(first_seq - 1)
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as bundle:

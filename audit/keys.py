@@ -11,9 +11,10 @@ from django.conf import settings
 from django.db import router, transaction
 
 from audit import ledger
+from audit.canonical import canonical_bytes
 from audit.kek import derived_key
 from audit.models import SigningKey
-from audit.verifier import ROTATION_STATEMENT, canonical, fingerprint, format_checkpoint_body, key_id
+from audit.verifier import ROTATION_STATEMENT, fingerprint, format_checkpoint_body, key_id
 
 
 def _encrypt_private(private: Ed25519PrivateKey, fp: str) -> bytes:
@@ -110,7 +111,7 @@ def rotate(actor: str) -> SigningKey:
             "old_fingerprint": old.fingerprint, "new_fingerprint": new.fingerprint,
             "new_public_key": base64.b64encode(bytes(new.public_key)).decode(),
         }
-        signature = private_key(old).sign(canonical(statement))
+        signature = private_key(old).sign(canonical_bytes(statement))
         ledger.append("audit.key_rotated", actor=actor, target=new.fingerprint,
                       details={**statement, "signature": base64.b64encode(signature).decode()})
         new.save(using=using)
