@@ -171,7 +171,6 @@ def live_telemetry(variant: ModelVariant) -> dict | None:
     """Return the loaded engine's router telemetry with the uniform-routing prediction beside it."""
     from appliance import engine_client
     from inference.fit import experts_hit
-    from inference.engine.telemetry import render_expert_chart_svg
 
     engine = engine_client.get(variant.name)
     if engine is None:
@@ -186,7 +185,7 @@ def live_telemetry(variant: ModelVariant) -> dict | None:
             by_tokens.setdefault(step["tokens"], []).append(experts * (1 - step["idle_fraction"]))
     hits = [{"tokens": tokens, "measured": sum(v) / len(v), "predicted": experts_hit(experts, k, tokens),
              "calls": len(v)} for tokens, v in sorted(by_tokens.items())]
-    return {"snapshot": snap, "expert_hits": hits, "chart_svg": render_expert_chart_svg(snap)}
+    return {"snapshot": snap, "expert_hits": hits}
 
 
 
