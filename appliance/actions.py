@@ -11,8 +11,12 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.text import slugify
 
 from audit import ledger
+
+from .incoming import discard_attempt
+from .modelfiles import OutsideStore, in_store, remove_in_store, tree_size
 
 from .models import (
     ActualState,
@@ -30,8 +34,10 @@ from .models import (
     VariantStatus,
 )
 from .names import NAME_MAX, check_name
+from .provenance import manifest_document, sign_manifest
 
 log = logging.getLogger(__name__)
+WORKER = "system:worker"  # who fails an import whose worker died: the worker's side of the lifecycle
 
 
 class ActionRefused(Exception):
@@ -50,9 +56,6 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str, prove
     promised); what the files state is added by the worker. parents: [{"name", "relation"}] of registered
     variants (appliance.provenance.parse_parent validates each).
     """
-    from .importer import reclaim_stale_imports
-    from .tasks import import_variant
-
     check_name(name, field="variant name")
     if kind not in VariantKind.values:
         raise ActionRefused(f"unknown kind {kind!r}; expected one of {', '.join(VariantKind.values)}")
@@ -67,7 +70,7 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str, prove
     # recorded; nothing inside it may be a link (appliance.modelfiles refuses them).
     source = str(Path(source_path).expanduser().resolve())
     requested = {**(provenance or {}), "source_path": source, "imported_by": actor}
-    reclaim_stale_imports(name)  # an import whose worker died is failed now, so it may be retried
+    do_reclaim_stale_imports(name, actor=WORKER)  # an import whose worker died is failed now, so it may be retried
     with transaction.atomic():
         variant = ModelVariant.objects.select_for_update().filter(name=name).first()
         if variant is None:
@@ -83,8 +86,30 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str, prove
             raise ActionRefused(f"variant {name} already exists (status {variant.status})")
         ledger.append("variant.import", actor=actor, target=name, outcome="queued",
                       details={"source": source, "kind": kind, "parents": parents})
-        transaction.on_commit(lambda: import_variant.delay(variant.pk))
+        _queue_after_commit("import_variant", variant.pk)
     return variant
+
+
+def _queue_after_commit(task: str, variant_id: int) -> None:
+    """Queue the worker's task (a name in appliance.tasks) for variant_id once the transaction commits."""
+    # Imported here, the one deferred import of this module: tasks runs the importer and the fit advisor,
+    # which record their outcomes through these actions (a real cycle).
+    from . import tasks
+
+    transaction.on_commit(lambda: getattr(tasks, task).delay(variant_id))
+
+
+def do_reclaim_stale_imports(name: str | None = None, *, actor: str) -> list[str]:
+    """Fail each import whose lease expired (its worker died), removing its partial files first; return the names."""
+    stale = ModelVariant.objects.filter(status=VariantStatus.IMPORTING, lease_expires_at__lt=timezone.now())
+    if name is not None:
+        stale = stale.filter(name=name)
+    reclaimed = []
+    for variant in stale:
+        discard_attempt(variant.name, variant.lease_owner)
+        if do_reclaim_import(variant, owner=variant.lease_owner, actor=actor):
+            reclaimed.append(variant.name)
+    return reclaimed
 
 
 def _held(variant_id: int, owner: str) -> ModelVariant:
@@ -106,10 +131,6 @@ def do_finish_import(variant_id: int, *, owner: str, work: Path, final: Path, ma
     The box signs the variant's manifest (file hashes, provenance, parents) in the same transaction: the
     signature is a ledger event, which the loader checks again before every deploy.
     """
-    from .modelfiles import remove_in_store, tree_size
-    from .provenance import manifest_document, sign_manifest
-    from .tasks import analyse_fit
-
     with transaction.atomic():
         variant = _held(variant_id, owner)
         remove_in_store(Path(settings.MODEL_STORE), str(final))  # a failed earlier attempt's leftovers
@@ -135,7 +156,7 @@ def do_finish_import(variant_id: int, *, owner: str, work: Path, final: Path, ma
         ledger.append("variant.manifest", actor=actor, target=variant.name, outcome="ok",
                       details=sign_manifest(document))
         # The advisor's verdict belongs with every ready variant; it needs config.json only.
-        transaction.on_commit(lambda: analyse_fit.delay(variant_id))
+        _queue_after_commit("analyse_fit", variant_id)
 
 
 def do_fail_import(variant_id: int, reason: str, *, outcome: str, owner: str, actor: str) -> bool:
@@ -199,20 +220,16 @@ def do_record_verified(variant_id: int, *, actor: str) -> None:
 
 def do_verify(variant: ModelVariant, *, actor: str) -> None:
     """Enqueue a re-hash of the variant's stored files against its manifest."""
-    from .tasks import verify_variant
-
     with transaction.atomic():
         ledger.append("variant.verify", actor=actor, target=variant.name, outcome="queued")
-        transaction.on_commit(lambda: verify_variant.delay(variant.pk))
+        _queue_after_commit("verify_variant", variant.pk)
 
 
 def do_analyse_fit(variant: ModelVariant, *, actor: str) -> None:
     """Enqueue the fit advisor's analysis of the variant for this box."""
-    from .tasks import analyse_fit
-
     with transaction.atomic():
         ledger.append("variant.fit", actor=actor, target=variant.name, outcome="queued")
-        transaction.on_commit(lambda: analyse_fit.delay(variant.pk))
+        _queue_after_commit("analyse_fit", variant.pk)
 
 
 def do_record_fit(variant: ModelVariant, summary: dict, *, duration_ms: int, actor: str) -> None:
@@ -326,9 +343,6 @@ def do_record_engine_exit(deployment_id: int, name: str, *, reason: str, pid: in
 
 def do_delete(variant: ModelVariant, *, actor: str) -> None:
     """Remove the variant from the registry and its files from the store (refused if they lie outside it)."""
-    from .importer import discard_attempt
-    from .modelfiles import OutsideStore, in_store, remove_in_store
-
     store = Path(settings.MODEL_STORE)
     store_path = variant.store_path
     if store_path:
@@ -452,10 +466,6 @@ def do_update_api_key(key: ApiKey, *, actor: str, values: dict, variants=None) -
 
 def do_issue_console_key(username: str, *, ttl_s: int) -> tuple[ApiKey, str]:
     """Issue a short-lived key of the user's console team for the chat page; revoke the user's older ones."""
-    from datetime import timedelta
-
-    from django.utils.text import slugify
-
     actor = f"admin:{username}"
     name = check_name(f"console-{slugify(username)}"[:NAME_MAX], field="console team name")
     now = timezone.now()

@@ -18,6 +18,9 @@ from types import SimpleNamespace
 
 from django.conf import settings
 
+from inference.fit.datasheets import Accelerator
+from inference.fit.experts import experts_hit
+
 from . import actions
 from .modelfiles import InvalidModelDir, in_store
 from .models import FitAnalysis, ModelVariant
@@ -157,7 +160,7 @@ def predicted_vs_measured(variant: ModelVariant) -> list[dict]:
 
 def recommendation(users: int, context: int):
     """Return the advisor's pick among the registered variants that have a fit report."""
-    from inference.fit import recommend
+    from inference.fit import recommend  # here: it pulls in torch, which the worker never needs
 
     reports = [
         SimpleNamespace(name=f.variant.name, verdict=f.report["verdict"], decode=f.report["decode"], context=context,
@@ -169,8 +172,7 @@ def recommendation(users: int, context: int):
 
 def live_telemetry(variant: ModelVariant) -> dict | None:
     """Return the loaded engine's router telemetry with the uniform-routing prediction beside it."""
-    from appliance import engine_client
-    from inference.fit import experts_hit
+    from appliance import engine_client  # here: it pulls in torch, which the worker never needs
 
     engine = engine_client.get(variant.name)
     if engine is None:
@@ -191,8 +193,7 @@ def live_telemetry(variant: ModelVariant) -> dict | None:
 
 def stored_hardware(report: dict):
     """Return the HardwareSpec a stored report was analysed for (this box's inventory included)."""
-    from inference.fit.datasheets import Accelerator
-    from inference.fit.hardware import HardwareSpec
+    from inference.fit.hardware import HardwareSpec  # here: it pulls in torch, which the worker never needs
 
     hw = report["hardware"]
     accel = hw.get("accelerator")
@@ -207,6 +208,7 @@ def throughput_advice(variant: ModelVariant, params) -> dict:
     Every figure comes from the stored report's profiles; the form's values are checked by the advisor's own
     parsers, and what they refuse is shown as the error, never a 500.
     """
+    # Here: both pull in torch and transformers, which the worker (it imports this module) never needs.
     from inference.fit import advice
     from inference.fit.hardware import HardwareSpecError, parse_hardware
 

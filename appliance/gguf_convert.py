@@ -15,6 +15,15 @@ from pathlib import Path
 
 import appliance  # noqa: F401  (the egress guard and the offline variables, before transformers loads)
 
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: E402
+from transformers.integrations.gguf.utils import GGUF_ARCHS  # noqa: E402
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from .gguf_facts import read_facts  # noqa: E402
+
 REFUSED_EXIT = 3
 # Stored dtype per GGUF architecture; bf16 unless the architecture is known to need float32's range.
 FLOAT32_ARCHITECTURES = frozenset({"t5", "umt5"})
@@ -31,17 +40,11 @@ def emit(**record) -> None:
 
 def supported_architectures() -> set[str]:
     """Return the GGUF architecture names the installed transformers can read."""
-    from transformers.integrations.gguf.utils import GGUF_ARCHS
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
     return (set(GGUF_ARCHS) | set(GGUF_SUPPORTED_ARCHITECTURES)) - NOT_ARCHITECTURES
 
 
 def check_architecture(src: Path, architecture: str) -> None:
     """Raise Refused unless transformers' GGUF loader reads this architecture (it renames a few on the way)."""
-    from transformers.integrations.gguf.utils import GGUF_ARCHS
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     if architecture in GGUF_ARCHS:
         return
     try:
@@ -55,22 +58,14 @@ def check_architecture(src: Path, architecture: str) -> None:
 
 
 def _transformers_version() -> str:
-    import transformers
-
     return transformers.__version__
 
 
 def convert(src: Path, out: Path) -> dict:
     """Write the dequantized model, its tokenizer and chat template into out; return what was converted."""
-    from .gguf_facts import read_facts
-
     facts = read_facts(src)
     check_architecture(src, facts["architecture"])
     emit(phase="loading", architecture=facts["architecture"])
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the worker reads stdout; tqdm's bars would only fill the log
     dtype = torch.float32 if facts["architecture"] in FLOAT32_ARCHITECTURES else torch.bfloat16

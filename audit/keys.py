@@ -13,7 +13,7 @@ from django.db import router, transaction
 from audit import ledger
 from audit.canonical import canonical_bytes
 from audit.kek import derived_key
-from audit.models import SigningKey
+from audit.models import AuditEvent, SigningKey
 from audit.verifier import ROTATION_STATEMENT, fingerprint, format_checkpoint_body, key_id
 
 
@@ -121,8 +121,6 @@ def rotate(actor: str) -> SigningKey:
 
 def keys_document() -> dict:
     """Return every public key and signed rotation, as exports carry them in keys.json."""
-    from audit.models import AuditEvent
-
     keys = [{"name": k.origin, "fingerprint": k.fingerprint,
              "public_key": base64.b64encode(bytes(k.public_key)).decode(),
              "created_at": k.created_at.isoformat()} for k in SigningKey.objects.order_by("id")]

@@ -16,6 +16,9 @@ import sys
 import zipfile
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 GENESIS_HASH = "0" * 64
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 ROTATION_STATEMENT = "llm-appliance audit key rotation v1"
@@ -185,9 +188,6 @@ def key_id(name: str, public_key: bytes) -> bytes:
 
 def ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     """Return whether signature is a valid Ed25519 signature of message."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
         return True

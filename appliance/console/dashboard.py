@@ -38,7 +38,7 @@ def engine_stats(name: str) -> dict:
 def gpus() -> list[dict]:
     """Return each visible CUDA device with its memory, or [] without CUDA."""
     try:
-        import torch
+        import torch  # here: optional to the console; without it there are no GPUs to show
     except ImportError:
         return []
     if not torch.cuda.is_available():

@@ -31,7 +31,7 @@ class Command(BaseCommand):
                                                                        "(and the throughput chart with --workload)")
 
     def handle(self, model, hardware, context, dtype, workload, engine, plan, json: bool, charts, **options):
-        from inference.fit import advice
+        from inference.fit import advice  # here: torch and transformers load only when the command runs
 
         if context is not None and context < 1:
             raise CommandError("--context must be at least 1")
