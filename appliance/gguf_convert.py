@@ -15,13 +15,6 @@ from pathlib import Path
 
 import appliance  # noqa: F401  (the egress guard and the offline variables, before transformers loads)
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: E402
-from transformers.integrations.gguf.utils import GGUF_ARCHS  # noqa: E402
-from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
 from .gguf_facts import read_facts  # noqa: E402
 
 REFUSED_EXIT = 3
@@ -40,11 +33,19 @@ def emit(**record) -> None:
 
 def supported_architectures() -> set[str]:
     """Return the GGUF architecture names the installed transformers can read."""
+    # Here, as in every function below: transformers (and torch) load only once the child has a file to work on.
+    from transformers.integrations.gguf.utils import GGUF_ARCHS
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
     return (set(GGUF_ARCHS) | set(GGUF_SUPPORTED_ARCHITECTURES)) - NOT_ARCHITECTURES
 
 
 def check_architecture(src: Path, architecture: str) -> None:
     """Raise Refused unless transformers' GGUF loader reads this architecture (it renames a few on the way)."""
+    # Here: see supported_architectures.
+    from transformers.integrations.gguf.utils import GGUF_ARCHS
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     if architecture in GGUF_ARCHS:
         return
     try:
@@ -58,6 +59,8 @@ def check_architecture(src: Path, architecture: str) -> None:
 
 
 def _transformers_version() -> str:
+    import transformers  # here: see supported_architectures
+
     return transformers.__version__
 
 
@@ -66,6 +69,11 @@ def convert(src: Path, out: Path) -> dict:
     facts = read_facts(src)
     check_architecture(src, facts["architecture"])
     emit(phase="loading", architecture=facts["architecture"])
+
+    # Here, after the "loading" report: the worker shows that phase while torch and transformers load.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the worker reads stdout; tqdm's bars would only fill the log
     dtype = torch.float32 if facts["architecture"] in FLOAT32_ARCHITECTURES else torch.bfloat16
