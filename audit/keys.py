@@ -124,6 +124,8 @@ def keys_document() -> dict:
     keys = [{"name": k.origin, "fingerprint": k.fingerprint,
              "public_key": base64.b64encode(bytes(k.public_key)).decode(),
              "created_at": k.created_at.isoformat()} for k in SigningKey.objects.order_by("id")]
-    rotations = list(AuditEvent.objects.filter(action="audit.key_rotated").order_by("seq")
-                     .values_list("details", flat=True))
+    # Each rotation as it was signed: the ledger adds the writing node to every event's details, the signed
+    # statement never held it.
+    rotations = [{k: v for k, v in details.items() if k != "node"} for details in AuditEvent.objects.filter(
+        action="audit.key_rotated").order_by("seq").values_list("details", flat=True)]
     return {"keys": keys, "rotations": rotations}
