@@ -11,8 +11,12 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.text import slugify
 
 from audit import ledger
+
+from .incoming import discard_attempt
+from .modelfiles import OutsideStore, in_store, remove_in_store, tree_size
 
 from .models import (
     ActualState,
@@ -20,6 +24,7 @@ from .models import (
     ConsolePassword,
     DesiredState,
     Deployment,
+    FitAnalysis,
     Lease,
     LoginFailure,
     ModelVariant,
@@ -29,8 +34,10 @@ from .models import (
     VariantStatus,
 )
 from .names import NAME_MAX, check_engine_name, check_name
+from .provenance import manifest_document, sign_manifest
 
 log = logging.getLogger(__name__)
+WORKER = "system:worker"  # who fails an import whose worker died: the worker's side of the lifecycle
 
 
 class ActionRefused(Exception):
@@ -49,9 +56,6 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str, prove
     promised); what the files state is added by the worker. parents: [{"name", "relation"}] of registered
     variants (appliance.provenance.parse_parent validates each).
     """
-    from .importer import reclaim_stale_imports
-    from .tasks import import_variant
-
     check_name(name, field="variant name")
     if kind not in VariantKind.values:
         raise ActionRefused(f"unknown kind {kind!r}; expected one of {', '.join(VariantKind.values)}")
@@ -66,7 +70,7 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str, prove
     # recorded; nothing inside it may be a link (appliance.modelfiles refuses them).
     source = str(Path(source_path).expanduser().resolve())
     requested = {**(provenance or {}), "source_path": source, "imported_by": actor}
-    reclaim_stale_imports(name)  # an import whose worker died is failed now, so it may be retried
+    do_reclaim_stale_imports(name, actor=WORKER)  # an import whose worker died is failed now, so it may be retried
     with transaction.atomic():
         variant = ModelVariant.objects.select_for_update().filter(name=name).first()
         if variant is None:
@@ -82,8 +86,30 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str, prove
             raise ActionRefused(f"variant {name} already exists (status {variant.status})")
         ledger.append("variant.import", actor=actor, target=name, outcome="queued",
                       details={"source": source, "kind": kind, "parents": parents})
-        transaction.on_commit(lambda: import_variant.delay(variant.pk))
+        _queue_after_commit("import_variant", variant.pk)
     return variant
+
+
+def _queue_after_commit(task: str, variant_id: int) -> None:
+    """Queue the worker's task (a name in appliance.tasks) for variant_id once the transaction commits."""
+    # Imported here, the one deferred import of this module: tasks runs the importer and the fit advisor,
+    # which record their outcomes through these actions (a real cycle).
+    from . import tasks
+
+    transaction.on_commit(lambda: getattr(tasks, task).delay(variant_id))
+
+
+def do_reclaim_stale_imports(name: str | None = None, *, actor: str) -> list[str]:
+    """Fail each import whose lease expired (its worker died), removing its partial files first; return the names."""
+    stale = ModelVariant.objects.filter(status=VariantStatus.IMPORTING, lease_expires_at__lt=timezone.now())
+    if name is not None:
+        stale = stale.filter(name=name)
+    reclaimed = []
+    for variant in stale:
+        discard_attempt(variant.name, variant.lease_owner)
+        if do_reclaim_import(variant, owner=variant.lease_owner, actor=actor):
+            reclaimed.append(variant.name)
+    return reclaimed
 
 
 def _held(variant_id: int, owner: str) -> ModelVariant:
@@ -105,10 +131,6 @@ def do_finish_import(variant_id: int, *, owner: str, work: Path, final: Path, ma
     The box signs the variant's manifest (file hashes, provenance, parents) in the same transaction: the
     signature is a ledger event, which the loader checks again before every deploy.
     """
-    from .modelfiles import remove_in_store, tree_size
-    from .provenance import manifest_document, sign_manifest
-    from .tasks import analyse_fit
-
     with transaction.atomic():
         variant = _held(variant_id, owner)
         remove_in_store(Path(settings.MODEL_STORE), str(final))  # a failed earlier attempt's leftovers
@@ -134,7 +156,7 @@ def do_finish_import(variant_id: int, *, owner: str, work: Path, final: Path, ma
         ledger.append("variant.manifest", actor=actor, target=variant.name, outcome="ok",
                       details=sign_manifest(document))
         # The advisor's verdict belongs with every ready variant; it needs config.json only.
-        transaction.on_commit(lambda: analyse_fit.delay(variant_id))
+        _queue_after_commit("analyse_fit", variant_id)
 
 
 def do_fail_import(variant_id: int, reason: str, *, outcome: str, owner: str, actor: str) -> bool:
@@ -173,22 +195,67 @@ def _record_failure(variant: ModelVariant, reason: str, *, outcome: str, actor: 
     ledger.append("variant.import", actor=actor, target=variant.name, outcome=outcome, details={"reason": reason})
 
 
+def do_quarantine(variant_id: int, problems: list[str], *, actor: str) -> None:
+    """Mark a variant whose files no longer match its manifest and undeploy it; it will not be loaded."""
+    with transaction.atomic(durable=True):
+        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
+        if variant.status != VariantStatus.QUARANTINED:
+            variant.transition(VariantStatus.QUARANTINED, "; ".join(problems))
+            variant.save()
+        Deployment.objects.filter(variant=variant).update(desired=DesiredState.UNDEPLOYED)
+        ledger.append("variant.quarantine", actor=actor, target=variant.name, outcome="refused",
+                      details={"problems": problems[:20]})
+
+
+def do_record_verified(variant_id: int, *, actor: str) -> None:
+    """Record that a variant's stored files match its manifest; a quarantined variant is ready again."""
+    with transaction.atomic(durable=True):
+        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
+        if variant.status == VariantStatus.QUARANTINED:
+            variant.transition(VariantStatus.READY)
+            variant.save()
+        ledger.append("variant.verify", actor=actor, target=variant.name, outcome="ok",
+                      details={"files": len(variant.manifest)})
+
+
 def do_verify(variant: ModelVariant, *, actor: str) -> None:
     """Enqueue a re-hash of the variant's stored files against its manifest."""
-    from .tasks import verify_variant
-
     with transaction.atomic():
         ledger.append("variant.verify", actor=actor, target=variant.name, outcome="queued")
-        transaction.on_commit(lambda: verify_variant.delay(variant.pk))
+        _queue_after_commit("verify_variant", variant.pk)
 
 
 def do_analyse_fit(variant: ModelVariant, *, actor: str) -> None:
     """Enqueue the fit advisor's analysis of the variant for this box."""
-    from .tasks import analyse_fit
-
     with transaction.atomic():
         ledger.append("variant.fit", actor=actor, target=variant.name, outcome="queued")
-        transaction.on_commit(lambda: analyse_fit.delay(variant.pk))
+        _queue_after_commit("analyse_fit", variant.pk)
+
+
+def do_record_fit(variant: ModelVariant, summary: dict, *, duration_ms: int, actor: str) -> None:
+    """Store the fit advisor's report for a variant, with its variant.fit event."""
+    hardware, verdict = summary["hardware"]["label"], summary["verdict"]
+    with transaction.atomic(durable=True):
+        FitAnalysis.objects.update_or_create(variant=variant, defaults={
+            "hardware": hardware, "context": summary["context"], "report": summary,
+            "verdict": verdict["verdict"], "margin_gb": verdict["margin_gb"],
+            "max_concurrent": verdict.get("max_concurrent") or 0})
+        ledger.append("variant.fit", actor=actor, target=variant.name, details={
+            "hardware": hardware, "context": summary["context"], "verdict": verdict["verdict"],
+            "duration_ms": duration_ms})
+
+
+def do_record_fit_failure(variant: ModelVariant, *, outcome: str, reason: str, duration_ms: int,
+                          actor: str) -> None:
+    """Record a fit analysis that was refused, failed or stopped (no report is stored)."""
+    ledger.append("variant.fit", actor=actor, target=variant.name, outcome=outcome, details={
+        "reason": reason[:500], "duration_ms": duration_ms})
+
+
+def do_record_measurement(deployment_id: int, measured: dict) -> None:
+    """Store what a loaded engine really allocated, measured in its process; the console shows it beside the
+    advisor's prediction, and it is no ledger event (the deployment.load event records the load)."""
+    Deployment.objects.filter(pk=deployment_id).update(measured=measured)
 
 
 def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
@@ -292,9 +359,6 @@ def do_record_engine_exit(deployment_id: int, name: str, *, reason: str, pid: in
 
 def do_delete(variant: ModelVariant, *, actor: str) -> None:
     """Remove the variant from the registry and its files from the store (refused if they lie outside it)."""
-    from .importer import discard_attempt
-    from .modelfiles import OutsideStore, in_store, remove_in_store
-
     store = Path(settings.MODEL_STORE)
     store_path = variant.store_path
     if store_path:
@@ -354,7 +418,9 @@ def forget_loaded_state() -> None:
     with transaction.atomic():
         Deployment.objects.exclude(actual=ActualState.UNDEPLOYED).update(
             actual=ActualState.UNDEPLOYED, device="", detail="")
-        ModelVariant.objects.filter(status=VariantStatus.DEPLOYED).update(status=VariantStatus.READY)
+        for variant in ModelVariant.objects.select_for_update().filter(status=VariantStatus.DEPLOYED):
+            variant.transition(VariantStatus.READY)
+            variant.save(update_fields=["status", "status_detail"])
 
 
 # --- Teams, limits and console ---
@@ -416,10 +482,6 @@ def do_update_api_key(key: ApiKey, *, actor: str, values: dict, variants=None) -
 
 def do_issue_console_key(username: str, *, ttl_s: int) -> tuple[ApiKey, str]:
     """Issue a short-lived key of the user's console team for the chat page; revoke the user's older ones."""
-    from datetime import timedelta
-
-    from django.utils.text import slugify
-
     actor = f"admin:{username}"
     name = check_name(f"console-{slugify(username)}"[:NAME_MAX], field="console team name")
     now = timezone.now()

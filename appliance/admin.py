@@ -14,6 +14,7 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
 from . import actions, fitting, lineage, ollama
+from .console.charts import expert_heatmap
 from .templatetags.humanize_fit import count
 from .actions import do_update_api_key, do_update_team
 from .modelfiles import InvalidModelDir, OutsideStore, validate_gguf_file
@@ -161,7 +162,7 @@ class ModelVariantAdmin(admin.ModelAdmin):
         live = fitting.live_telemetry(variant) or {}
         return TemplateResponse(request, "admin/appliance/modelvariant/fit.html", {
             "expert_hits": live.get("expert_hits"), "telemetry": live.get("snapshot"),
-            "telemetry_svg": mark_safe(live.get("chart_svg", "")),
+            "telemetry_svg": expert_heatmap(live["snapshot"]) if live else "",
             **self.admin_site.each_context(request), "title": f"Fit of {variant.name}", "variant": variant,
             "fit": getattr(variant, "fit", None), "comparison": fitting.predicted_vs_measured(variant),
             "memory_chart": png_base64(charts, "memory.png"), "expert_chart": png_base64(charts, "experts.png"),

@@ -27,6 +27,7 @@ def attest_beat_at_start(**kwargs) -> None:
 
 def attest_at_start(name: str) -> None:
     """Record this process's start attestation; a failure is logged, never fatal to the process."""
+    # Imported here: beat runs this before Django is set up, and the ledger needs its apps.
     import django
     from django.apps import apps
 

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "appliance.settings")
+    # Imported here, in this order: Django is set up first, then what needs its settings and the engine.
     import django
 
     django.setup()  # the guard records what it blocks in the ledger, through Django's database settings

@@ -17,12 +17,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from django.conf import settings
-from django.db import transaction
 
-from audit import ledger
+from inference.fit.datasheets import Accelerator
+from inference.fit.experts import experts_hit
 
+from . import actions
 from .modelfiles import InvalidModelDir, in_store
-from .models import Deployment, FitAnalysis, ModelVariant
+from .models import FitAnalysis, ModelVariant
 from .weightcheck import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -104,28 +105,24 @@ def supervise(cmd: list[str], out: Path, *, timeout_s: float, cancelled) -> str:
 
 
 def _store(variant: ModelVariant, summary: dict, charts: dict, started: float) -> None:
-    """Save an analysis's report and charts, and record it in the ledger."""
+    """Save an analysis's charts, then its report with its ledger event."""
     target = charts_dir(variant)
     target.mkdir(parents=True, exist_ok=True)
     for kind, chart in charts.items():
         if chart is not None:
             (target / f"{kind}.png").write_bytes(chart.read_bytes())
-    verdict = summary["verdict"]
-    with transaction.atomic():
-        FitAnalysis.objects.update_or_create(variant=variant, defaults={
-            "hardware": summary["hardware"]["label"], "context": summary["context"], "report": summary,
-            "verdict": verdict["verdict"], "margin_gb": verdict["margin_gb"],
-            "max_concurrent": verdict.get("max_concurrent") or 0})
-        ledger.append("variant.fit", actor=ACTOR, target=variant.name, details={
-            "hardware": summary["hardware"]["label"], "context": summary["context"], "verdict": verdict["verdict"],
-            "duration_ms": int((time.monotonic() - started) * 1000)})
+    actions.do_record_fit(variant, summary, duration_ms=elapsed_ms(started), actor=ACTOR)
 
 
 def _record(variant: ModelVariant, started: float, *, outcome: str, reason: str) -> None:
     """Record an analysis that was refused, failed or stopped (no report is stored)."""
     log.warning("fit analysis of %s %s: %s", variant.name, outcome, reason)
-    ledger.append("variant.fit", actor=ACTOR, target=variant.name, outcome=outcome, details={
-        "reason": reason[:500], "duration_ms": int((time.monotonic() - started) * 1000)})
+    actions.do_record_fit_failure(variant, outcome=outcome, reason=reason, duration_ms=elapsed_ms(started),
+                                  actor=ACTOR)
+
+
+def elapsed_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
 
 
 def record_measurement(deployment_id: int, measured: dict) -> None:
@@ -133,7 +130,7 @@ def record_measurement(deployment_id: int, measured: dict) -> None:
     if "error" in measured:  # the engine could not measure itself; it serves anyway
         log.warning("deployment %d has no measurement: %s", deployment_id, measured["error"])
         return
-    Deployment.objects.filter(pk=deployment_id).update(measured=measured)
+    actions.do_record_measurement(deployment_id, measured)
 
 
 def predicted_vs_measured(variant: ModelVariant) -> list[dict]:
@@ -163,7 +160,7 @@ def predicted_vs_measured(variant: ModelVariant) -> list[dict]:
 
 def recommendation(users: int, context: int):
     """Return the advisor's pick among the registered variants that have a fit report."""
-    from inference.fit import recommend
+    from inference.fit import recommend  # here: it pulls in torch, which the worker never needs
 
     reports = [
         SimpleNamespace(name=f.variant.name, verdict=f.report["verdict"], decode=f.report["decode"], context=context,
@@ -175,9 +172,7 @@ def recommendation(users: int, context: int):
 
 def live_telemetry(variant: ModelVariant) -> dict | None:
     """Return the loaded engine's router telemetry with the uniform-routing prediction beside it."""
-    from appliance import engine_client
-    from inference.fit import experts_hit
-    from inference.engine.telemetry import render_expert_chart_svg
+    from appliance import engine_client  # here: it pulls in torch, which the worker never needs
 
     engine = engine_client.get(variant.name)
     if engine is None:
@@ -192,14 +187,13 @@ def live_telemetry(variant: ModelVariant) -> dict | None:
             by_tokens.setdefault(step["tokens"], []).append(experts * (1 - step["idle_fraction"]))
     hits = [{"tokens": tokens, "measured": sum(v) / len(v), "predicted": experts_hit(experts, k, tokens),
              "calls": len(v)} for tokens, v in sorted(by_tokens.items())]
-    return {"snapshot": snap, "expert_hits": hits, "chart_svg": render_expert_chart_svg(snap)}
+    return {"snapshot": snap, "expert_hits": hits}
 
 
 
 def stored_hardware(report: dict):
     """Return the HardwareSpec a stored report was analysed for (this box's inventory included)."""
-    from inference.fit.datasheets import Accelerator
-    from inference.fit.hardware import HardwareSpec
+    from inference.fit.hardware import HardwareSpec  # here: it pulls in torch, which the worker never needs
 
     hw = report["hardware"]
     accel = hw.get("accelerator")
@@ -214,6 +208,7 @@ def throughput_advice(variant: ModelVariant, params) -> dict:
     Every figure comes from the stored report's profiles; the form's values are checked by the advisor's own
     parsers, and what they refuse is shown as the error, never a 500.
     """
+    # Here: both pull in torch and transformers, which the worker (it imports this module) never needs.
     from inference.fit import advice
     from inference.fit.hardware import HardwareSpecError, parse_hardware
 

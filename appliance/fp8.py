@@ -32,14 +32,14 @@ def serving_device(setting: str) -> str:
     """
     if setting == "cpu":
         return "cpu"
-    import torch
+    import torch  # here: a box set to serve on CPU answers without loading torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def capabilities() -> list[tuple[str, tuple[int, int]]]:
     """Return (name, compute capability) of each GPU torch sees on this box (empty without CUDA)."""
-    import torch
+    import torch  # here: as in serving_device, torch loads only when a GPU question is asked
 
     if not torch.cuda.is_available():
         return []

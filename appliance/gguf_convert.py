@@ -15,6 +15,8 @@ from pathlib import Path
 
 import appliance  # noqa: F401  (the egress guard and the offline variables, before transformers loads)
 
+from .gguf_facts import read_facts  # noqa: E402
+
 REFUSED_EXIT = 3
 # Stored dtype per GGUF architecture; bf16 unless the architecture is known to need float32's range.
 FLOAT32_ARCHITECTURES = frozenset({"t5", "umt5"})
@@ -31,6 +33,7 @@ def emit(**record) -> None:
 
 def supported_architectures() -> set[str]:
     """Return the GGUF architecture names the installed transformers can read."""
+    # Here, as in every function below: transformers (and torch) load only once the child has a file to work on.
     from transformers.integrations.gguf.utils import GGUF_ARCHS
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
@@ -39,6 +42,7 @@ def supported_architectures() -> set[str]:
 
 def check_architecture(src: Path, architecture: str) -> None:
     """Raise Refused unless transformers' GGUF loader reads this architecture (it renames a few on the way)."""
+    # Here: see supported_architectures.
     from transformers.integrations.gguf.utils import GGUF_ARCHS
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -55,19 +59,18 @@ def check_architecture(src: Path, architecture: str) -> None:
 
 
 def _transformers_version() -> str:
-    import transformers
+    import transformers  # here: see supported_architectures
 
     return transformers.__version__
 
 
 def convert(src: Path, out: Path) -> dict:
     """Write the dequantized model, its tokenizer and chat template into out; return what was converted."""
-    from .gguf_facts import read_facts
-
     facts = read_facts(src)
     check_architecture(src, facts["architecture"])
     emit(phase="loading", architecture=facts["architecture"])
 
+    # Here, after the "loading" report: the worker shows that phase while torch and transformers load.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers.utils import logging as hf_logging

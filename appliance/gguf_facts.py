@@ -22,7 +22,7 @@ BF16_BYTES = 2
 
 def read_facts(path: Path) -> dict:
     """Return {architecture, file_type, tensor_types, parameters, dequantized_bytes, metadata} of a GGUF file."""
-    from gguf import GGUFReader, GGUFValueType, LlamaFileType
+    from gguf import GGUFReader, GGUFValueType, LlamaFileType  # here: the gguf package loads only for a GGUF import
 
     try:
         reader = GGUFReader(str(path))

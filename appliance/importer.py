@@ -2,8 +2,8 @@
 
 An import runs under a lease: the attempt claims the variant, renews the lease with
 each progress report, and finishes only while it still holds it. A worker killed
-mid-import stops renewing; reclaim_stale_imports (beat, the worker's start, the next
-import of that name) then removes its partial files and marks the variant failed.
+mid-import stops renewing; appliance.actions.do_reclaim_stale_imports (beat, the worker's
+start, the next import of that name) then removes its partial files and marks the variant failed.
 """
 import errno
 import logging
@@ -15,14 +15,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
-from audit import ledger
-
-from . import actions
+from . import actions, gguf_import
 from .actions import LeaseLost
-from . import gguf_import
+from .incoming import INCOMING, attempt_of, discard_attempt
 from .modelfiles import (
     InvalidModelDir,
     OutsideStore,
@@ -33,21 +30,19 @@ from .modelfiles import (
     is_gguf_file,
     make_store_dir,
     manifest_mismatches,
-    remove_in_store,
     summarize,
     tree_size,
     validate_gguf_file,
     validate_model_dir,
 )
-from .models import DesiredState, Deployment, ModelVariant, VariantStatus
-from .names import InvalidName, check_name, is_valid_name
+from .models import ModelVariant, VariantStatus
+from .names import InvalidName, check_name
 from .provenance import check_expected_hash, from_hf_dir, merge
 from .weightcheck import check_model_dir
 
 log = logging.getLogger(__name__)
 ACTOR = "system:worker"
 PROGRESS_EVERY_S = 0.5
-INCOMING = ".incoming"  # store/.incoming/<name>/<attempt>/: partial copies, never served
 # Free space an import must leave: room for the database, ledger and logs that may share the disk.
 SPACE_MARGIN_MIN = 16 * 1024 * 1024
 SPACE_MARGIN_RATIO = 50  # and 2% of the model on top, for file-system overhead
@@ -138,23 +133,6 @@ class Phase:
             return
         self.lease.renew(progress=self.low, progress_detail=(
             f"{self.words}: {step}, {time.monotonic() - self.started:.0f} s")[:200])
-
-
-def attempt_of(owner: str) -> str:
-    """Return the attempt id (the name of its directory under .incoming/<name>/) from a lease owner."""
-    return owner.partition(":")[0]
-
-
-def discard_attempt(name: str, owner: str) -> None:
-    """Remove an attempt's partial files, and .incoming/<name> once no attempt is left in it."""
-    if not (is_valid_name(name) and is_valid_name(attempt_of(owner))):
-        return  # nothing was written for a name the store refuses
-    store = Path(settings.MODEL_STORE)
-    remove_in_store(store, INCOMING, name, attempt_of(owner))
-    try:
-        in_store(store, INCOMING, name).rmdir()
-    except OSError:
-        pass  # missing, or another attempt's files are in it
 
 
 def run_import(variant_id: int) -> None:
@@ -260,19 +238,6 @@ def _convert_gguf(source: Path, work: Path, store: Path, lease: Lease) -> dict:
     return found
 
 
-def reclaim_stale_imports(name: str | None = None) -> list[str]:
-    """Fail each import whose lease expired (its worker died), removing its partial files first; return the names."""
-    stale = ModelVariant.objects.filter(status=VariantStatus.IMPORTING, lease_expires_at__lt=timezone.now())
-    if name is not None:
-        stale = stale.filter(name=name)
-    reclaimed = []
-    for variant in stale:
-        discard_attempt(variant.name, variant.lease_owner)
-        if actions.do_reclaim_import(variant, owner=variant.lease_owner, actor=ACTOR):
-            reclaimed.append(variant.name)
-    return reclaimed
-
-
 def check_store(variant: ModelVariant) -> list[str]:
     """Return how the variant's stored files differ from its manifest (empty when intact)."""
     if not variant.store_path or not Path(variant.store_path).is_dir():
@@ -284,18 +249,6 @@ def check_store(variant: ModelVariant) -> list[str]:
     return manifest_mismatches(variant.manifest, stored)
 
 
-def quarantine(variant_id: int, problems: list[str], *, actor: str) -> None:
-    """Mark a variant whose files no longer match its manifest; it will not be loaded."""
-    with transaction.atomic():
-        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
-        if variant.status != VariantStatus.QUARANTINED:
-            variant.transition(VariantStatus.QUARANTINED, "; ".join(problems))
-            variant.save()
-        Deployment.objects.filter(variant=variant).update(desired=DesiredState.UNDEPLOYED)
-        ledger.append("variant.quarantine", actor=actor, target=variant.name, outcome="refused",
-                      details={"problems": problems[:20]})
-
-
 def run_verify(variant_id: int) -> None:
     """Re-hash a variant's store; quarantine it on mismatch, release it from quarantine when intact."""
     variant = ModelVariant.objects.filter(pk=variant_id).first()
@@ -303,12 +256,6 @@ def run_verify(variant_id: int) -> None:
         return
     problems = check_store(variant)
     if problems:
-        quarantine(variant_id, problems, actor=ACTOR)
-        return
-    with transaction.atomic():
-        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
-        if variant.status == VariantStatus.QUARANTINED:
-            variant.transition(VariantStatus.READY)
-            variant.save()
-        ledger.append("variant.verify", actor=ACTOR, target=variant.name, outcome="ok",
-                      details={"files": len(variant.manifest)})
+        actions.do_quarantine(variant_id, problems, actor=ACTOR)
+    else:
+        actions.do_record_verified(variant_id, actor=ACTOR)

@@ -12,8 +12,14 @@ import hashlib
 import re
 from pathlib import Path
 
-from audit.verifier import canonical
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from audit.canonical import canonical_bytes
+from audit.keys import sign
+from audit.models import AuditEvent, SigningKey
+
+from .gguf_facts import origin
 from .modelfiles import InvalidModelDir
 from .models import Relation
 from .names import InvalidName, check_name
@@ -87,8 +93,6 @@ def from_hf_dir(path: Path, config: dict) -> dict:
 
 def from_gguf(facts: dict, sha256: str) -> dict:
     """Return the provenance of a converted GGUF: its hash, quantization, and what its metadata states."""
-    from .gguf_facts import origin
-
     stated = origin(facts)
     found = {"format": "gguf", "sha256": sha256, "quantization": facts["file_type"],
              "tensor_types": facts["tensor_types"], "gguf_metadata": facts["metadata"]}
@@ -127,25 +131,18 @@ def manifest_document(name: str, files: dict, provenance: dict, parents: list) -
 
 
 def document_digest(document: dict) -> str:
-    return hashlib.sha256(canonical(document)).hexdigest()
+    return hashlib.sha256(canonical_bytes(document)).hexdigest()
 
 
 def sign_manifest(document: dict) -> dict:
     """Return the ledger details of a signed manifest: the document's digest, the signature and the key."""
-    from audit.keys import sign
-
-    fingerprint, signature = sign(canonical(document))
+    fingerprint, signature = sign(canonical_bytes(document))
     return {"manifest_sha256": document_digest(document), "key": fingerprint,
             "signature": base64.b64encode(signature).decode(), "document": document}
 
 
 def verify_manifest(name: str, files: dict, provenance: dict, parents: list) -> str | None:
     """Return why a variant's latest signed manifest does not cover what is stored now, or None when it does."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    from audit.models import AuditEvent, SigningKey
-
     event = (AuditEvent.objects.filter(action="variant.manifest", target=name, outcome="ok").order_by("-seq").first())
     if event is None:
         return f"variant {name} has no signed manifest in the ledger"
@@ -159,7 +156,7 @@ def verify_manifest(name: str, files: dict, provenance: dict, parents: list) -> 
         return f"variant {name}'s manifest is signed by unknown key {details.get('key')}"
     try:
         Ed25519PublicKey.from_public_bytes(bytes(key.public_key)).verify(
-            base64.b64decode(details.get("signature", "")), canonical(document))
+            base64.b64decode(details.get("signature", "")), canonical_bytes(document))
     except (InvalidSignature, ValueError):
         return f"variant {name}'s manifest signature does not verify (ledger event {event.seq})"
     return None

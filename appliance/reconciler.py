@@ -19,7 +19,7 @@ from audit import attestation, egress, ledger
 from inference.engine import EngineConfig
 
 from . import actions, engine_client, engines, fitting, fp8
-from .importer import check_store, quarantine
+from .importer import check_store
 from .modelfiles import InvalidModelDir
 from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
 from .provenance import verify_manifest
@@ -81,7 +81,7 @@ def load(dep: Deployment) -> None:
     actions.do_record_loading(dep.pk, "verifying files")
     problems = check_store(variant)
     if problems:
-        quarantine(variant.pk, problems, actor=ACTOR)
+        actions.do_quarantine(variant.pk, problems, actor=ACTOR)
         actions.do_record_load(dep.pk, variant.name, outcome="refused", actor=ACTOR, detail="; ".join(problems),
                                details={"reason": "files do not match the manifest", "problems": problems[:20]})
         return

@@ -5,6 +5,7 @@ filesystem Celery broker, all under APPLIANCE_HOME (default ./var).
 Production sets DATABASE_URL and CELERY_BROKER_URL.
 """
 import os
+import secrets
 from pathlib import Path
 
 import dj_database_url
@@ -74,8 +75,6 @@ def _local_secret_key() -> str:
     """Return a per-box secret kept in a 0600 file, created on first use."""
     path = APPLIANCE_HOME / "secret_key"
     if not path.exists():
-        import secrets
-
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(50))
@@ -275,7 +274,7 @@ CELERY_BEAT_SCHEDULE = {
     "verify-model-store": {"task": "appliance.tasks.verify_all_variants", "schedule": 24 * 3600.0},
 }
 # An import renews its lease as it copies; one not renewed for this long had its worker die, and beat
-# marks it failed (appliance.importer.reclaim_stale_imports) within another half of it.
+# marks it failed (appliance.actions.do_reclaim_stale_imports) within another half of it.
 IMPORT_LEASE_S = env_int("APPLIANCE_IMPORT_LEASE_S", 30)
 # Longest a GGUF conversion (a child process of the worker) may run before it is killed and the import failed.
 GGUF_TIMEOUT_S = env_int("APPLIANCE_GGUF_TIMEOUT_S", 1800)

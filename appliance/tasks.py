@@ -1,10 +1,14 @@
 """Celery tasks: thin wrappers that pass ids and reload rows in the worker."""
 import logging
+from datetime import timedelta
 
 from celery import shared_task
 from celery.signals import worker_ready
+from django.conf import settings
+from django.utils import timezone
 
-from . import importer
+from . import actions, fitting, importer, quotas, usage
+from .models import LoginFailure, ModelVariant, VariantStatus
 
 log = logging.getLogger(__name__)
 
@@ -21,22 +25,20 @@ def verify_variant(variant_id: int) -> None:
 
 @shared_task(acks_late=True)
 def analyse_fit(variant_id: int) -> None:
-    from . import fitting
-
     fitting.run_fit(variant_id)
 
 
 @shared_task
 def reclaim_stale_imports() -> list[str]:
     """Fail the imports whose worker died (lease expired), removing their partial files (beat runs this)."""
-    return importer.reclaim_stale_imports()
+    return actions.do_reclaim_stale_imports(actor=importer.ACTOR)
 
 
 @worker_ready.connect
 def reclaim_at_worker_start(**kwargs) -> None:
     """Reclaim stale imports when a worker starts, so a box restarted after a crash does not wait for beat."""
     try:
-        importer.reclaim_stale_imports()
+        actions.do_reclaim_stale_imports(actor=importer.ACTOR)
     except Exception:  # a worker that cannot reclaim still works; beat retries
         log.exception("reclaiming stale imports at worker start failed")
 
@@ -44,8 +46,6 @@ def reclaim_at_worker_start(**kwargs) -> None:
 @shared_task
 def verify_all_variants() -> None:
     """Queue a re-hash of every stored variant (beat runs this daily)."""
-    from .models import ModelVariant, VariantStatus
-
     for pk in ModelVariant.objects.filter(
             status__in=[VariantStatus.READY, VariantStatus.DEPLOYED, VariantStatus.QUARANTINED]
     ).values_list("pk", flat=True):
@@ -55,14 +55,6 @@ def verify_all_variants() -> None:
 @shared_task
 def roll_up_usage() -> dict:
     """Roll raw usage records up per hour and day, prune finished ones, and old counters and sign-in failures."""
-    from datetime import timedelta
-
-    from django.conf import settings
-    from django.utils import timezone
-
-    from . import quotas, usage
-    from .models import LoginFailure
-
     result = usage.roll_up()
     result["counters_pruned"] = quotas.prune_counters()
     cutoff = timezone.now() - timedelta(seconds=settings.CONSOLE_LOGIN_WINDOW_S)

@@ -4,11 +4,13 @@ import json
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
+from django.db.models import Max, Min
 from django.utils.html import format_html
 
 from audit import transcripts
 from audit.attestation import signature_valid
 from audit.models import AuditEvent, Checkpoint, NetworkAttestation, SigningKey, Transcript, TranscriptPolicy
+from audit.tasks import export_bundle
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -59,10 +61,6 @@ class AuditEventAdmin(ReadOnlyAdmin):
 @admin.action(description="Export the period of the selected events as a compliance bundle")
 def export_period(modeladmin, request, queryset):
     """Queue an export covering the selected events' time span; the worker writes it to the export directory."""
-    from django.db.models import Max, Min
-
-    from audit.tasks import export_bundle
-
     span = queryset.aggregate(since=Min("created_at"), until=Max("created_at"))
     if span["since"] is None:
         return

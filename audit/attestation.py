@@ -13,9 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+from django.conf import settings
 
 from audit import egress, keys, ledger
-from audit.verifier import canonical
+from audit.canonical import canonical_bytes
+from audit.models import SigningKey
+from audit.verifier import ed25519_verify
 
 # Sockets in these states belong to no process's open connections any more.
 GONE = {psutil.CONN_TIME_WAIT, psutil.CONN_CLOSE}
@@ -32,8 +35,6 @@ class Member:
 
 def registry() -> Path:
     """Return the directory under APPLIANCE_HOME where appliance processes register."""
-    from django.conf import settings
-
     return Path(settings.APPLIANCE_HOME) / "processes"
 
 
@@ -125,7 +126,7 @@ def attest(actor: str = "system:beat", members: list[Member] | None = None,
            policy: egress.Policy | None = None) -> "ledger.AuditEvent":
     """Record a signed network.attestation event: "ok", "alert" (a connection outside) or "incomplete"."""
     payload = snapshot(policy, members)
-    fingerprint, signature = keys.sign(canonical(payload))
+    fingerprint, signature = keys.sign(canonical_bytes(payload))
     outcome = "alert" if payload["outside"] else "incomplete" if payload["unreadable"] else "ok"
     return ledger.append("network.attestation", actor=actor, outcome=outcome, details={
         "snapshot": payload, "key": fingerprint, "signature": base64.b64encode(signature).decode()})
@@ -138,10 +139,7 @@ def at_process_start(name: str) -> "ledger.AuditEvent":
 
 def signature_valid(details: dict) -> bool:
     """Return whether an attestation event's snapshot carries a valid signature by a box key."""
-    from audit.models import SigningKey
-    from audit.verifier import ed25519_verify
-
     key = SigningKey.objects.filter(fingerprint=details.get("key")).first()
     return key is not None and ed25519_verify(bytes(key.public_key), base64.b64decode(details.get("signature", "")),
-                                              canonical(details.get("snapshot")))
+                                              canonical_bytes(details.get("snapshot")))
 

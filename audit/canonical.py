@@ -14,6 +14,13 @@ from typing import Any
 def canonical_bytes(obj: Any) -> bytes:
     """Return the canonical UTF-8 JSON bytes of obj; raise ValueError on floats and the like."""
     _check(obj, "$")
+    return json_bytes(obj)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Return obj in the canonical layout without its checks: for data the box keeps encrypted and reads back
+    itself (transcripts, stored responses), never hashed or signed, where a NUL a user typed is text like any
+    other."""
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")

@@ -261,6 +261,8 @@ def _record_forever(pending: collections.deque) -> None:
 
 def _record(action: str, target: str, outcome: str, details: dict) -> None:
     """Append one guard event, waiting for Django's apps to be ready."""
+    # Imported here: the guard is installed before Django is set up (it must precede every import that could
+    # open a socket), so the ledger is reached only once an event has to be written.
     from django.apps import apps
 
     deadline = time.monotonic() + 600

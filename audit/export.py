@@ -1,4 +1,5 @@
 """Write a compliance export: events, signed checkpoints, proofs, keys, report and verify.py in one zip."""
+import base64
 import json
 import zipfile
 from datetime import datetime, timezone
@@ -7,10 +8,12 @@ from pathlib import Path
 from django.conf import settings
 
 from audit import keys, ledger
+from audit.canonical import canonical_bytes
 from audit.checkpoints import make_checkpoint
 from audit.merkle import MerkleTree, leaf_hash
-from audit.models import GENESIS_HASH, AuditEvent, Checkpoint
-from audit.verifier import Key, canonical, open_checkpoint, verify_bundle
+from audit.models import GENESIS_HASH, AuditEvent, Checkpoint, SigningKey
+from audit.report import build_report
+from audit.verifier import Key, Problem, open_checkpoint, verify_bundle
 
 VERIFIER = Path(__file__).with_name("verifier.py")
 AUDITOR_README = Path(__file__).with_name("auditor_readme.txt")
@@ -53,7 +56,7 @@ def export(out: Path, since: datetime, until: datetime | None = None, *, actor: 
         "first_seq": first_seq, "last_seq": last_seq, "prev_hash": prev_hash, "tree_size": size,
         "heartbeat_s": settings.AUDIT_HEARTBEAT_S, "max_gap_s": settings.AUDIT_MAX_GAP_S,
     }
-    manifest_bytes = canonical(manifest)
+    manifest_bytes = canonical_bytes(manifest)
     fingerprint, signature = keys.sign(manifest_bytes, key)
     frontier = tree.frontier(first_seq - 1)
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
@@ -84,8 +87,6 @@ def _after(events, until: datetime) -> int:
 
 def _all_keys() -> list[Key]:
     """Return every signing key the box has had."""
-    from audit.models import SigningKey
-
     return [Key(k.origin, bytes(k.public_key)) for k in SigningKey.objects.order_by("id")]
 
 
@@ -100,15 +101,11 @@ def _checkpoint_notes(since: datetime, until: datetime, final: Checkpoint) -> li
 
 def _b64(data: bytes) -> str:
     """Return data in standard base64."""
-    import base64
-
     return base64.b64encode(data).decode()
 
 
 def _self_check(out: Path, fingerprint: str, since_checkpoint: str | None) -> str:
     """Run the bundle's own verifier over it, so the report states what an auditor will see."""
-    from audit.verifier import Problem
-
     try:
         return verify_bundle(str(out), fingerprint, since_checkpoint)
     except Problem as problem:
@@ -117,8 +114,7 @@ def _self_check(out: Path, fingerprint: str, since_checkpoint: str | None) -> st
 
 def _add_report(out: Path, manifest: dict, bodies: list[bytes], signed: list, status: str) -> None:
     """Append the auditor's report (HTML and PDF) to the bundle."""
-    from audit.report import build_report
-    from audit.report_render import render_html, render_pdf
+    from audit.report_render import render_html, render_pdf  # here: matplotlib and reportlab load only to export
 
     report = build_report(manifest, [json.loads(b) for b in bodies], signed, status,
                           generated=datetime.now(timezone.utc))

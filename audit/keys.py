@@ -11,9 +11,10 @@ from django.conf import settings
 from django.db import router, transaction
 
 from audit import ledger
+from audit.canonical import canonical_bytes
 from audit.kek import derived_key
-from audit.models import SigningKey
-from audit.verifier import ROTATION_STATEMENT, canonical, fingerprint, format_checkpoint_body, key_id
+from audit.models import AuditEvent, SigningKey
+from audit.verifier import ROTATION_STATEMENT, fingerprint, format_checkpoint_body, key_id
 
 
 def _encrypt_private(private: Ed25519PrivateKey, fp: str) -> bytes:
@@ -110,7 +111,7 @@ def rotate(actor: str) -> SigningKey:
             "old_fingerprint": old.fingerprint, "new_fingerprint": new.fingerprint,
             "new_public_key": base64.b64encode(bytes(new.public_key)).decode(),
         }
-        signature = private_key(old).sign(canonical(statement))
+        signature = private_key(old).sign(canonical_bytes(statement))
         ledger.append("audit.key_rotated", actor=actor, target=new.fingerprint,
                       details={**statement, "signature": base64.b64encode(signature).decode()})
         new.save(using=using)
@@ -120,11 +121,11 @@ def rotate(actor: str) -> SigningKey:
 
 def keys_document() -> dict:
     """Return every public key and signed rotation, as exports carry them in keys.json."""
-    from audit.models import AuditEvent
-
     keys = [{"name": k.origin, "fingerprint": k.fingerprint,
              "public_key": base64.b64encode(bytes(k.public_key)).decode(),
              "created_at": k.created_at.isoformat()} for k in SigningKey.objects.order_by("id")]
-    rotations = list(AuditEvent.objects.filter(action="audit.key_rotated").order_by("seq")
-                     .values_list("details", flat=True))
+    # Each rotation as it was signed: the ledger adds the writing node to every event's details, the signed
+    # statement never held it.
+    rotations = [{k: v for k, v in details.items() if k != "node"} for details in AuditEvent.objects.filter(
+        action="audit.key_rotated").order_by("seq").values_list("details", flat=True)]
     return {"keys": keys, "rotations": rotations}

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db import connections, router, transaction
 
 from audit.canonical import canonical_bytes
+from audit.kek import derived_key
 from audit.models import GENESIS_HASH, AuditEvent
 
 # Key of the PostgreSQL advisory lock that serialises appends from every
@@ -32,8 +33,6 @@ def digest(text: str) -> str:
     """Return "hmac-sha256:" and the hex HMAC of text under the box's digest key, to store instead of text."""
     # Keyed, so that nobody holding the ledger can confirm a guess of a short prompt ("yes",
     # a name, a number) by hashing candidates; only the box, asked with the text, can compare.
-    from audit.kek import derived_key
-
     return "hmac-sha256:" + hmac.new(derived_key("digest"), text.encode("utf-8"), hashlib.sha256).hexdigest()
 
 

@@ -11,10 +11,10 @@ from datetime import datetime, timezone
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 
+from audit.canonical import json_bytes
 from audit.kek import derived_key
 from audit.models import StoredResponse, TeamDataKey, TranscriptPolicy
 from audit.transcripts import _data_key, purge_past_retention
-from audit.verifier import canonical
 
 
 class NotStored(LookupError):
@@ -38,7 +38,7 @@ def store(team: str, response_id: str, model: str, conversation: dict) -> Stored
         return None
     key_row, key = _data_key(team)
     nonce = secrets.token_bytes(12)
-    ciphertext = AESGCM(key).encrypt(nonce, canonical(conversation), _aad(team, key_row.pk, response_id))
+    ciphertext = AESGCM(key).encrypt(nonce, json_bytes(conversation), _aad(team, key_row.pk, response_id))
     return StoredResponse.objects.create(response_id=response_id, team=team, data_key_id=key_row.pk,
                                          created_at=datetime.now(timezone.utc), model=model, nonce=nonce,
                                          ciphertext=ciphertext)

@@ -15,9 +15,9 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 
 from audit import ledger
+from audit.canonical import json_bytes
 from audit.kek import derived_key
 from audit.models import TeamDataKey, Transcript, TranscriptPolicy
-from audit.verifier import canonical
 
 READ_PERMISSION = "audit.read_transcript"
 
@@ -57,7 +57,7 @@ def _encrypt_and_store(data_key: tuple[TeamDataKey, bytes], team: str, model: st
     key_row, key = data_key
     nonce = secrets.token_bytes(12)
     now = datetime.now(timezone.utc)
-    plaintext = canonical({"messages": messages, "completion": completion})
+    plaintext = json_bytes({"messages": messages, "completion": completion})
     ciphertext = AESGCM(key).encrypt(nonce, plaintext, _aad(team, key_row.pk))
     return Transcript.objects.create(team=team, data_key_id=key_row.pk, created_at=now, model=model,
                                      nonce=nonce, ciphertext=ciphertext)

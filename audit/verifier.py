@@ -16,6 +16,9 @@ import sys
 import zipfile
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 GENESIS_HASH = "0" * 64
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 ROTATION_STATEMENT = "llm-appliance audit key rotation v1"
@@ -142,7 +145,28 @@ class NoteError(ValueError):
 
 
 def canonical(obj) -> bytes:
-    """Return the canonical JSON bytes the appliance hashes and signs."""
+    """Return the canonical JSON bytes the appliance hashes and signs; raise ValueError on what they cannot hold.
+
+    The rules of the appliance's audit/canonical.py, restated because this file must run alone: integers,
+    strings without NUL, booleans, null, lists and objects with string keys; no floats (they have no single
+    textual form). The appliance's tests check that the two give the same bytes and refuse the same values.
+    """
+    pending = [obj]
+    while pending:  # a loop, not recursion: a bundle's nesting is the attacker's choice
+        value = pending.pop()
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str):
+                    raise ValueError(f"key {key!r} is not a string")
+            pending.extend(value)
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError("NUL characters are not allowed in audit data")
+        elif not (value is None or isinstance(value, (bool, int))):
+            raise ValueError(f"{type(value).__name__} is not allowed in audit data")
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -164,9 +188,6 @@ def key_id(name: str, public_key: bytes) -> bytes:
 
 def ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     """Return whether signature is a valid Ed25519 signature of message."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
         return True

@@ -91,3 +91,43 @@ def usage_charts(buckets, label_format: str) -> list[SafeString]:
         chart("Errors and refusals", labels, {"failed": [b.failed for b in buckets],
                                               "refused": [b.refused for b in buckets]}),
     ]
+
+
+def expert_heatmap(snap: dict, *, cell: int = 14) -> SafeString:
+    """Return an SVG of an engine's MoE telemetry (inference.engine.telemetry.snapshot): tokens per expert per
+    layer as a heat map, and the idle fraction of recent steps."""
+    title = escape(f"{snap.get('model', '')}: tokens per expert")
+    if not snap.get("moe"):
+        return mark_safe(f'<svg xmlns="http://www.w3.org/2000/svg" width="360" height="40" role="img">'
+                f'<text x="4" y="24" font-family="sans-serif" font-size="13">{escape(snap.get("model", ""))}: '
+                f"not a mixture-of-experts model</text></svg>")  # the model's name is escaped
+    layers, experts = snap["layers"], snap["num_experts"]
+    left, top = 70, 34
+    width = left + experts * cell + 20
+    spark_top = top + len(layers) * cell + 30
+    height = spark_top + 80
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+           f'font-family="sans-serif" font-size="11"><title>{title}</title>',
+           f'<text x="4" y="16" font-size="13">{title} (darker = more tokens)</text>']
+    for row, layer in enumerate(layers):
+        counts = layer["expert_tokens"]
+        peak = max(counts) or 1
+        y = top + row * cell
+        out.append(f'<text x="4" y="{y + cell - 3}">layer {layer["layer"]}</text>')
+        for e, n in enumerate(counts):
+            shade = 255 - int(215 * n / peak)
+            out.append(f'<rect x="{left + e * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
+                       f'fill="rgb({shade},{shade},255)"><title>layer {layer["layer"]}, expert {e}: {n} tokens'
+                       f"</title></rect>")
+    idle = snap.get("idle_fraction")
+    label = "n/a" if idle is None else f"{100 * idle:.0f}%"
+    out.append(f'<text x="4" y="{spark_top - 8}">idle experts per step, last {len(snap["recent"])} steps '
+               f"(mean {label})</text>")
+    recent = [r["idle_fraction"] for r in snap["recent"]]
+    if recent:
+        step = (width - left - 20) / max(1, len(recent) - 1)
+        points = " ".join(f"{left + i * step:.1f},{spark_top + 60 - 60 * v:.1f}" for i, v in enumerate(recent))
+        out.append(f'<polyline fill="none" stroke="#c33" stroke-width="1.5" points="{points}"/>')
+    out.append(f'<text x="4" y="{spark_top + 10}">100%</text><text x="4" y="{spark_top + 64}">0%</text>')
+    out.append("</svg>")
+    return mark_safe("".join(out))  # the only text from outside, the model's name, is escaped

@@ -9,7 +9,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from audit import ledger
-from audit.models import AuditEvent
+from audit.models import AuditEvent, Checkpoint
 from appliance import engine_client
 
 from .. import usage
@@ -38,7 +38,7 @@ def engine_stats(name: str) -> dict:
 def gpus() -> list[dict]:
     """Return each visible CUDA device with its memory, or [] without CUDA."""
     try:
-        import torch
+        import torch  # here: optional to the console; without it there are no GPUs to show
     except ImportError:
         return []
     if not torch.cuda.is_available():
@@ -111,16 +111,9 @@ def ledger_state() -> dict:
 
 
 def last_checkpoint():
-    """Return the newest audit checkpoint, or None (also before audit/ has checkpoints at all)."""
+    """Return the newest audit checkpoint, or None."""
     try:
-        from audit import models as audit_models
-    except ImportError:
-        return None
-    model = getattr(audit_models, "Checkpoint", None)
-    if model is None:
-        return None
-    try:
-        return model.objects.order_by("-pk").first()
+        return Checkpoint.objects.order_by("-pk").first()
     except Exception:  # the table may not be migrated yet on this box
         log.exception("reading the last checkpoint failed")
         return None

@@ -28,6 +28,8 @@ __all__ = ["Chunk", "Engine", "EngineBusy", "EngineClosed", "EngineConfig", "Pro
 
 def __getattr__(name: str):
     if name == "Engine":
+        # Here: core pulls in transformers' model code, which the web process (it imports this package for its
+        # config and wire types) never needs.
         from inference.engine.core import Engine
 
         return Engine

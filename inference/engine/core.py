@@ -374,8 +374,6 @@ class Engine:
             state.constraint.advance(token)
         if state.token_counts is not None:
             state.token_counts[token] += 1
-        if state.first_token_at is None:
-            state.first_token_at = time.monotonic()
         if token in self.eos_token_ids or token in state.params.stop_token_ids:
             text, _ = state.text.finish()  # the EOS token itself has no text; only held-back text remains
             return self._retire(state, "stop", text=text)

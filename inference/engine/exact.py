@@ -58,14 +58,6 @@ class StepLayout:
     mode: str = field(default="layout", repr=False)
 
     @cached_property
-    def token_starts(self) -> list[int]:
-        return _starts(self.token_lengths)
-
-    @cached_property
-    def history_starts(self) -> list[int]:
-        return _starts(self.history_lengths)
-
-    @cached_property
     def n_tokens(self) -> int:
         return sum(self.token_lengths)
 
@@ -81,14 +73,6 @@ class StepLayout:
     @cached_property
     def history_runs(self) -> list[tuple[int, int, bool]]:
         return _runs(self.history_lengths)
-
-
-def _starts(lengths: list[int]) -> list[int]:
-    starts, at = [], 0
-    for n in lengths:
-        starts.append(at)
-        at += n
-    return starts
 
 
 def _runs(lengths: list[int]) -> list[tuple[int, int, bool]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 def load_tokenizer(model_dir: str | Path):
     """Return the model directory's tokenizer, from local files only and without the model's own code."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # here: transformers loads only when a tokenizer is needed
 
     return AutoTokenizer.from_pretrained(Path(model_dir), local_files_only=True, trust_remote_code=False)
 

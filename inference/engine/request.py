@@ -127,7 +127,8 @@ class RequestStatus(enum.Enum):
 
 @dataclass(eq=False)
 class RequestState:
-    """Everything the engine knows about one request; status changes stamp the time (monotonic seconds)."""
+    """Everything the engine knows about one request; its first start and its finish stamp the time (monotonic
+    seconds). The API measures queue time and time to first token itself, on the web side."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -140,9 +141,7 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
-    queued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
-    first_token_at: float | None = None
+    started_at: float | None = None  # also tells the scheduler whether the request was ever admitted
     finished_at: float | None = None
     # Set from the asyncio side (client gone); read by the worker between steps.
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -219,13 +218,3 @@ class RequestState:
             logprobs, self.pending_logprobs = self.pending_logprobs, []
         return Chunk(text, self.finish_reason, len(self.prompt_ids), len(self.output_ids), self.error,
                      self.cached_tokens, logprobs)
-
-    @property
-    def queue_seconds(self) -> float | None:
-        """Return how long the request waited before the worker took it."""
-        return None if self.started_at is None else self.started_at - self.queued_at
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        """Return the time from arrival to the first generated token."""
-        return None if self.first_token_at is None else self.first_token_at - self.queued_at

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from inference.engine import wire
 from inference.engine.config import EngineConfig
+from inference.engine.core import Engine
+from inference.fit import count_parameters, measure_kv_bytes_per_token, measure_weights
 
 log = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.5  # how often the web process's view of queue depth, KV use and MoE telemetry is refreshed
@@ -23,8 +25,6 @@ STATS_INTERVAL_S = 0.5  # how often the web process's view of queue depth, KV us
 
 def measured_allocation(engine) -> dict:
     """Return what the loaded model really holds (parameters, weight bytes, KV bytes per token), for the console."""
-    from inference.fit import count_parameters, measure_kv_bytes_per_token, measure_weights
-
     model = engine.model
     return {
         "parameters": count_parameters(model),
@@ -122,8 +122,6 @@ class EngineServer:
 
 async def serve_async(sock: socket.socket, model_dir: Path, config: EngineConfig, process: dict) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=wire.MAX_FRAME_BYTES)
-    from inference.engine.core import Engine
-
     try:
         engine = Engine(model_dir, config)
     except Exception as exc:

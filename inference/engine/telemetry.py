@@ -4,13 +4,12 @@ A forward pre-hook on every experts module counts its top-k routing (one `bincou
 sync); the engine closes each step with one copy of the [layers, experts] counts to the host. From those
 come, per step and layer, the fraction of experts that received no token and the tokens per active expert,
 and over the deployment's life the hottest and coldest experts. `snapshot(engine)` is what the console and
-/metrics read; `render_expert_chart_svg(snapshot)` draws it without JavaScript.
+/metrics read: numbers only, which the console draws (appliance.console.charts.expert_heatmap).
 """
 
 from __future__ import annotations
 
 import collections
-import html
 import re
 import threading
 
@@ -121,42 +120,3 @@ def snapshot(engine) -> dict:
     probe = getattr(engine, "probe", None)
     data = probe.snapshot() if probe is not None else {"moe": False}
     return {"model": engine.model_dir.name, **data}
-
-
-def render_expert_chart_svg(snap: dict, *, cell: int = 14) -> str:
-    """Return an SVG: tokens per expert per layer as a heat map, and the idle fraction of recent steps."""
-    title = html.escape(f"{snap.get('model', '')}: tokens per expert")
-    if not snap.get("moe"):
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="360" height="40" role="img">'
-                f'<text x="4" y="24" font-family="sans-serif" font-size="13">{html.escape(snap.get("model", ""))}: '
-                f"not a mixture-of-experts model</text></svg>")
-    layers, experts = snap["layers"], snap["num_experts"]
-    left, top = 70, 34
-    width = left + experts * cell + 20
-    spark_top = top + len(layers) * cell + 30
-    height = spark_top + 80
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-           f'font-family="sans-serif" font-size="11"><title>{title}</title>',
-           f'<text x="4" y="16" font-size="13">{title} (darker = more tokens)</text>']
-    for row, layer in enumerate(layers):
-        counts = layer["expert_tokens"]
-        peak = max(counts) or 1
-        y = top + row * cell
-        out.append(f'<text x="4" y="{y + cell - 3}">layer {layer["layer"]}</text>')
-        for e, n in enumerate(counts):
-            shade = 255 - int(215 * n / peak)
-            out.append(f'<rect x="{left + e * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
-                       f'fill="rgb({shade},{shade},255)"><title>layer {layer["layer"]}, expert {e}: {n} tokens'
-                       f"</title></rect>")
-    idle = snap.get("idle_fraction")
-    label = "n/a" if idle is None else f"{100 * idle:.0f}%"
-    out.append(f'<text x="4" y="{spark_top - 8}">idle experts per step, last {len(snap["recent"])} steps '
-               f"(mean {label})</text>")
-    recent = [r["idle_fraction"] for r in snap["recent"]]
-    if recent:
-        step = (width - left - 20) / max(1, len(recent) - 1)
-        points = " ".join(f"{left + i * step:.1f},{spark_top + 60 - 60 * v:.1f}" for i, v in enumerate(recent))
-        out.append(f'<polyline fill="none" stroke="#c33" stroke-width="1.5" points="{points}"/>')
-    out.append(f'<text x="4" y="{spark_top + 10}">100%</text><text x="4" y="{spark_top + 64}">0%</text>')
-    out.append("</svg>")
-    return "".join(out)

@@ -8,6 +8,7 @@ same tied weights, the same fused expert tensors (transformers 5 stores a layer'
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
+
+from .source import config_from_dict
 
 COMPONENTS = (
     "embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms", "lm_head", "other",
@@ -226,9 +229,6 @@ def _mtp_params(acc: Accounting, config: PreTrainedConfig) -> tuple[int, int]:
 @lru_cache(maxsize=8)
 def _cached_meta(config_json: str, dtype: torch.dtype) -> PreTrainedModel:
     """Return a meta model for a config serialised as JSON (meta models hold no memory, so caching is cheap)."""
-    from .source import config_from_dict
-    import json
-
     return build_meta_model(config_from_dict(json.loads(config_json)), dtype)
 
 

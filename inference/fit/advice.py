@@ -12,6 +12,7 @@ from functools import lru_cache
 from . import alternatives, calibration
 from .hardware import HardwareSpec, parse_hardware
 from .profile import ModelProfile
+from .report import analyze
 from .source import DISTILLED, is_full_size
 from .workload import Workload, parse_workload
 
@@ -54,8 +55,6 @@ def _profiles(report) -> tuple[dict[str, ModelProfile], str, str, str]:
 @lru_cache(maxsize=8)
 def distilled_profile(name: str) -> ModelProfile:
     """Return the stored-dtype profile of a shipped distilled model (built once on the meta device)."""
-    from .report import analyze
-
     return ModelProfile.from_dict(analyze(name, "cpu:64G", 4096, "stored").profiles["stored"])
 
 
@@ -197,6 +196,6 @@ def _point_profile(model: str, dtype: str) -> ModelProfile:
 
 def throughput_chart(report, request: Request, hw: HardwareSpec | None = None) -> bytes:
     """Return the PNG of predicted throughput against concurrency with the published points drawn on it."""
-    from .charts import render_throughput_chart
+    from .charts import render_throughput_chart  # here: matplotlib loads only to draw
 
     return render_throughput_chart(curves(report, request, hw))

@@ -8,6 +8,7 @@ fitted them; the advisor reads them from there and never fits at run time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from functools import lru_cache
@@ -16,6 +17,7 @@ from pathlib import Path
 from .hardware import HardwareSpec, parse_hardware
 from .parallel import parse_plan
 from .profile import ModelProfile
+from .report import analyze
 from .throughput import EngineParams, predict
 from .workload import Workload
 
@@ -142,8 +144,6 @@ def _grid(lo: float, hi: float, steps: int) -> list[float]:
 
 def fit_engine(points: list[dict], profiles: dict, checks: list[dict] | None = None) -> dict:
     """Return the factors minimising the log error over `points` (a grid search, refined twice: deterministic)."""
-    import itertools
-
     bounds = dict(GRID)
     best: tuple[float, tuple | None] = (math.inf, None)
     for round_ in range(3):
@@ -208,8 +208,6 @@ def needed_profiles() -> set[tuple[str, str]]:
 
 def load_profiles(pairs=None) -> dict:
     """Return the throughput profile of each (model, dtype), built on the meta device (needs torch)."""
-    from .report import analyze
-
     out = {}
     for model, dtype in sorted(pairs or needed_profiles()):
         report = analyze(model, "cpu:64G", 4096, dtype)

@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # no display on a server; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .report import FitReport  # noqa: E402
+from .roofline import OFFLOAD  # noqa: E402
 
 _COLOURS = {"routed_experts": "#c0504d", "shared_experts": "#f79646", "attention": "#4f81bd", "dense_mlp": "#9bbb59",
             "embedding": "#8064a2", "lm_head": "#4bacc6", "router": "#7f7f7f", "norms": "#bfbfbf", "buffers": "#d9d9d9",
@@ -26,8 +27,6 @@ def _png(fig) -> bytes:
 
 def render_memory_chart(report: FitReport, concurrency: int | None = None) -> bytes:
     """Return a PNG: device memory split into weights by component, KV at the chosen context, headroom."""
-    from .roofline import OFFLOAD
-
     v = report.verdict
     seqs = max(1, concurrency if concurrency is not None else v["max_concurrent"])
     kv_gb = seqs * report.context * report.kv_bytes_per_token["engine"] / 1e9

@@ -17,7 +17,7 @@ from .profile import build_profile
 from .memory import DTYPE_BYTES, PLANNED_DTYPES, KvLayout, kv_layout, normalise_dtype, weight_bytes
 from .roofline import (GB, OFFLOAD, RUNTIME_RESERVE_GB_PER_GPU, ActivationModel, Budget, decode_bound,
                        prefill_bound, step_cost, verdict)
-from .source import ModelSource, load_source
+from .source import ModelSource, config_from_dict, load_source
 
 DECODE_BATCHES = (1, 8, 32, 128, 512)
 EXPERT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -62,8 +62,6 @@ class FitReport:
 @lru_cache(maxsize=16)
 def _activation_model(config_json: str, prefill_tokens: int) -> ActivationModel:
     """Return the meta-measured activation model of an architecture (cached: about a second per forward)."""
-    from .source import config_from_dict
-
     model = meta_model_for(config_from_dict(json.loads(config_json)), torch.bfloat16)
     prefill = meta_forward_peak(model, 1, prefill_tokens)
     # Two decode steps that differ only in batch give the per-(sequence x cached token) slope.

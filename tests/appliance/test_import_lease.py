@@ -47,7 +47,7 @@ def test_an_expired_lease_is_failed_with_the_reason_and_its_partial_files_remove
         demo_dir, django_capture_on_commit_callbacks, settings):
     variant = queue(demo_dir, django_capture_on_commit_callbacks)
     partial = held_by_a_dead_worker(variant, settings, expired=True)
-    assert importer.reclaim_stale_imports() == ["demo-dense"]
+    assert actions.do_reclaim_stale_imports(actor=importer.ACTOR) == ["demo-dense"]
     variant.refresh_from_db()
     assert variant.status == VariantStatus.FAILED
     assert "the worker importing it (gone-host:4242) stopped: its lease expired" in variant.status_detail
@@ -60,7 +60,7 @@ def test_an_expired_lease_is_failed_with_the_reason_and_its_partial_files_remove
 def test_a_live_lease_is_left_alone(demo_dir, django_capture_on_commit_callbacks, settings):
     variant = queue(demo_dir, django_capture_on_commit_callbacks)
     partial = held_by_a_dead_worker(variant, settings, expired=False)
-    assert importer.reclaim_stale_imports() == []
+    assert actions.do_reclaim_stale_imports(actor=importer.ACTOR) == []
     variant.refresh_from_db()
     assert variant.status == VariantStatus.IMPORTING and partial.exists()
 

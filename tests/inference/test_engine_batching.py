@@ -206,7 +206,8 @@ def test_frequency_penalty_stops_a_greedy_loop(engines: dict[str, Engine]) -> No
 
 
 def test_moe_telemetry_counts_every_routed_token(engines: dict[str, Engine]) -> None:
-    from inference.engine.telemetry import render_expert_chart_svg, snapshot
+    from appliance.console.charts import expert_heatmap
+    from inference.engine.telemetry import snapshot
 
     engine = engines["demo-moe"]
     before = snapshot(engine)
@@ -222,16 +223,17 @@ def test_moe_telemetry_counts_every_routed_token(engines: dict[str, Engine]) -> 
         assert 0 <= layer["idle_fraction"] <= 1
         assert layer["tokens_per_active_expert"] >= 1
         assert layer["hottest"][0][1] >= layer["coldest"][0][1]
-    svg = render_expert_chart_svg(after)
+    svg = expert_heatmap(after)  # the engine gives numbers; the console draws them
     assert svg.startswith("<svg") and "layer 2" in svg and "<script" not in svg
 
 
 def test_dense_models_report_no_moe_telemetry(engines: dict[str, Engine]) -> None:
-    from inference.engine.telemetry import render_expert_chart_svg, snapshot
+    from appliance.console.charts import expert_heatmap
+    from inference.engine.telemetry import snapshot
 
     snap = snapshot(engines["demo-dense"])
     assert snap == {"model": "demo-dense", "moe": False}
-    assert "not a mixture-of-experts model" in render_expert_chart_svg(snap)
+    assert "not a mixture-of-experts model" in expert_heatmap(snap)
 
 
 @pytest.mark.gpu

@@ -36,7 +36,7 @@ class Command(BaseCommand):
 
     def handle(self, model, hardware, context, dtype, workload, engine, plan, json: bool, charts, vllm_flags,
                head_address, **options):
-        from inference.fit import advice
+        from inference.fit import advice  # here: torch and transformers load only when the command runs
 
         if vllm_flags:
             return self.print_vllm_flags(model, hardware, plan, context, dtype, head_address)

@@ -62,7 +62,7 @@ class Command(BaseCommand):
 
     def wait_with_progress(self, variant, timeout: float, *, show: bool):
         """Wait for the worker, drawing its progress (phase, bytes done and rate) as a bar on a terminal."""
-        from tqdm import tqdm
+        from tqdm import tqdm  # here: only --wait draws a bar; every other use of the command does without it
 
         bar = tqdm(total=100, unit="%", desc=variant.name, disable=not show, file=sys.stderr,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
