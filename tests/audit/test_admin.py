@@ -1,4 +1,5 @@
 import pytest
+from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth.models import User
 from django.test import RequestFactory
@@ -31,5 +32,6 @@ def test_admin_shows_details_as_indented_escaped_json():
     model_admin = admin.site._registry[AuditEvent]
     event = append("chat.completion", actor="team:research", details={"b": "<x>", "a": 1})
     assert model_admin.details_pretty(event) == (
-        '<pre>{\n  &quot;a&quot;: 1,\n  &quot;b&quot;: &quot;&lt;x&gt;&quot;\n}</pre>'
+        '<pre>{\n  &quot;a&quot;: 1,\n  &quot;b&quot;: &quot;&lt;x&gt;&quot;,\n'
+        f'  &quot;node&quot;: &quot;{settings.AUDIT_NODE}&quot;\n}}</pre>'
     )

@@ -3,6 +3,7 @@ import hmac
 import json
 
 import pytest
+from django.conf import settings
 from django.db import transaction
 
 from audit.canonical import canonical_bytes
@@ -43,7 +44,7 @@ def test_body_holds_every_field_of_the_event():
         "action": "deployment.load",
         "target": "tiny",
         "outcome": "ok",
-        "details": {"gpus": [0, 1]},
+        "details": {"gpus": [0, 1], "node": settings.AUDIT_NODE},  # the node that wrote it, in every event
         "prev_hash": GENESIS_HASH,
     }
 
