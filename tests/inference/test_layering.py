@@ -24,8 +24,15 @@ def imported_modules(path: Path) -> set[str]:
 def test_inference_imports_no_django_registry_or_ledger():
     sources = sorted(ROOT.rglob("*.py"))
     assert len(sources) > 20  # the walk found the package, not an empty folder
-    offenders = {str(p.relative_to(ROOT)): sorted(imported_modules(p) & set(FORBIDDEN)) for p in sources}
+    offenders = {str(p.relative_to(ROOT)): sorted(imported_modules(p) & set(FORBIDDEN) - GUARD_USERS.get(
+        str(p.relative_to(ROOT)), set())) for p in sources}
     assert {p: names for p, names in offenders.items() if names} == {}
+
+
+# The vLLM launcher installs the appliance's egress guard (audit.egress: Django only inside a function, where a
+# Django process records to the ledger) in vLLM's own interpreter before vLLM's code runs; it is the one module
+# here that may import from audit.
+GUARD_USERS = {"vllm_guard.py": {"audit"}}
 
 
 def test_the_rule_catches_a_django_import(tmp_path):

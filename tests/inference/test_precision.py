@@ -121,7 +121,8 @@ def test_smaller_formats_hold_fewer_weight_bytes(demo_dir: Path):
             sizes[precision] = engine.describe()["weight_bytes"]
     # Halved but for the few small float32 buffers that stay (rotary frequencies, the routers' score bias).
     assert sizes["bfloat16"] < 0.51 * sizes["float32"]
-    assert sizes["int8"] < 0.7 * sizes["bfloat16"]
+    # int8 keeps embeddings and the head in the compute type: bfloat16 where the CPU has it, else float32.
+    assert sizes["int8"] < sizes["bfloat16"] and sizes["int8"] < 0.5 * sizes["float32"]
 
 
 async def _tokens(engine: Engine, prompt: list[int]) -> list[int]:
