@@ -6,6 +6,7 @@ crosses to the engine), so both load the tokenizer the same way, here.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from pathlib import Path
@@ -61,6 +62,7 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
     return ids
 
 
+@functools.lru_cache(maxsize=64)  # per tokenizer object (hashed by identity): once per model, not per request
 def control_spellings(tokenizer) -> tuple[str, ...]:
     """Return the spellings of the tokenizer's special tokens (the ones its encoder matches whole in text)."""
     return tuple(sorted({added.content for added in tokenizer.added_tokens_decoder.values()
