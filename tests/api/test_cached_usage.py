@@ -9,7 +9,6 @@ import pytest
 from django.test import AsyncClient
 
 from appliance import engine_client
-from appliance.api.settlement import _ledger_writer
 from appliance.api.gatekeeper import Admission, Caller, Gatekeeper, gatekeeper
 from inference.engine import Engine
 from tests.audit.tamper import wipe_ledger
@@ -54,7 +53,6 @@ def cached_api(transactional_db, settings, plain_engine: Engine):
     yield "api-cached"
     engine_client.unregister("api-cached")
     gatekeeper.cache_clear()
-    _ledger_writer.submit(lambda: None).result()  # the requests' ledger events are written on its thread
     wipe_ledger()
 
 

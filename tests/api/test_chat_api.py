@@ -15,7 +15,7 @@ from appliance.api.settlement import admit_on_gate
 from appliance.api.views import Exchange, sse
 from inference.engine import Engine
 from appliance.api.gatekeeper import Admission, Caller, Gatekeeper, UsageReport, gatekeeper
-from tests.audit.tamper import wipe_ledger
+from tests.audit.tamper import wipe_ledger, write_queued_events
 from tests.inference.conftest import run
 
 KEY = "sk-box-chat-api-test"
@@ -219,12 +219,10 @@ def test_a_failed_stream_ends_with_an_error_event(broken) -> None:
 
 
 def test_each_admitted_request_is_settled_with_its_usage(api) -> None:
-    from appliance.api.settlement import _ledger_writer
-
     SETTLED.clear()
     post(chat(api, max_tokens=5, temperature=0))
     post(chat(api, max_tokens=2040))  # admitted, then refused by the engine (context)
-    _ledger_writer.submit(lambda: None).result()  # settle() runs on the ledger thread, in order
+    write_queued_events()  # settle() runs on the ledger thread, in order
     ok, refused = SETTLED
     assert (ok.model, ok.completion_tokens, ok.outcome) == (api, 5, "ok")
     assert ok.prompt_tokens > 0 and ok.ttft_ms is not None and ok.latency_ms >= ok.ttft_ms
@@ -380,18 +378,14 @@ def test_text_the_tokenizer_refuses_is_a_400_naming_the_message(picky) -> None:
 
 
 def test_a_model_that_is_not_loaded_is_a_503_counted_as_failed(api) -> None:
-    from appliance.api.settlement import _ledger_writer
-
     SETTLED.clear()
     status, _, answer = post(chat("registered-but-not-loaded"))
     assert (status, answer["error"]["code"]) == (503, "model_not_loaded")
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     assert [r.outcome for r in SETTLED] == ["failed"]
 
 
 def test_a_stream_read_to_done_is_settled_ok_before_done_is_sent(api) -> None:
-    from appliance.api.settlement import _ledger_writer
-
     async def go():
         response = await AsyncClient().post("/v1/chat/completions", json.dumps(chat(api, max_tokens=3, stream=True)),
                                             content_type="application/json", **AUTH)
@@ -406,13 +400,12 @@ def test_a_stream_read_to_done_is_settled_ok_before_done_is_sent(api) -> None:
     SETTLED.clear()
     raw = run(go())
     assert raw.endswith(b"data: [DONE]\n\n")
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     assert [(r.outcome, r.completion_tokens) for r in SETTLED] == [("ok", 3)]
 
 
 def test_an_admitted_request_is_recorded_in_flight_until_it_is_settled(api) -> None:
     from audit.models import InFlightRequest
-    from appliance.api.settlement import _ledger_writer
 
     def in_flight(request_id: str) -> bool:
         return InFlightRequest.objects.filter(request_id=request_id).exists()
@@ -429,7 +422,7 @@ def test_an_admitted_request_is_recorded_in_flight_until_it_is_settled(api) -> N
 
     request_id, during = run(go())
     assert during  # written in the admission's own transaction, before the first byte went out
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     assert not in_flight(request_id)
 
 
@@ -449,14 +442,12 @@ def server_errors(status: str) -> float:
 
 
 def test_an_unexpected_error_after_admission_is_a_500_counted_as_failed(faulty) -> None:
-    from appliance.api.settlement import _ledger_writer
-
     SETTLED.clear()
     before = server_errors("500")
     status, _, answer = post(chat(faulty))
     assert (status, answer["error"]["type"]) == (500, "server_error")
     assert "division" not in answer["error"]["message"]  # the client learns nothing of the internals
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     assert [r.outcome for r in SETTLED] == ["failed"]
     assert server_errors("500") == before + 1
 
@@ -470,7 +461,6 @@ class UnreachableGatekeeper(OneKeyGatekeeper):
 
 def test_a_500_before_admission_is_an_api_error_event_and_counted(api, settings) -> None:
     from audit.models import AuditEvent
-    from appliance.api.settlement import _ledger_writer
 
     settings.API_GATEKEEPER = f"{__name__}.UnreachableGatekeeper"
     gatekeeper.cache_clear()
@@ -478,7 +468,7 @@ def test_a_500_before_admission_is_an_api_error_event_and_counted(api, settings)
     status, _, answer = post(chat(api))
     assert (status, answer["error"]["type"]) == (500, "server_error")
     assert "unreachable" not in answer["error"]["message"]
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     event = AuditEvent.objects.get(action="api.error")
     assert (event.target, event.details["in_usage"], event.details["error"]) == (
         "/v1/chat/completions", False, "RuntimeError")

@@ -17,28 +17,22 @@ from tests.api.test_completions import complete
 from tests.api.test_reasoning import think_engine, thinker  # noqa: F401  (fixtures)
 from tests.api.test_tool_calls import ASK, TOOLS, WEATHER, streamed_calls, tool_engine, tooled  # noqa: F401
 from appliance.api.choices import MAX_CHOICES, submit_choices
-from appliance.api.settlement import _ledger_writer
 from inference.engine import Engine
 from inference.engine.request import SamplingParams
 from tests.inference.conftest import run
-
-
-@pytest.fixture
-def served(api):
-    yield api
-    _ledger_writer.submit(lambda: None).result()  # a stream's event is queued, not awaited
+from tests.audit.tamper import write_queued_events
 
 
 def ledger_event(request_id: str) -> dict:
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     return next(e.details for e in AuditEvent.objects.filter(action="chat.completion")
                 if e.details.get("request_id") == request_id)
 
 
-def test_n_choices_each_with_its_index_and_usage_counting_the_prompt_once(served) -> None:
+def test_n_choices_each_with_its_index_and_usage_counting_the_prompt_once(api) -> None:
     SETTLED.clear()
-    status, _, one = post(chat(served, max_tokens=6, temperature=1.0, seed=11))
-    status, _, three = post(chat(served, max_tokens=6, temperature=1.0, seed=11, n=3, logprobs=True))
+    status, _, one = post(chat(api, max_tokens=6, temperature=1.0, seed=11))
+    status, _, three = post(chat(api, max_tokens=6, temperature=1.0, seed=11, n=3, logprobs=True))
     assert status == 200
     assert [c["index"] for c in three["choices"]] == [0, 1, 2]
     assert all(c["finish_reason"] in ("stop", "length") for c in three["choices"])
@@ -59,20 +53,20 @@ def test_n_choices_each_with_its_index_and_usage_counting_the_prompt_once(served
     assert details["finish_reasons"] == [c["finish_reason"] for c in three["choices"]]
 
 
-def test_choice_i_with_a_seed_is_the_answer_of_seed_plus_i(served) -> None:
-    _, _, three = post(chat(served, max_tokens=8, temperature=1.0, seed=40, n=3))
+def test_choice_i_with_a_seed_is_the_answer_of_seed_plus_i(api) -> None:
+    _, _, three = post(chat(api, max_tokens=8, temperature=1.0, seed=40, n=3))
     for i in range(3):
-        _, _, alone = post(chat(served, max_tokens=8, temperature=1.0, seed=40 + i))
+        _, _, alone = post(chat(api, max_tokens=8, temperature=1.0, seed=40 + i))
         assert three["choices"][i]["message"]["content"] == alone["choices"][0]["message"]["content"]
 
 
-def test_greedy_choices_are_equal(served) -> None:
-    _, _, body = post(chat(served, max_tokens=6, temperature=0, n=2))
+def test_greedy_choices_are_equal(api) -> None:
+    _, _, body = post(chat(api, max_tokens=6, temperature=0, n=2))
     assert body["choices"][0]["message"] == body["choices"][1]["message"]
 
 
-def test_a_stream_sends_each_choice_under_its_index(served) -> None:
-    status, _, events = post(chat(served, max_tokens=6, temperature=1.0, seed=3, n=3, stream=True,
+def test_a_stream_sends_each_choice_under_its_index(api) -> None:
+    status, _, events = post(chat(api, max_tokens=6, temperature=1.0, seed=3, n=3, stream=True,
                                   stream_options={"include_usage": True}))
     assert status == 200 and events[-1] == "[DONE]"
     # Every choice opens (its role) in index order before any sends text, as the SDK's stream helper needs.
@@ -87,14 +81,14 @@ def test_a_stream_sends_each_choice_under_its_index(served) -> None:
         texts[i] += choice["delta"].get("content") or ""
         finishes[i] = choice["finish_reason"]
     assert roles == [1, 1, 1] and all(f in ("stop", "length") for f in finishes)
-    _, _, whole = post(chat(served, max_tokens=6, temperature=1.0, seed=3, n=3))
+    _, _, whole = post(chat(api, max_tokens=6, temperature=1.0, seed=3, n=3))
     assert texts == [c["message"]["content"] for c in whole["choices"]]
     assert events[-2]["choices"] == [] and events[-2]["usage"] == whole["usage"]
 
 
 @pytest.mark.parametrize("n", [9, 0])
-def test_n_outside_1_to_8_is_a_400_naming_n(served, n: int) -> None:
-    status, _, body = post(chat(served, max_tokens=2, n=n))
+def test_n_outside_1_to_8_is_a_400_naming_n(api, n: int) -> None:
+    status, _, body = post(chat(api, max_tokens=2, n=n))
     assert status == 400 and body["error"]["param"] == "n"
 
 
@@ -204,7 +198,7 @@ def test_a_client_leaving_a_stream_of_choices_stops_every_choice(endless) -> Non
         await until_engine(endless, running=0, waiting=0)
 
     run(go())
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     assert endless.describe()["finished"] == {"cancelled": 3}  # none ran on to its 1500 tokens
     (event,) = AuditEvent.objects.filter(action="chat.completion")
     assert event.outcome == "cancelled" and len(event.details["choice_digests"]) == 3
@@ -215,12 +209,12 @@ def test_a_failed_generation_of_choices_is_a_500_and_one_failed_event(broken) ->
     assert status == 500 and "simulated device fault" in body["error"]["message"]
     status, _, events = post(chat(broken, max_tokens=4, n=3, stream=True))
     assert status == 200 and events[-1]["error"]["type"] == "server_error"
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     assert [e.outcome for e in AuditEvent.objects.filter(action="chat.completion")] == ["failed", "failed"]
 
 
-def test_completions_give_n_choices_per_prompt_in_openais_order(served) -> None:
-    params = {"model": served, "max_tokens": 5, "temperature": 1.0, "seed": 6, "echo": True}
+def test_completions_give_n_choices_per_prompt_in_openais_order(api) -> None:
+    params = {"model": api, "max_tokens": 5, "temperature": 1.0, "seed": 6, "echo": True}
     status, body = complete({**params, "prompt": ["The box", "The ledger"], "n": 2})
     assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     alone = {(prompt, seed): complete({**params, "prompt": prompt, "seed": seed})[1]
@@ -233,8 +227,8 @@ def test_completions_give_n_choices_per_prompt_in_openais_order(served) -> None:
     assert body["usage"]["completion_tokens"] == sum(one["usage"]["completion_tokens"] for one in expected)
 
 
-def test_a_completion_stream_sends_each_choice_under_its_index(served) -> None:
-    params = {"model": served, "prompt": "The box", "max_tokens": 5, "temperature": 1.0, "seed": 2, "n": 3}
+def test_a_completion_stream_sends_each_choice_under_its_index(api) -> None:
+    params = {"model": api, "prompt": "The box", "max_tokens": 5, "temperature": 1.0, "seed": 2, "n": 3}
     _, whole = complete(params)
     status, events = complete({**params, "stream": True, "stream_options": {"include_usage": True}})
     assert status == 200 and events[-1] == "[DONE]"

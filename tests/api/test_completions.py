@@ -10,14 +10,7 @@ from django.test import AsyncClient
 from appliance.api.completions import COMPLETION_FIELDS
 from tests.api.test_chat_api import AUTH, SETTLED, api  # noqa: F401  (api is a fixture)
 from tests.inference.conftest import run
-
-
-@pytest.fixture
-def served(api):
-    from appliance.api.settlement import _ledger_writer
-
-    yield api
-    _ledger_writer.submit(lambda: None).result()  # a stream's ledger event is queued: written before the wipe
+from tests.audit.tamper import write_queued_events
 
 
 def complete(body: dict):
@@ -33,8 +26,8 @@ def complete(body: dict):
     return run(go())
 
 
-def test_a_prompt_is_completed(served) -> None:
-    status, body = complete({"model": served, "prompt": "The audit ledger", "max_tokens": 5, "temperature": 0})
+def test_a_prompt_is_completed(api) -> None:
+    status, body = complete({"model": api, "prompt": "The audit ledger", "max_tokens": 5, "temperature": 0})
     assert status == 200, body
     assert body["object"] == "text_completion"
     (choice,) = body["choices"]
@@ -42,28 +35,27 @@ def test_a_prompt_is_completed(served) -> None:
     assert body["usage"]["completion_tokens"] <= 5
 
 
-def test_a_list_of_prompts_is_one_choice_each_and_one_settlement(served) -> None:
+def test_a_list_of_prompts_is_one_choice_each_and_one_settlement(api) -> None:
     SETTLED.clear()
     prompts = ["The box", "Every key", "The worker"]
-    status, body = complete({"model": served, "prompt": prompts, "max_tokens": 4, "temperature": 0})
+    status, body = complete({"model": api, "prompt": prompts, "max_tokens": 4, "temperature": 0})
     assert status == 200
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     for prompt, choice in zip(prompts, body["choices"]):
-        _, alone = complete({"model": served, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+        _, alone = complete({"model": api, "prompt": prompt, "max_tokens": 4, "temperature": 0})
         assert choice["text"] == alone["choices"][0]["text"]  # greedy: the same alone as batched
-    from appliance.api.settlement import _ledger_writer
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     assert len(SETTLED) == 4  # the list once, then each prompt alone
 
 
-def test_echo_puts_the_prompt_first(served) -> None:
-    _, plain = complete({"model": served, "prompt": "The box", "max_tokens": 4, "temperature": 0})
-    _, echoed = complete({"model": served, "prompt": "The box", "max_tokens": 4, "temperature": 0, "echo": True})
+def test_echo_puts_the_prompt_first(api) -> None:
+    _, plain = complete({"model": api, "prompt": "The box", "max_tokens": 4, "temperature": 0})
+    _, echoed = complete({"model": api, "prompt": "The box", "max_tokens": 4, "temperature": 0, "echo": True})
     assert echoed["choices"][0]["text"] == "The box" + plain["choices"][0]["text"]
 
 
-def test_logprobs_in_the_legacy_shape(served) -> None:
-    status, body = complete({"model": served, "prompt": "The box", "max_tokens": 4, "temperature": 0, "logprobs": 2})
+def test_logprobs_in_the_legacy_shape(api) -> None:
+    status, body = complete({"model": api, "prompt": "The box", "max_tokens": 4, "temperature": 0, "logprobs": 2})
     assert status == 200
     logprobs = body["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == body["usage"]["completion_tokens"]
@@ -71,8 +63,8 @@ def test_logprobs_in_the_legacy_shape(served) -> None:
     assert logprobs["text_offset"][0] == 0
 
 
-def test_the_stream_is_the_whole_answer(served) -> None:
-    params = {"model": served, "prompt": "The box", "max_tokens": 6, "temperature": 0}
+def test_the_stream_is_the_whole_answer(api) -> None:
+    params = {"model": api, "prompt": "The box", "max_tokens": 6, "temperature": 0}
     _, whole = complete(params)
     status, events = complete({**params, "stream": True, "stream_options": {"include_usage": True}})
     assert status == 200 and events[-1] == "[DONE]"
@@ -86,8 +78,8 @@ def test_the_stream_is_the_whole_answer(served) -> None:
     ({"prompt": [1, 2, 3]}, "prompt"), ({"echo": True, "logprobs": 1}, "echo"), ({"logprobs": 6}, "logprobs"),
     ({"prompt": ["a", "b"], "stream": True}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": ["x"] * 17}, "prompt"),
 ])
-def test_what_cannot_be_served_is_a_400_naming_it(served, params: dict, param: str) -> None:
-    status, body = complete({"model": served, "prompt": "The box", **params})
+def test_what_cannot_be_served_is_a_400_naming_it(api, params: dict, param: str) -> None:
+    status, body = complete({"model": api, "prompt": "The box", **params})
     assert status == 400, body
     assert body["error"]["param"] == param
 

@@ -12,15 +12,6 @@ import pytest
 from appliance.api.fields import ACCEPTED, FIELDS, HONOURED, REFUSED
 from tests.api.test_chat_api import api, chat, post  # noqa: F401  (api is a fixture)
 
-@pytest.fixture
-def served(api):
-    """The chat API fixture, with every ledger event of the test written before its teardown wipes the ledger."""
-    from appliance.api.settlement import _ledger_writer
-
-    yield api
-    _ledger_writer.submit(lambda: None).result()  # a stream's event is queued, not awaited
-
-
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 # A value of each refused field that asks for what the server lacks.
@@ -48,16 +39,16 @@ def test_the_readme_table_is_the_code_table() -> None:
 
 
 @pytest.mark.parametrize("field", sorted(ASKING))
-def test_a_refused_field_is_a_400_naming_it(served, field: str) -> None:
-    status, _, body = post(chat(served, max_tokens=4, **{field: ASKING[field]}))
+def test_a_refused_field_is_a_400_naming_it(api, field: str) -> None:
+    status, _, body = post(chat(api, max_tokens=4, **{field: ASKING[field]}))
     assert status == 400
     assert body["error"]["param"] == field
     assert "not supported by this server" in body["error"]["message"]
 
 
 @pytest.mark.parametrize("field", sorted(HARMLESS))
-def test_a_value_that_asks_for_nothing_is_answered(served, field: str) -> None:
-    status, _, body = post(chat(served, max_tokens=2, **{field: HARMLESS[field]}))
+def test_a_value_that_asks_for_nothing_is_answered(api, field: str) -> None:
+    status, _, body = post(chat(api, max_tokens=2, **{field: HARMLESS[field]}))
     assert status == 200, body
 
 
@@ -67,10 +58,10 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer"
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_json_schema_answers_hold_the_schema(served, stream: bool) -> None:
+def test_json_schema_answers_hold_the_schema(api, stream: bool) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True}}
     for seed in range(3):
-        status, _, body = post(chat(served, max_tokens=200, temperature=1.0, seed=seed, response_format=fmt,
+        status, _, body = post(chat(api, max_tokens=200, temperature=1.0, seed=seed, response_format=fmt,
                                     stream=stream))
         assert status == 200
         text = ("".join(e["choices"][0]["delta"].get("content") or "" for e in body[:-1] if e["choices"])
@@ -78,11 +69,11 @@ def test_json_schema_answers_hold_the_schema(served, stream: bool) -> None:
         jsonschema_rs.validate(SCHEMA, json.loads(text))
 
 
-def test_json_object_answer_is_an_object_unless_cut_by_max_tokens(served) -> None:
+def test_json_object_answer_is_an_object_unless_cut_by_max_tokens(api) -> None:
     # Any object may hold strings of any length, and random weights rarely close one: the answer is an object,
     # or, when max_tokens cuts it, the start of one (finish_reason "length"), as on OpenAI.
     for seed in range(3):
-        status, _, body = post(chat(served, max_tokens=100, temperature=1.0, seed=seed,
+        status, _, body = post(chat(api, max_tokens=100, temperature=1.0, seed=seed,
                                     response_format={"type": "json_object"}))
         assert status == 200
         choice = body["choices"][0]
@@ -94,22 +85,22 @@ def test_json_object_answer_is_an_object_unless_cut_by_max_tokens(served) -> Non
             assert body["usage"]["completion_tokens"] == 100
 
 
-def test_an_unsupported_schema_keyword_is_a_400_naming_it(served) -> None:
+def test_an_unsupported_schema_keyword_is_a_400_naming_it(api) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "array", "uniqueItems": True}}}
-    status, _, body = post(chat(served, response_format=fmt))
+    status, _, body = post(chat(api, response_format=fmt))
     assert status == 400
     assert body["error"]["param"] == "response_format.json_schema.schema"
     assert "uniqueItems" in body["error"]["message"]
 
 
-def test_an_agents_second_turn_with_a_tool_message_is_answered(served) -> None:
+def test_an_agents_second_turn_with_a_tool_message_is_answered(api) -> None:
     messages = [
         {"role": "user", "content": "What is the weather in Oslo?"},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
             "name": "weather", "arguments": json.dumps({"city": "Oslo"})}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "4 degrees, rain"},
     ]
-    status, _, body = post({"model": served, "messages": messages, "max_tokens": 4})
+    status, _, body = post({"model": api, "messages": messages, "max_tokens": 4})
     assert status == 200, body
 
 
@@ -119,17 +110,17 @@ def test_an_agents_second_turn_with_a_tool_message_is_answered(served) -> None:
     ({"role": "user", "content": "x", "tool_calls": [{"id": "c", "type": "function",
                                                       "function": {"name": "f", "arguments": "{}"}}]}, "messages.0"),
 ])
-def test_malformed_tool_messages_are_400s(served, message: dict, param: str) -> None:
-    status, _, body = post({"model": served, "messages": [message]})
+def test_malformed_tool_messages_are_400s(api, message: dict, param: str) -> None:
+    status, _, body = post({"model": api, "messages": [message]})
     assert status == 400
     assert body["error"]["param"] == param
 
 
-def test_the_extensions_fix_the_length_and_logit_bias_picks_the_token(served) -> None:
-    status, _, body = post(chat(served, max_tokens=7, ignore_eos=True, temperature=0, logit_bias={"40": 100}))
+def test_the_extensions_fix_the_length_and_logit_bias_picks_the_token(api) -> None:
+    status, _, body = post(chat(api, max_tokens=7, ignore_eos=True, temperature=0, logit_bias={"40": 100}))
     assert status == 200, body
     assert body["usage"]["completion_tokens"] == 7 and body["choices"][0]["finish_reason"] == "length"
-    _, _, again = post(chat(served, max_tokens=3, temperature=0, logit_bias={"40": 100}, logprobs=True))
+    _, _, again = post(chat(api, max_tokens=3, temperature=0, logit_bias={"40": 100}, logprobs=True))
     assert {entry["token"] for entry in again["choices"][0]["logprobs"]["content"]} == {
         again["choices"][0]["logprobs"]["content"][0]["token"]}
 
@@ -139,7 +130,7 @@ def test_the_extensions_fix_the_length_and_logit_bias_picks_the_token(served) ->
     ({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"stop_token_ids": [99999999]}, "stop_token_ids"),
     ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"), ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
 ])
-def test_bad_extension_values_are_400s_naming_them(served, params, param) -> None:
-    status, _, body = post(chat(served, **params))
+def test_bad_extension_values_are_400s_naming_them(api, params, param) -> None:
+    status, _, body = post(chat(api, **params))
     assert status == 400, body
     assert body["error"]["param"] == param

@@ -21,12 +21,9 @@ def think_engine(demo_dir, tmp_path_factory):
 
 @pytest.fixture
 def thinker(api, think_engine):
-    from appliance.api.settlement import _ledger_writer
-
     engine_client.register("api-think", think_engine)
     yield "api-think"
     engine_client.unregister("api-think")
-    _ledger_writer.submit(lambda: None).result()  # a stream's ledger event is queued: written before the wipe
 
 
 def test_an_answer_cut_inside_the_section_is_all_reasoning(thinker) -> None:

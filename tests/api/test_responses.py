@@ -16,6 +16,7 @@ from audit import stored_responses, transcripts
 from audit.models import StoredResponse
 from tests.api.test_chat_api import AUTH, SETTLED, api  # noqa: F401  (api is a fixture)
 from tests.inference.conftest import run
+from tests.audit.tamper import write_queued_events
 
 TEAM = "api-tests"  # the stand-in gatekeeper's team
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -24,17 +25,9 @@ ORDER = ["response.created", "response.in_progress", "response.output_item.added
 
 
 @pytest.fixture
-def served(api):
-    from appliance.api.settlement import _ledger_writer
-
-    yield api
-    _ledger_writer.submit(lambda: None).result()  # a stream's ledger event is queued: written before the wipe
-
-
-@pytest.fixture
-def keeping(served):
+def keeping(api):
     transcripts.set_policy(TEAM, keep=True, actor="admin:test")
-    return served
+    return api
 
 
 def respond(body: dict):
@@ -60,9 +53,9 @@ def output_text(body: dict) -> str:
     return "".join(part["text"] for item in body["output"] for part in item["content"])
 
 
-def test_a_string_input_is_answered_with_usage(served) -> None:
+def test_a_string_input_is_answered_with_usage(api) -> None:
     SETTLED.clear()
-    status, body = respond({"model": served, "input": "Describe the audit ledger.", "max_output_tokens": 6,
+    status, body = respond({"model": api, "input": "Describe the audit ledger.", "max_output_tokens": 6,
                             "temperature": 0})
     assert status == 200, body
     assert body["object"] == "response" and body["id"].startswith("resp_")
@@ -73,26 +66,25 @@ def test_a_string_input_is_answered_with_usage(served) -> None:
     assert 0 < usage["output_tokens"] <= 6 and usage["input_tokens"] > 0
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert body["store"] is False  # the team keeps no transcripts: nothing stored
-    from appliance.api.settlement import _ledger_writer
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     (report,) = SETTLED
     assert (report.outcome, report.completion_tokens) == ("ok", usage["output_tokens"])
 
 
-def test_items_with_instructions_are_the_same_prompt_as_chat(served) -> None:
+def test_items_with_instructions_are_the_same_prompt_as_chat(api) -> None:
     items = [{"role": "developer", "content": "Answer briefly."},
              {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Describe the box."}]}]
-    _, as_items = respond({"model": served, "input": items, "max_output_tokens": 5, "temperature": 0})
-    _, as_text = respond({"model": served, "instructions": "Answer briefly.", "input": "Describe the box.",
+    _, as_items = respond({"model": api, "input": items, "max_output_tokens": 5, "temperature": 0})
+    _, as_text = respond({"model": api, "instructions": "Answer briefly.", "input": "Describe the box.",
                           "max_output_tokens": 5, "temperature": 0})
     # instructions are a system message, the developer item a developer one: same user turn, maybe another prompt
     assert as_items["usage"]["input_tokens"] > 0 and as_text["instructions"] == "Answer briefly."
-    _, again = respond({"model": served, "input": items, "max_output_tokens": 5, "temperature": 0})
+    _, again = respond({"model": api, "input": items, "max_output_tokens": 5, "temperature": 0})
     assert output_text(again) == output_text(as_items)  # greedy
 
 
-def test_the_stream_sends_the_typed_events_in_order(served) -> None:
-    body = {"model": served, "input": "Describe the audit ledger.", "max_output_tokens": 8, "temperature": 0}
+def test_the_stream_sends_the_typed_events_in_order(api) -> None:
+    body = {"model": api, "input": "Describe the audit ledger.", "max_output_tokens": 8, "temperature": 0}
     status, events = respond({**body, "stream": True})
     assert status == 200
     names = [name for name, _ in events]
@@ -110,11 +102,11 @@ def test_the_stream_sends_the_typed_events_in_order(served) -> None:
     assert output_text(whole) == done_text and final["usage"] == whole["usage"]
 
 
-def test_a_json_schema_format_holds_on_the_random_weights(served) -> None:
+def test_a_json_schema_format_holds_on_the_random_weights(api) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
               "required": ["city", "days"], "additionalProperties": False}
-    status, body = respond({"model": served, "input": "Plan a trip.", "max_output_tokens": 80,
+    status, body = respond({"model": api, "input": "Plan a trip.", "max_output_tokens": 80,
                             "text": {"format": {"type": "json_schema", "name": "trip", "schema": schema,
                                                 "strict": True}}})
     assert status == 200, body
@@ -157,9 +149,9 @@ def test_another_teams_response_is_not_found(keeping) -> None:
 
 
 @pytest.mark.parametrize("params", [{"store": True}, {"previous_response_id": "resp_x"}])
-def test_a_team_that_keeps_nothing_is_refused_storage_by_name(served, params: dict) -> None:
+def test_a_team_that_keeps_nothing_is_refused_storage_by_name(api, params: dict) -> None:
     (param,) = params
-    status, body = respond({"model": served, "input": "hello", **params})
+    status, body = respond({"model": api, "input": "hello", **params})
     assert status == 400
     assert body["error"]["param"] == param and "keeps no" in body["error"]["message"]
 
@@ -179,8 +171,8 @@ def test_a_team_that_keeps_nothing_is_refused_storage_by_name(served, params: di
      "text.format.schema"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
 ])
-def test_what_cannot_be_served_is_a_400_naming_it(served, params: dict, param: str) -> None:
-    status, body = respond({"model": served, "input": "hello", **params})
+def test_what_cannot_be_served_is_a_400_naming_it(api, params: dict, param: str) -> None:
+    status, body = respond({"model": api, "input": "hello", **params})
     assert status == 400, body
     assert body["error"]["param"] == param
 
@@ -198,12 +190,11 @@ def test_the_readme_lists_the_responses_table() -> None:
 
 
 def test_one_ledger_event_and_a_transcript_per_response(keeping) -> None:
-    from appliance.api.settlement import _ledger_writer
     from audit.models import AuditEvent, Transcript
 
     status, body = respond({"model": keeping, "input": "Describe the box.", "max_output_tokens": 3})
     assert status == 200
-    _ledger_writer.submit(lambda: None).result()
+    write_queued_events()
     (event,) = [e for e in AuditEvent.objects.filter(action="chat.completion")
                 if e.details.get("response_id") == body["id"]]
     assert event.details["endpoint"] == "responses" and event.details["stored"] is True

@@ -34,12 +34,9 @@ def tool_engine(demo_dir, tmp_path_factory):
 
 @pytest.fixture
 def tooled(api, tool_engine):
-    from appliance.api.settlement import _ledger_writer
-
     engine_client.register("api-tools", tool_engine)
     yield "api-tools"
     engine_client.unregister("api-tools")
-    _ledger_writer.submit(lambda: None).result()  # a stream's ledger event is queued: written before the wipe
 
 
 def streamed_calls(events: list) -> tuple[dict, str]:

@@ -97,8 +97,27 @@ def insert(event: AuditEvent) -> None:
     run_sql(f"INSERT INTO {TABLE} ({columns}) VALUES ({placeholders})", params)
 
 
+def write_queued_events() -> None:
+    """Wait until the chat API's ledger writer has written what finished requests queued.
+
+    A stream records its event and settles its usage without awaiting either (the client must not wait for the
+    ledger), so the test that read the stream can end before they are written.
+    """
+    from appliance.api import settlement
+
+    while True:
+        settlement._ledger_writer.submit(lambda: None).result()  # one thread, in order: all before it ran
+        if not any(queue.queued() for queue in (settlement._events, settlement._settlements,
+                                                settlement._transcripts)):
+            return
+
+
 def wipe_ledger() -> None:
-    """Delete every event and checkpoint, so that Django's flush after a transactional test can run."""
+    """Delete every event and checkpoint, so that Django's flush after a transactional test can run.
+
+    Events still queued by the chat API are written first: one written after the wipe makes the flush fail.
+    """
+    write_queued_events()
     with triggers_disabled():
         run_sql(f"DELETE FROM {TABLE}")
     with triggers_disabled(Checkpoint):
