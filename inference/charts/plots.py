@@ -87,8 +87,8 @@ def columns(c, box, title: str, labels: list[str], series: dict[str, list[float 
             c.polyline([(px, py) for _, px, py, _ in points], colour, width=2)
             for i, px, py, v in points:
                 c.circle(px, py, 2.5, colour, tip=f"{labels[i]}: {fmt(v)}{unit}")
-        if len(names) > 1:
-            lx = right - 90 * (len(names) - s)
+        if len(names) > 1:  # 90 px per entry, more for a long name (a team's)
+            lx = right - sum(max(90, 24 + 6 * len(n)) for n in names[s:])
             c.rect(lx, by + 5, 10, 10, colour)
             c.text(lx + 14, by + 14, name, size=11)
 
