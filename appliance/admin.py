@@ -165,7 +165,7 @@ class ModelVariantAdmin(admin.ModelAdmin):
             "telemetry_svg": expert_heatmap(live["snapshot"]) if live else "",
             **self.admin_site.each_context(request), "title": f"Fit of {variant.name}", "variant": variant,
             "fit": getattr(variant, "fit", None), "comparison": fitting.predicted_vs_measured(variant),
-            "memory_chart": png_base64(charts, "memory.png"), "expert_chart": png_base64(charts, "experts.png"),
+            "memory_chart": chart_base64(charts, "memory.svg"), "expert_chart": chart_base64(charts, "experts.svg"),
             "users": users, "context": context, "recommendation": fitting.recommendation(users, context),
             "throughput": fitting.throughput_advice(variant, request.GET),
             "family": lineage.family(variant),
@@ -349,8 +349,9 @@ def positive_int(raw, default: int) -> int:
         return default
 
 
-def png_base64(folder: Path | None, name: str) -> str:
-    """Return a chart file inlined for an <img src="data:…">, or "" when it (or its folder) does not exist."""
+def chart_base64(folder: Path | None, name: str) -> str:
+    """Return a chart file inlined for an <img src="data:image/svg+xml…">, or "" when it (or its folder) does not
+    exist. An <img>, not inline markup: a file read from disk then cannot script the page, whatever it holds."""
     path = None if folder is None else folder / name
     return base64.b64encode(path.read_bytes()).decode() if path is not None and path.is_file() else ""
 

@@ -76,7 +76,7 @@ def run_fit(variant_id: int) -> None:
             _record(variant, started, outcome="failed", reason=(out / "stderr").read_text()[-500:].strip())
             return
         summary = json.loads(stdout)
-        charts = {kind: next((out / "charts").glob(f"*-{kind}.png"), None) for kind in ("memory", "experts")}
+        charts = {kind: next((out / "charts").glob(f"*-{kind}.svg"), None) for kind in ("memory", "experts")}
         _store(variant, summary, charts, started)
 
 
@@ -110,7 +110,7 @@ def _store(variant: ModelVariant, summary: dict, charts: dict, started: float) -
     target.mkdir(parents=True, exist_ok=True)
     for kind, chart in charts.items():
         if chart is not None:
-            (target / f"{kind}.png").write_bytes(chart.read_bytes())
+            (target / f"{kind}.svg").write_text(chart.read_text())
     actions.do_record_fit(variant, summary, duration_ms=elapsed_ms(started), actor=ACTOR)
 
 
@@ -225,7 +225,7 @@ def throughput_advice(variant: ModelVariant, params) -> dict:
         request = advice.parse_request(spec, form["engine"] or None, form["plan"] or None)
         hw = parse_hardware(form["hardware"]) if form["hardware"].strip() else stored_hardware(fit.report)
         result = advice.advise(fit.report, request, hw)
-        chart = base64.b64encode(advice.throughput_chart(fit.report, request, hw)).decode()
+        chart = base64.b64encode(advice.throughput_chart(fit.report, request, hw).encode()).decode()
     except (HardwareSpecError, ValueError) as exc:
         return {**out, "error": str(exc)}
     return {**out, **result, "chart": chart}

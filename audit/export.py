@@ -114,7 +114,7 @@ def _self_check(out: Path, fingerprint: str, since_checkpoint: str | None) -> st
 
 def _add_report(out: Path, manifest: dict, bodies: list[bytes], signed: list, status: str) -> None:
     """Append the auditor's report (HTML and PDF) to the bundle."""
-    from audit.report_render import render_html, render_pdf  # here: matplotlib and reportlab load only to export
+    from audit.report_render import render_html, render_pdf  # here: reportlab loads only to export
 
     report = build_report(manifest, [json.loads(b) for b in bodies], signed, status,
                           generated=datetime.now(timezone.utc))

@@ -1,47 +1,28 @@
-"""Render the auditor's report as HTML and as PDF (reportlab), with matplotlib charts."""
-import base64
+"""Render the auditor's report as HTML and as PDF (reportlab), with its chart from inference.charts: SVG in the
+HTML, the same chart as reportlab vector shapes in the PDF."""
 import html
 import io
+from functools import partial
 
-import matplotlib
+from reportlab.lib import colors
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import getSampleStyleSheet
+from reportlab.lib.units import cm
+from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
-matplotlib.use("Agg")  # no display on the box; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-from reportlab.lib import colors  # noqa: E402
-from reportlab.lib.pagesizes import A4  # noqa: E402
-from reportlab.lib.styles import getSampleStyleSheet  # noqa: E402
-from reportlab.lib.units import cm  # noqa: E402
-from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle  # noqa: E402
+from inference import charts
 
 
-def requests_chart(report: dict) -> bytes:
-    """Return a PNG of requests per day, stacked by team, beside requests per model."""
+def requests_chart(report: dict, canvas=charts.SvgCanvas):
+    """Return requests per day, stacked by team, beside requests per model: SVG text, or with
+    canvas=charts.DrawingCanvas the same chart as a reportlab Drawing for the PDF."""
     days = list(report["per_day"])
-    teams = [team for team, _ in report["per_team"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [3, 2]})
-    bottom = [0] * len(days)
-    for team in teams:
-        counts = [report["per_day"][day].get(team, 0) for day in days]
-        # Positions, not the day strings: matplotlib would guess those are numbers or dates.
-        left.bar(range(len(days)), counts, bottom=bottom, label=team)
-        bottom = [b + c for b, c in zip(bottom, counts)]
-    left.set_xticks(range(len(days)), days)
-    left.set_title("Requests per day, by team", fontsize=10)
-    left.tick_params(axis="x", labelrotation=45, labelsize=8)
-    if teams:
-        left.legend(fontsize=8)
-    models = report["per_model"][::-1]
-    right.barh(range(len(models)), [n for _, n in models], color="#4c72b0")
-    right.set_yticks(range(len(models)), [m for m, _ in models])
-    right.set_title("Requests per model", fontsize=10)
-    right.tick_params(labelsize=8)
-    for axis in (left, right):
-        axis.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
-    plt.close(fig)
-    return buffer.getvalue()
+    series = {team: [report["per_day"][day].get(team, 0) for day in days] for team, _ in report["per_team"]}
+    per_day = partial(charts.columns, title="Requests per day, by team", labels=days, series=series, stacked=True)
+    per_model = partial(charts.hbars, title="Requests per model", colours={"requests": "#4c72b0"},
+                        rows=[(model, [("requests", n, None)], None, str(n)) for model, n in report["per_model"]])
+    return charts.panels(900, 320, "requests per day and per model", [per_day, per_model], canvas=canvas,
+                         weights=[3, 2])
 
 
 def sections(report: dict) -> list[tuple[str, list[list[str]]]]:
@@ -76,14 +57,13 @@ def sections(report: dict) -> list[tuple[str, list[list[str]]]]:
 
 def render_html(report: dict) -> str:
     """Return the report as one self-contained HTML page."""
-    chart = base64.b64encode(requests_chart(report)).decode()
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report['title'])}</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;"
              "margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
-             ".ok{color:#176b2c}.bad{color:#b00020}</style></head><body>",
+             "figure{margin:0}figure svg{max-width:100%;height:auto}.ok{color:#176b2c}.bad{color:#b00020}</style></head><body>",
              f"<h1>{html.escape(report['title'])}</h1>",
              f"<p class='{'ok' if report['status'].startswith('OK') else 'bad'}'>{html.escape(report['status'])}</p>",
-             f"<img alt='requests per day and per model' src='data:image/png;base64,{chart}' width='100%'>"]
+             f"<figure>{requests_chart(report)}</figure>"]  # the chart escapes its own texts
     for heading, rows in sections(report):
         parts.append(f"<h2>{html.escape(heading)}</h2><table>")
         header, body = rows[0], rows[1:]
@@ -104,10 +84,14 @@ def render_pdf(report: dict) -> bytes:
     doc = SimpleDocTemplate(buffer, pagesize=A4, leftMargin=1.6 * cm, rightMargin=1.6 * cm,
                             topMargin=1.5 * cm, bottomMargin=1.5 * cm, title=report["title"])
     colour = "#176b2c" if report["status"].startswith("OK") else "#b00020"
+    chart = requests_chart(report, canvas=charts.DrawingCanvas)
+    scale = doc.width / chart.width
+    chart.scale(scale, scale)
+    chart.width, chart.height = doc.width, chart.height * scale
     story = [Paragraph(report["title"], styles["Title"]),
              Paragraph(f"<font color='{colour}'>{html.escape(report['status'])}</font>", styles["BodyText"]),
              Spacer(1, 0.3 * cm),
-             Image(io.BytesIO(requests_chart(report)), width=doc.width, height=doc.width * 3.2 / 9)]
+             chart]
     for heading, rows in sections(report):
         story.append(Paragraph(heading, styles["Heading3"].clone("h", keepWithNext=1)))
         header, body = rows[0], rows[1:]

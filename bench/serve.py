@@ -15,7 +15,7 @@ them); the tokens counted are those `usage.completion_tokens` reports, and answe
 counted per row. Unless --skip-in-process, each demo also gets the static-batch ceiling (one `generate` over
 16 prompts), the sequential figure and the appliance's engine driven in process without HTTP
 ("engine-no-http"), measured while the servers are idle. Prints the ratios of the appliance to each peer
-first, then every figure; writes bench/out/serve-<time>.json and .png. Not part of `make test`.
+first, then every figure; writes bench/out/serve-<time>.json and .svg. Not part of `make test`.
 """
 
 from __future__ import annotations
@@ -231,29 +231,22 @@ def print_table(report: dict) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    """Write tokens/s against concurrent clients, one panel per model, as SVG (drawn by inference.charts)."""
+    from functools import partial
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from inference import charts
 
-    models = list(report["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        figures = report["models"][name]
-        for server in ROWS:
-            rows = rows_of(figures, server)
-            if rows:
-                ax.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=server)
-        if "static_batch" in figures:
-            ax.axhline(figures["static_batch"]["tokens_per_s"], color="grey", linestyle="--", label="static batch (16)")
-            ax.axhline(figures["sequential"]["tokens_per_s"], color="grey", linestyle=":", label="sequential")
-        ax.set_xscale("log", base=2)
-        ax.set_title(name)
-        ax.set_xlabel("concurrent streaming clients")
-        ax.set_ylabel("generated tokens/s (from usage)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    colours = dict(zip(ROWS, charts.plots.COLOURS))
+    draws = []
+    for name, figures in report["models"].items():
+        lines = [{"label": server, "xs": [r["clients"] for r in rows], "ys": [r["tokens_per_s"] for r in rows],
+                  "colour": colours[server], "marker": "o"} for server in ROWS if (rows := rows_of(figures, server))]
+        hlines = [{"y": figures[key]["tokens_per_s"], "colour": "#7f7f7f", "text": text}
+                  for key, text in (("static_batch", "static batch (16)"), ("sequential", "sequential"))
+                  if key in figures]
+        draws.append(partial(charts.xy, title=name, lines=lines, hlines=hlines, xlog=True,
+                             xlabel="concurrent streaming clients", ylabel="generated tokens/s (from usage)"))
+    path.write_text(charts.panels(500 * max(1, len(draws)), 400, "serving benchmark", draws))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"serve-{stamp}.json").write_text(json.dumps(report, indent=2))
-    plot(report, args.out / f"serve-{stamp}.png")
-    print(f"\nwrote {args.out / f'serve-{stamp}.json'} and .png")
+    plot(report, args.out / f"serve-{stamp}.svg")
+    print(f"\nwrote {args.out / f'serve-{stamp}.json'} and .svg")
     return 0
 
 

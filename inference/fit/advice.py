@@ -194,8 +194,8 @@ def _point_profile(model: str, dtype: str) -> ModelProfile:
     return calibration.load_profiles({(model, dtype)})[model, dtype]
 
 
-def throughput_chart(report, request: Request, hw: HardwareSpec | None = None) -> bytes:
-    """Return the PNG of predicted throughput against concurrency with the published points drawn on it."""
-    from .charts import render_throughput_chart  # here: matplotlib loads only to draw
+def throughput_chart(report, request: Request, hw: HardwareSpec | None = None) -> str:
+    """Return the SVG of predicted throughput against concurrency with the published points drawn on it."""
+    from .charts import render_throughput_chart  # here: the drawing code loads only to draw
 
     return render_throughput_chart(curves(report, request, hw))

@@ -30,8 +30,8 @@ def test_an_imported_variant_gets_a_verdict_for_this_box(moe):
     assert fit.verdict == "fits"
     assert fit.report["parameters"]["total"] == moe.params_total
     assert fit.report["experts"]["experts"] == 16
-    assert (fitting.charts_dir(moe) / "memory.png").read_bytes().startswith(b"\x89PNG")
-    assert (fitting.charts_dir(moe) / "experts.png").exists()
+    assert (fitting.charts_dir(moe) / "memory.svg").read_text().startswith("<svg")
+    assert (fitting.charts_dir(moe) / "experts.svg").exists()
 
 
 def test_measured_allocation_matches_the_prediction(moe):
@@ -50,7 +50,7 @@ def test_measured_allocation_matches_the_prediction(moe):
 def test_the_console_shows_the_fit_page(moe, admin_client):
     page = admin_client.get(reverse("admin:appliance_modelvariant_fit", args=[moe.pk]) + "?users=4").content.decode()
     assert "Idle experts" in page
-    assert "data:image/png;base64," in page
+    assert "data:image/svg+xml;base64," in page
     # The pick weighs the decode speed measured on this box at analysis time, which the machine's other work
     # moves; the page must show what the advisor decided, with every variant's reason.
     advised = fitting.recommendation(4, 4096)

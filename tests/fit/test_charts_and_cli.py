@@ -1,18 +1,20 @@
-"""Charts render as PNG; the fit command prints a readable report and JSON."""
+"""Charts render as SVG; the fit command prints a readable report and JSON."""
 import json
+from xml.etree import ElementTree
 
 import pytest
 from django.core.management import CommandError, call_command
 
 from inference.fit import analyze, render_expert_chart, render_memory_chart
 
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_charts_are_png(demo_dir):
+def test_charts_are_svg(demo_dir):
     report = analyze("deepseek-v3", "4xA100-80G+cpu:1024G", 4096)
-    assert render_memory_chart(report).startswith(PNG)
-    assert render_expert_chart(report).startswith(PNG)
+    for svg in (render_memory_chart(report), render_expert_chart(report)):
+        ElementTree.fromstring(svg)  # well-formed
+        assert svg.startswith("<svg") and "href" not in svg and "<script" not in svg  # nothing from elsewhere
+    assert "routed experts" in render_memory_chart(report) and "host RAM" in render_memory_chart(report)
     with pytest.raises(ValueError):
         render_expert_chart(analyze(demo_dir / "demo-dense", "cpu:64G", 512))
 

@@ -63,11 +63,11 @@ class Command(BaseCommand):
                 self.stdout.write(advice.format_prediction(predicted))
         if charts:
             charts.mkdir(parents=True, exist_ok=True)
-            (charts / f"{report.name}-memory.png").write_bytes(render_memory_chart(report))
+            (charts / f"{report.name}-memory.svg").write_text(render_memory_chart(report))
             if report.experts:
-                (charts / f"{report.name}-experts.png").write_bytes(render_expert_chart(report))
+                (charts / f"{report.name}-experts.svg").write_text(render_expert_chart(report))
             if predicted:
-                (charts / f"{report.name}-throughput.png").write_bytes(advice.throughput_chart(report, load))
+                (charts / f"{report.name}-throughput.svg").write_text(advice.throughput_chart(report, load))
             self.stderr.write(f"charts written to {charts}")
 
 
