@@ -9,9 +9,11 @@ what the deployment.load event records.
 The client answers the team API as appliance.engine_client.EngineClient does: the web process renders the chat
 with the variant's own template and tokenizer, sends the token ids to vLLM's /v1/completions (streamed, usage on
 every chunk) and turns vLLM's chunks into the engine's Chunks. So keys, quotas, usage, transcripts and the
-ledger's digests are settled by the same code as on the builtin engine; what vLLM is not asked to do here (this
-appliance's grammars, log probabilities) is refused as a 400 naming the field. When the process ends unasked, its
-streams end in an error chunk and the reconciler restarts it, as for the builtin engine.
+ledger's digests are settled by the same code as on the builtin engine. Log probabilities are vLLM's raw ones
+(the model's own distribution, as the builtin engine's), their tokens sent as ids and named with the variant's
+tokenizer, so the API's logprobs have the builtin engine's shape; what vLLM is not asked to do here (this
+appliance's grammars) is refused as a 400 naming the field. When the process ends unasked, its streams end in an
+error chunk and the reconciler restarts it, as for the builtin engine.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import httpx
@@ -76,7 +78,9 @@ def vllm_arguments(name: str, model_dir: Path, port: int, flags: Iterable[str] =
     return ["--model", str(model_dir), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
             # Sampling is what the request says, as on the builtin engine, not the checkpoint's generation_config.
             "--generation-config", "vllm", "--enable-prompt-tokens-details", "--disable-uvicorn-access-log",
-            *flags]
+            # Log probabilities under the model's own distribution, before penalties and temperature, as the
+            # builtin engine gives them.
+            "--logprobs-mode", "raw_logprobs", *flags]
 
 
 def start_vllm(name: str, model_dir: Path, python: str, flags: Iterable[str] = ()) -> "VllmClient":
@@ -146,9 +150,6 @@ def completion_body(name: str, prompt_ids: list[int], params: SamplingParams, sc
         raise FieldNotHonoured("This deployment runs on vLLM, which is not given this appliance's structured-output "
                                "grammars: response_format json_schema / json_object and forced tool calls are served "
                                "on the builtin engine only.", "response_format")
-    if params.logprobs is not None:
-        raise FieldNotHonoured("This deployment runs on vLLM, whose log probabilities are not passed through: "
-                               "logprobs are served on the builtin engine only.", "logprobs")
     body = {"model": name, "prompt": prompt_ids, "max_tokens": params.max_tokens, "temperature": params.temperature,
             "top_p": params.top_p, "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty, "min_tokens": params.min_tokens,
@@ -157,6 +158,9 @@ def completion_body(name: str, prompt_ids: list[int], params: SamplingParams, sc
     optional = {"top_k": params.top_k or None, "stop": list(params.stop) or None, "seed": params.seed,
                 "logit_bias": {str(t): b for t, b in params.logit_bias.items()} if params.logit_bias else None,
                 "stop_token_ids": list(params.stop_token_ids) or None,
+                # Tokens as ids ("token_id:N"): the client names them with the variant's tokenizer, as the builtin
+                # engine does, whatever vLLM's detokenizer would have made of a partial character.
+                "logprobs": params.logprobs, "return_tokens_as_token_ids": params.logprobs is not None or None,
                 # The team is the prefix cache's scope, as on the builtin engine: vLLM never shares KV across salts.
                 "cache_salt": scope}
     body.update({key: value for key, value in optional.items() if value is not None})
@@ -214,7 +218,11 @@ class VllmClient(ClientBasics):
         body = completion_body(self.name, prompt_ids, params, cache_scope)
         if not self.alive:
             raise EngineClosed(f"the vLLM engine process {self.exit_reason}")
-        return VllmHandle(self._client(), body)
+        return VllmHandle(self._client(), body, None if params.logprobs is None else self.token_text)
+
+    def token_text(self, token: int) -> str:
+        """Return one token's text, as the builtin engine names the tokens of its log probabilities."""
+        return self.tokenizer.decode([token])
 
     def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -279,10 +287,30 @@ class VllmClient(ClientBasics):
         notify_gone(self)
 
 
+def logprob_entries(given: dict | None, alternatives: int, token_text: Callable[[int], str]) -> list:
+    """Return the logprobs of one of vLLM's chunks (tokens as "token_id:N") as the builtin engine's Chunk.logprobs:
+    each token's {"token", "logprob", "top": [[text, logprob], ...]}, its `alternatives` most likely first."""
+    def text(placeholder: str) -> str:
+        if not placeholder.startswith("token_id:"):
+            raise StreamError(f"the vLLM engine named a token {placeholder[:50]!r}, not by its id")
+        return token_text(int(placeholder[len("token_id:"):]))
+
+    given, entries = given or {}, []
+    for token, logprob, top in zip(given.get("tokens") or (), given.get("token_logprobs") or (),
+                                   given.get("top_logprobs") or ()):
+        # vLLM adds the chosen token to the `alternatives` most likely ones when it is not among them.
+        ranked = sorted((top or {}).items(), key=lambda item: item[1], reverse=True)[:alternatives]
+        entries.append({"token": text(token), "logprob": logprob, "top": [[text(t), lp] for t, lp in ranked]})
+    return entries
+
+
 class VllmHandle:
     """A request sent to vLLM: `await accepted()`, then `async for` yields its Chunks; leaving early cancels it."""
 
-    def __init__(self, http: httpx.AsyncClient, body: dict) -> None:
+    def __init__(self, http: httpx.AsyncClient, body: dict, token_text: Callable[[int], str] | None = None) -> None:
+        """token_text: how a token's text is written in the Chunks' logprobs; None when they were not asked for."""
+        self.token_text = token_text
+        self.alternatives = body.get("logprobs") or 0
         loop = asyncio.get_running_loop()
         self.answer: asyncio.Future = loop.create_future()  # vLLM's 200, or its refusal
         self.chunks: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -339,11 +367,21 @@ class VllmHandle:
             state["cached"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         for choice in event.get("choices") or ():
             state["finish"] = choice.get("finish_reason") or state["finish"]
-            if choice.get("text"):
-                self._put(choice["text"], None, state)
+            logprobs = self._logprobs(choice.get("logprobs"))
+            if choice.get("text") or logprobs:
+                self._put(choice.get("text") or "", None, state, logprobs=logprobs)
 
-    def _put(self, text: str, finish: str | None, state: dict, error: str | None = None) -> None:
-        self.chunks.put_nowait(Chunk(text, finish, state["prompt"], state["completion"], error, state["cached"]))
+    def _logprobs(self, given: dict | None) -> list | None:
+        if self.token_text is None:
+            return None
+        return logprob_entries(given, self.alternatives, self.token_text)
+
+    def _put(self, text: str, finish: str | None, state: dict, error: str | None = None,
+             logprobs: list | None = None) -> None:
+        if logprobs is None and self.token_text is not None:
+            logprobs = []  # asked for: every chunk carries its tokens' entries, none for the last one
+        self.chunks.put_nowait(Chunk(text, finish, state["prompt"], state["completion"], error, state["cached"],
+                                     logprobs))
 
     def _settle(self, error: Exception | None) -> None:
         if self.answer.done():
