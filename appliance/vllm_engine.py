@@ -13,7 +13,9 @@ ledger's digests are settled by the same code as on the builtin engine. Log prob
 (the model's own distribution, as the builtin engine's), their tokens sent as ids and named with the variant's
 tokenizer, so the API's logprobs have the builtin engine's shape; what vLLM is not asked to do here (this
 appliance's grammars) is refused as a 400 naming the field. When the process ends unasked, its streams end in an
-error chunk and the reconciler restarts it, as for the builtin engine.
+error chunk and the reconciler restarts it, as for the builtin engine; a process that is alive but whose /health
+has not answered 200 for settings.ENGINE_HUNG_AFTER_S is killed, group and all, and goes the same way, its exit
+recorded as hung.
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 SITE_DIR = ROOT / "inference" / "vllm_site"  # its sitecustomize installs the guard in every vLLM interpreter
 READY_POLL_S = 0.5
+HEALTH_POLL_S = 1.0  # how often a running engine's /health is asked (settings.ENGINE_HUNG_AFTER_S: when it is hung)
+HEALTH_TIMEOUT_S = 5.0  # one /health question's wait: a stopped process's kernel still accepts the connection
 # Read without a deadline: a long answer streams for minutes. Connecting is loopback: seconds mean it is gone.
 HTTP_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
 METRICS_MAX_AGE_S = 1.0  # /metrics and the console ask several times per scrape; vLLM is asked once
@@ -112,6 +116,14 @@ def start_vllm(name: str, model_dir: Path, python: str, flags: Iterable[str] = (
         raise
 
 
+def healthy(url: str, timeout_s: float) -> bool:
+    """Return whether the engine's /health answers 200 within timeout_s."""
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout_s, trust_env=False).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def await_health(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
     """Return once the engine's /health answers 200; raise EngineStartFailed when it exits or takes too long."""
     deadline = time.monotonic() + timeout_s
@@ -119,11 +131,8 @@ def await_health(url: str, process: subprocess.Popen, log_path: Path, timeout_s:
         if process.poll() is not None:
             raise EngineStartFailed(f"the vLLM engine process {exit_description(process.returncode)} while "
                                     f"loading; last lines of {log_path}: {log_tail(log_path)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if healthy(url, 2):
+            return
         time.sleep(READY_POLL_S)
     raise EngineStartFailed(f"the vLLM engine did not answer /health within {timeout_s:.0f} s; "
                             f"last lines of {log_path}: {log_tail(log_path)}")
@@ -203,10 +212,14 @@ class VllmClient(ClientBasics):
         self.vocab_size = int(config.get("vocab_size") or len(self.tokenizer))
         self.exit_reason: str | None = None
         self._closing = False
+        self._hung: str | None = None  # why the health watch killed it, when it did
+        self._ended = threading.Event()
         self._http: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its AsyncClient
         self._scraped: tuple[float, list] = (0.0, [])
         self._scrape_lock = threading.Lock()
         threading.Thread(target=self._watch, name=f"vllm-watch:{name}", daemon=True).start()
+        threading.Thread(target=self._watch_health, args=(settings.ENGINE_HUNG_AFTER_S,),
+                         name=f"vllm-health:{name}", daemon=True).start()
 
     def submit(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
                cache_scope: str | None = None) -> "VllmHandle":
@@ -280,11 +293,24 @@ class VllmClient(ClientBasics):
 
     def _watch(self) -> None:
         code = self.process.wait()
+        self._ended.set()
         stop_group(self.process)  # the EngineCore processes it left behind, if it was killed
-        self.exit_reason = "closed" if self._closing else exit_description(code)
+        self.exit_reason = "closed" if self._closing else self._hung or exit_description(code)
         if not self._closing:
             log.error("vLLM engine process of %s (pid %d) %s", self.name, self.pid, self.exit_reason)
         notify_gone(self)
+
+    def _watch_health(self, hung_after_s: float) -> None:
+        """Kill the process group of an engine that is alive but whose /health has not answered 200 for
+        hung_after_s: _watch then records it as hung and the reconciler restarts it, as it does a crashed one."""
+        answered = time.monotonic()
+        while not self._ended.wait(HEALTH_POLL_S):
+            if healthy(self.url, min(HEALTH_TIMEOUT_S, hung_after_s)):
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= hung_after_s and not (self._closing or self._ended.is_set()):
+                self._hung = f"was hung: its /health did not answer 200 for {hung_after_s:g} s, so it was killed"
+                stop_group(self.process)
+                return
 
 
 def logprob_entries(given: dict | None, alternatives: int, token_text: Callable[[int], str]) -> list:

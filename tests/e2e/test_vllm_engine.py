@@ -17,10 +17,11 @@ import pytest
 
 from tests.livebox import read_stream, start_box
 
-# A start of vLLM (the deploy fixture, and the restart the crash test waits for) takes minutes when the
+# A start of vLLM (the deploy fixture, and each restart the crash and hang tests wait for) takes minutes when the
 # two cores are shared: past pytest's default 300 s, within the deploy's own 900 s bound.
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1200)]
 MODEL = "dense-vllm"
+HUNG_AFTER_S = 20
 DEFAULT_PYTHON = Path(os.environ.get("BENCH_PEERS_HOME", "/work/.cache/bench")) / "vllm-venv" / "bin" / "python"
 
 
@@ -34,8 +35,10 @@ def vllm_python() -> str:
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
-    # 1 GiB of KV cache: the demo model needs little, and the box runs other tests' processes too.
-    yield from start_box(tmp_path_factory, APPLIANCE_VLLM_PYTHON=vllm_python(), VLLM_CPU_KVCACHE_SPACE="1")
+    # 1 GiB of KV cache: the demo model needs little, and the box runs other tests' processes too. An engine whose
+    # /health is silent for HUNG_AFTER_S is killed as hung: short here, so the hang test need not wait a minute.
+    yield from start_box(tmp_path_factory, APPLIANCE_VLLM_PYTHON=vllm_python(), VLLM_CPU_KVCACHE_SPACE="1",
+                         APPLIANCE_ENGINE_HUNG_AFTER_S=str(HUNG_AFTER_S))
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +237,22 @@ def test_a_killed_engine_is_recorded_and_restarted(box, key, deployed):
     reply = until(lambda: _answer_or_none(box, key), "an answer from the restarted engine", attempts=120)
     assert reply.usage.completion_tokens >= 1
     assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+
+
+def test_an_engine_that_stops_answering_health_is_killed_recorded_as_hung_and_restarted(box, key, deployed):
+    old = engine_pid(box)
+    group = [psutil.Process(old), *psutil.Process(old).children(recursive=True)]
+    os.killpg(old, signal.SIGSTOP)  # alive, but nothing in its group answers any more
+    hang = until(lambda: [e for e in events(box, "deployment.crashed") if e["details"].get("pid") == old],
+                 "the hang's ledger event")[0]
+    assert hang["outcome"] == "restarting"
+    assert hang["details"]["reason"] == (f"was hung: its /health did not answer 200 for {HUNG_AFTER_S} s, "
+                                         "so it was killed")
+    until(lambda: engine_pid(box) != old, "a new engine process", attempts=1800)
+    reply = until(lambda: _answer_or_none(box, key), "an answer from the restarted engine", attempts=120)
+    assert reply.usage.completion_tokens >= 1
+    until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in group),
+          "every process of the hung group gone (killed, not left stopped)")
 
 
 def _answer_or_none(box, key):
