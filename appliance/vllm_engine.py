@@ -11,11 +11,12 @@ with the variant's own template and tokenizer, sends the token ids to vLLM's /v1
 every chunk) and turns vLLM's chunks into the engine's Chunks. So keys, quotas, usage, transcripts and the
 ledger's digests are settled by the same code as on the builtin engine. Log probabilities are vLLM's raw ones
 (the model's own distribution, as the builtin engine's), their tokens sent as ids and named with the variant's
-tokenizer, so the API's logprobs have the builtin engine's shape; what vLLM is not asked to do here (this
-appliance's grammars) is refused as a 400 naming the field. When the process ends unasked, its streams end in an
-error chunk and the reconciler restarts it, as for the builtin engine; a process that is alive but whose /health
-has not answered 200 for settings.ENGINE_HUNG_AFTER_S is killed, group and all, and goes the same way, its exit
-recorded as hung.
+tokenizer, so the API's logprobs have the builtin engine's shape. Structured output (response_format json_schema /
+json_object, forced tool calls) is the builtin engine's own llguidance grammar, given to vLLM's guidance backend
+as Lark text; what vLLM is not asked to do is refused as a 400 naming the field. When the process ends unasked,
+its streams end in an error chunk and the reconciler restarts it, as for the builtin engine; a process that is
+alive but whose /health has not answered 200 for settings.ENGINE_HUNG_AFTER_S is killed, group and all, and goes
+the same way, its exit recorded as hung.
 """
 from __future__ import annotations
 
@@ -84,7 +85,9 @@ def vllm_arguments(name: str, model_dir: Path, port: int, flags: Iterable[str] =
             "--generation-config", "vllm", "--enable-prompt-tokens-details", "--disable-uvicorn-access-log",
             # Log probabilities under the model's own distribution, before penalties and temperature, as the
             # builtin engine gives them.
-            "--logprobs-mode", "raw_logprobs", *flags]
+            "--logprobs-mode", "raw_logprobs",
+            # Structured output by llguidance, the library of the builtin engine's grammars, given their own text.
+            "--structured-outputs-config", '{"backend": "guidance"}', *flags]
 
 
 def start_vllm(name: str, model_dir: Path, python: str, flags: Iterable[str] = ()) -> "VllmClient":
@@ -155,10 +158,6 @@ def stop_group(process: subprocess.Popen, grace_s: float = 0.0) -> None:
 
 def completion_body(name: str, prompt_ids: list[int], params: SamplingParams, scope: str | None) -> dict:
     """Return vLLM's /v1/completions body for one request; raise FieldNotHonoured for what it is not asked to do."""
-    if params.grammar is not None:
-        raise FieldNotHonoured("This deployment runs on vLLM, which is not given this appliance's structured-output "
-                               "grammars: response_format json_schema / json_object and forced tool calls are served "
-                               "on the builtin engine only.", "response_format")
     body = {"model": name, "prompt": prompt_ids, "max_tokens": params.max_tokens, "temperature": params.temperature,
             "top_p": params.top_p, "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty, "min_tokens": params.min_tokens,
@@ -170,10 +169,29 @@ def completion_body(name: str, prompt_ids: list[int], params: SamplingParams, sc
                 # Tokens as ids ("token_id:N"): the client names them with the variant's tokenizer, as the builtin
                 # engine does, whatever vLLM's detokenizer would have made of a partial character.
                 "logprobs": params.logprobs, "return_tokens_as_token_ids": params.logprobs is not None or None,
+                "structured_outputs": None if params.grammar is None else {"grammar": lark_grammar(params.grammar)},
                 # The team is the prefix cache's scope, as on the builtin engine: vLLM never shares KV across salts.
                 "cache_salt": scope}
     body.update({key: value for key, value in optional.items() if value is not None})
     return body
+
+
+def lark_grammar(grammar: str) -> str:
+    """Return the builtin engine's grammar (llguidance's grammar JSON, or Lark text) as the Lark text vLLM's
+    guidance backend takes: a JSON schema becomes `start: %json <schema>`, its x-guidance options kept."""
+    if not grammar.lstrip().startswith("{"):
+        return grammar
+    top = json.loads(grammar)
+    parts = top.get("grammars") or []
+    if len(parts) == 1 and top.get("max_tokens") is None:
+        schema, lark = parts[0].get("json_schema"), parts[0].get("lark_grammar")
+        if schema is not None and lark is None:
+            return f"start: %json {json.dumps(schema)}"
+        if lark is not None and schema is None:
+            return lark
+    raise FieldNotHonoured("This deployment runs on vLLM, which is given one JSON schema or Lark grammar per "
+                           "request; this structured-output grammar is served on the builtin engine only.",
+                           "response_format")
 
 
 def refusal(status: int, text: str) -> Exception:

@@ -2,9 +2,13 @@
 
 The end-to-end behaviour, with vLLM's CPU build, is tests/e2e/test_vllm_engine.py (`pytest -m vllm`).
 """
+import json
+
 import pytest
 
-from appliance.vllm_engine import completion_body, engine_environment, logprob_entries, refusal, vllm_arguments
+from appliance.vllm_engine import (completion_body, engine_environment, lark_grammar, logprob_entries, refusal,
+                                   vllm_arguments)
+from inference.engine.grammar import json_schema_grammar
 from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
 
 
@@ -24,7 +28,7 @@ def test_the_body_carries_the_token_ids_and_every_sampling_field_vllm_honours():
 def test_unset_fields_are_left_to_vllms_defaults():
     body = completion_body("dense", [1], SamplingParams(), None)
     assert not {"top_k", "stop", "seed", "logit_bias", "stop_token_ids", "cache_salt", "logprobs",
-                "return_tokens_as_token_ids"} & set(body)
+                "return_tokens_as_token_ids", "structured_outputs"} & set(body)
 
 
 @pytest.mark.parametrize("alternatives", [0, 3])
@@ -45,9 +49,19 @@ def test_vllms_logprobs_become_the_builtin_engines_entries_most_likely_first():
     assert logprob_entries(None, 2, str) == []
 
 
-def test_a_grammar_is_refused_naming_response_format():
+def test_the_builtin_engines_json_schema_grammar_goes_to_vllm_as_lark_with_its_options():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    body = completion_body("dense", [1], SamplingParams(grammar=json_schema_grammar(schema)), None)
+    lark = body["structured_outputs"]["grammar"]
+    assert lark.startswith("start: %json ")
+    assert json.loads(lark[len("start: %json "):]) == {**schema, "x-guidance": {"whitespace_flexible": False}}
+    assert completion_body("dense", [1], SamplingParams(grammar="start: /x/"), None)["structured_outputs"] == {
+        "grammar": "start: /x/"}
+
+
+def test_a_grammar_of_several_parts_is_refused_naming_response_format():
     with pytest.raises(FieldNotHonoured) as info:
-        completion_body("dense", [1], SamplingParams(grammar="start: /x/"), None)
+        lark_grammar(json.dumps({"grammars": [{"json_schema": {}}, {"lark_grammar": "start: /x/"}]}))
     assert info.value.param == "response_format" and "builtin engine only" in str(info.value)
 
 
@@ -73,3 +87,4 @@ def test_the_engine_listens_on_loopback_and_gets_no_database_broker_or_proxy(set
     assert args[args.index("--host") + 1] == "127.0.0.1"
     assert "--trust-remote-code" not in args
     assert args[args.index("--logprobs-mode") + 1] == "raw_logprobs"  # the model's own distribution, as builtin
+    assert json.loads(args[args.index("--structured-outputs-config") + 1]) == {"backend": "guidance"}
