@@ -215,6 +215,11 @@ VLLM_PYTHON = env_str("APPLIANCE_VLLM_PYTHON", "")
 SGLANG_PYTHON = env_str("APPLIANCE_SGLANG_PYTHON", "")
 # Seconds an external engine may take to answer its /health after start (vLLM's CPU build takes about a minute).
 EXTERNAL_ENGINE_READY_S = env_float("APPLIANCE_EXTERNAL_ENGINE_READY_S", 600.0)
+# Seconds a running external engine may go without its /health answering 200 before it is killed as hung (and
+# restarted, as a crashed one is).
+ENGINE_HUNG_AFTER_S = env_float("APPLIANCE_ENGINE_HUNG_AFTER_S", 60.0)
+if ENGINE_HUNG_AFTER_S <= 0:
+    raise ValueError(f"APPLIANCE_ENGINE_HUNG_AFTER_S must be a number of seconds above 0, not {ENGINE_HUNG_AFTER_S!r}")
 
 LOGGING = {
     "version": 1,

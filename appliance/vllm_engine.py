@@ -9,9 +9,14 @@ what the deployment.load event records.
 The client answers the team API as appliance.engine_client.EngineClient does: the web process renders the chat
 with the variant's own template and tokenizer, sends the token ids to vLLM's /v1/completions (streamed, usage on
 every chunk) and turns vLLM's chunks into the engine's Chunks. So keys, quotas, usage, transcripts and the
-ledger's digests are settled by the same code as on the builtin engine; what vLLM is not asked to do here (this
-appliance's grammars, log probabilities) is refused as a 400 naming the field. When the process ends unasked, its
-streams end in an error chunk and the reconciler restarts it, as for the builtin engine.
+ledger's digests are settled by the same code as on the builtin engine. Log probabilities are vLLM's raw ones
+(the model's own distribution, as the builtin engine's), their tokens sent as ids and named with the variant's
+tokenizer, so the API's logprobs have the builtin engine's shape. Structured output (response_format json_schema /
+json_object, forced tool calls) is the builtin engine's own llguidance grammar, given to vLLM's guidance backend
+as Lark text; what vLLM is not asked to do is refused as a 400 naming the field. When the process ends unasked,
+its streams end in an error chunk and the reconciler restarts it, as for the builtin engine; a process that is
+alive but whose /health has not answered 200 for settings.ENGINE_HUNG_AFTER_S is killed, group and all, and goes
+the same way, its exit recorded as hung.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import httpx
@@ -46,6 +51,8 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 SITE_DIR = ROOT / "inference" / "vllm_site"  # its sitecustomize installs the guard in every vLLM interpreter
 READY_POLL_S = 0.5
+HEALTH_POLL_S = 1.0  # how often a running engine's /health is asked (settings.ENGINE_HUNG_AFTER_S: when it is hung)
+HEALTH_TIMEOUT_S = 5.0  # one /health question's wait: a stopped process's kernel still accepts the connection
 # Read without a deadline: a long answer streams for minutes. Connecting is loopback: seconds mean it is gone.
 HTTP_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
 METRICS_MAX_AGE_S = 1.0  # /metrics and the console ask several times per scrape; vLLM is asked once
@@ -76,7 +83,11 @@ def vllm_arguments(name: str, model_dir: Path, port: int, flags: Iterable[str] =
     return ["--model", str(model_dir), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
             # Sampling is what the request says, as on the builtin engine, not the checkpoint's generation_config.
             "--generation-config", "vllm", "--enable-prompt-tokens-details", "--disable-uvicorn-access-log",
-            *flags]
+            # Log probabilities under the model's own distribution, before penalties and temperature, as the
+            # builtin engine gives them.
+            "--logprobs-mode", "raw_logprobs",
+            # Structured output by llguidance, the library of the builtin engine's grammars, given their own text.
+            "--structured-outputs-config", '{"backend": "guidance"}', *flags]
 
 
 def start_vllm(name: str, model_dir: Path, python: str, flags: Iterable[str] = ()) -> "VllmClient":
@@ -108,6 +119,14 @@ def start_vllm(name: str, model_dir: Path, python: str, flags: Iterable[str] = (
         raise
 
 
+def healthy(url: str, timeout_s: float) -> bool:
+    """Return whether the engine's /health answers 200 within timeout_s."""
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout_s, trust_env=False).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def await_health(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
     """Return once the engine's /health answers 200; raise EngineStartFailed when it exits or takes too long."""
     deadline = time.monotonic() + timeout_s
@@ -115,11 +134,8 @@ def await_health(url: str, process: subprocess.Popen, log_path: Path, timeout_s:
         if process.poll() is not None:
             raise EngineStartFailed(f"the vLLM engine process {exit_description(process.returncode)} while "
                                     f"loading; last lines of {log_path}: {log_tail(log_path)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if healthy(url, 2):
+            return
         time.sleep(READY_POLL_S)
     raise EngineStartFailed(f"the vLLM engine did not answer /health within {timeout_s:.0f} s; "
                             f"last lines of {log_path}: {log_tail(log_path)}")
@@ -142,13 +158,6 @@ def stop_group(process: subprocess.Popen, grace_s: float = 0.0) -> None:
 
 def completion_body(name: str, prompt_ids: list[int], params: SamplingParams, scope: str | None) -> dict:
     """Return vLLM's /v1/completions body for one request; raise FieldNotHonoured for what it is not asked to do."""
-    if params.grammar is not None:
-        raise FieldNotHonoured("This deployment runs on vLLM, which is not given this appliance's structured-output "
-                               "grammars: response_format json_schema / json_object and forced tool calls are served "
-                               "on the builtin engine only.", "response_format")
-    if params.logprobs is not None:
-        raise FieldNotHonoured("This deployment runs on vLLM, whose log probabilities are not passed through: "
-                               "logprobs are served on the builtin engine only.", "logprobs")
     body = {"model": name, "prompt": prompt_ids, "max_tokens": params.max_tokens, "temperature": params.temperature,
             "top_p": params.top_p, "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty, "min_tokens": params.min_tokens,
@@ -157,10 +166,32 @@ def completion_body(name: str, prompt_ids: list[int], params: SamplingParams, sc
     optional = {"top_k": params.top_k or None, "stop": list(params.stop) or None, "seed": params.seed,
                 "logit_bias": {str(t): b for t, b in params.logit_bias.items()} if params.logit_bias else None,
                 "stop_token_ids": list(params.stop_token_ids) or None,
+                # Tokens as ids ("token_id:N"): the client names them with the variant's tokenizer, as the builtin
+                # engine does, whatever vLLM's detokenizer would have made of a partial character.
+                "logprobs": params.logprobs, "return_tokens_as_token_ids": params.logprobs is not None or None,
+                "structured_outputs": None if params.grammar is None else {"grammar": lark_grammar(params.grammar)},
                 # The team is the prefix cache's scope, as on the builtin engine: vLLM never shares KV across salts.
                 "cache_salt": scope}
     body.update({key: value for key, value in optional.items() if value is not None})
     return body
+
+
+def lark_grammar(grammar: str) -> str:
+    """Return the builtin engine's grammar (llguidance's grammar JSON, or Lark text) as the Lark text vLLM's
+    guidance backend takes: a JSON schema becomes `start: %json <schema>`, its x-guidance options kept."""
+    if not grammar.lstrip().startswith("{"):
+        return grammar
+    top = json.loads(grammar)
+    parts = top.get("grammars") or []
+    if len(parts) == 1 and top.get("max_tokens") is None:
+        schema, lark = parts[0].get("json_schema"), parts[0].get("lark_grammar")
+        if schema is not None and lark is None:
+            return f"start: %json {json.dumps(schema)}"
+        if lark is not None and schema is None:
+            return lark
+    raise FieldNotHonoured("This deployment runs on vLLM, which is given one JSON schema or Lark grammar per "
+                           "request; this structured-output grammar is served on the builtin engine only.",
+                           "response_format")
 
 
 def refusal(status: int, text: str) -> Exception:
@@ -199,10 +230,14 @@ class VllmClient(ClientBasics):
         self.vocab_size = int(config.get("vocab_size") or len(self.tokenizer))
         self.exit_reason: str | None = None
         self._closing = False
+        self._hung: str | None = None  # why the health watch killed it, when it did
+        self._ended = threading.Event()
         self._http: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its AsyncClient
         self._scraped: tuple[float, list] = (0.0, [])
         self._scrape_lock = threading.Lock()
         threading.Thread(target=self._watch, name=f"vllm-watch:{name}", daemon=True).start()
+        threading.Thread(target=self._watch_health, args=(settings.ENGINE_HUNG_AFTER_S,),
+                         name=f"vllm-health:{name}", daemon=True).start()
 
     def submit(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
                cache_scope: str | None = None) -> "VllmHandle":
@@ -214,7 +249,11 @@ class VllmClient(ClientBasics):
         body = completion_body(self.name, prompt_ids, params, cache_scope)
         if not self.alive:
             raise EngineClosed(f"the vLLM engine process {self.exit_reason}")
-        return VllmHandle(self._client(), body)
+        return VllmHandle(self._client(), body, None if params.logprobs is None else self.token_text)
+
+    def token_text(self, token: int) -> str:
+        """Return one token's text, as the builtin engine names the tokens of its log probabilities."""
+        return self.tokenizer.decode([token])
 
     def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -272,17 +311,50 @@ class VllmClient(ClientBasics):
 
     def _watch(self) -> None:
         code = self.process.wait()
+        self._ended.set()
         stop_group(self.process)  # the EngineCore processes it left behind, if it was killed
-        self.exit_reason = "closed" if self._closing else exit_description(code)
+        self.exit_reason = "closed" if self._closing else self._hung or exit_description(code)
         if not self._closing:
             log.error("vLLM engine process of %s (pid %d) %s", self.name, self.pid, self.exit_reason)
         notify_gone(self)
+
+    def _watch_health(self, hung_after_s: float) -> None:
+        """Kill the process group of an engine that is alive but whose /health has not answered 200 for
+        hung_after_s: _watch then records it as hung and the reconciler restarts it, as it does a crashed one."""
+        answered = time.monotonic()
+        while not self._ended.wait(HEALTH_POLL_S):
+            if healthy(self.url, min(HEALTH_TIMEOUT_S, hung_after_s)):
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= hung_after_s and not (self._closing or self._ended.is_set()):
+                self._hung = f"was hung: its /health did not answer 200 for {hung_after_s:g} s, so it was killed"
+                stop_group(self.process)
+                return
+
+
+def logprob_entries(given: dict | None, alternatives: int, token_text: Callable[[int], str]) -> list:
+    """Return the logprobs of one of vLLM's chunks (tokens as "token_id:N") as the builtin engine's Chunk.logprobs:
+    each token's {"token", "logprob", "top": [[text, logprob], ...]}, its `alternatives` most likely first."""
+    def text(placeholder: str) -> str:
+        if not placeholder.startswith("token_id:"):
+            raise StreamError(f"the vLLM engine named a token {placeholder[:50]!r}, not by its id")
+        return token_text(int(placeholder[len("token_id:"):]))
+
+    given, entries = given or {}, []
+    for token, logprob, top in zip(given.get("tokens") or (), given.get("token_logprobs") or (),
+                                   given.get("top_logprobs") or ()):
+        # vLLM adds the chosen token to the `alternatives` most likely ones when it is not among them.
+        ranked = sorted((top or {}).items(), key=lambda item: item[1], reverse=True)[:alternatives]
+        entries.append({"token": text(token), "logprob": logprob, "top": [[text(t), lp] for t, lp in ranked]})
+    return entries
 
 
 class VllmHandle:
     """A request sent to vLLM: `await accepted()`, then `async for` yields its Chunks; leaving early cancels it."""
 
-    def __init__(self, http: httpx.AsyncClient, body: dict) -> None:
+    def __init__(self, http: httpx.AsyncClient, body: dict, token_text: Callable[[int], str] | None = None) -> None:
+        """token_text: how a token's text is written in the Chunks' logprobs; None when they were not asked for."""
+        self.token_text = token_text
+        self.alternatives = body.get("logprobs") or 0
         loop = asyncio.get_running_loop()
         self.answer: asyncio.Future = loop.create_future()  # vLLM's 200, or its refusal
         self.chunks: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -339,11 +411,21 @@ class VllmHandle:
             state["cached"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         for choice in event.get("choices") or ():
             state["finish"] = choice.get("finish_reason") or state["finish"]
-            if choice.get("text"):
-                self._put(choice["text"], None, state)
+            logprobs = self._logprobs(choice.get("logprobs"))
+            if choice.get("text") or logprobs:
+                self._put(choice.get("text") or "", None, state, logprobs=logprobs)
 
-    def _put(self, text: str, finish: str | None, state: dict, error: str | None = None) -> None:
-        self.chunks.put_nowait(Chunk(text, finish, state["prompt"], state["completion"], error, state["cached"]))
+    def _logprobs(self, given: dict | None) -> list | None:
+        if self.token_text is None:
+            return None
+        return logprob_entries(given, self.alternatives, self.token_text)
+
+    def _put(self, text: str, finish: str | None, state: dict, error: str | None = None,
+             logprobs: list | None = None) -> None:
+        if logprobs is None and self.token_text is not None:
+            logprobs = []  # asked for: every chunk carries its tokens' entries, none for the last one
+        self.chunks.put_nowait(Chunk(text, finish, state["prompt"], state["completion"], error, state["cached"],
+                                     logprobs))
 
     def _settle(self, error: Exception | None) -> None:
         if self.answer.done():

@@ -54,6 +54,8 @@ def test_plain_batched_products_are_the_default_on_every_device(demo_dir) -> Non
     ("APPLIANCE_PRODUCTION", "ture", "APPLIANCE_PRODUCTION must be one of"),
     ("APPLIANCE_QUEUE_LIMIT", "64k", "APPLIANCE_QUEUE_LIMIT must be a whole number, not '64k'"),
     ("APPLIANCE_RECONCILE_INTERVAL", "fast", "APPLIANCE_RECONCILE_INTERVAL must be a number, not 'fast'"),
+    ("APPLIANCE_ENGINE_HUNG_AFTER_S", "1m", "APPLIANCE_ENGINE_HUNG_AFTER_S must be a number, not '1m'"),
+    ("APPLIANCE_ENGINE_HUNG_AFTER_S", "0", "APPLIANCE_ENGINE_HUNG_AFTER_S must be a number of seconds above 0"),
 ])
 def test_an_unreadable_setting_stops_the_process_naming_the_variable(variable, value, message) -> None:
     result = settings_value("DEBUG", **{variable: value})

@@ -2,9 +2,13 @@
 
 The end-to-end behaviour, with vLLM's CPU build, is tests/e2e/test_vllm_engine.py (`pytest -m vllm`).
 """
+import json
+
 import pytest
 
-from appliance.vllm_engine import completion_body, engine_environment, refusal, vllm_arguments
+from appliance.vllm_engine import (completion_body, engine_environment, lark_grammar, logprob_entries, refusal,
+                                   vllm_arguments)
+from inference.engine.grammar import json_schema_grammar
 from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
 
 
@@ -23,15 +27,42 @@ def test_the_body_carries_the_token_ids_and_every_sampling_field_vllm_honours():
 
 def test_unset_fields_are_left_to_vllms_defaults():
     body = completion_body("dense", [1], SamplingParams(), None)
-    assert not {"top_k", "stop", "seed", "logit_bias", "stop_token_ids", "cache_salt"} & set(body)
+    assert not {"top_k", "stop", "seed", "logit_bias", "stop_token_ids", "cache_salt", "logprobs",
+                "return_tokens_as_token_ids", "structured_outputs"} & set(body)
 
 
-@pytest.mark.parametrize("params,param", [(SamplingParams(grammar="start: /x/"), "response_format"),
-                                          (SamplingParams(logprobs=2), "logprobs")])
-def test_fields_not_passed_to_vllm_are_refused_naming_them(params, param):
+@pytest.mark.parametrize("alternatives", [0, 3])
+def test_logprobs_are_asked_for_with_tokens_as_ids(alternatives):
+    body = completion_body("dense", [1], SamplingParams(logprobs=alternatives), None)
+    assert body["logprobs"] == alternatives and body["return_tokens_as_token_ids"] is True
+
+
+def test_vllms_logprobs_become_the_builtin_engines_entries_most_likely_first():
+    given = {"tokens": ["token_id:7", "token_id:9"], "token_logprobs": [-0.5, -3.0], "text_offset": [0, 1],
+             # the second token was not among the 2 most likely: vLLM adds it to them
+             "top_logprobs": [{"token_id:7": -0.5, "token_id:8": -1.5},
+                              {"token_id:9": -3.0, "token_id:4": -0.1, "token_id:5": -0.9}]}
+    entries = logprob_entries(given, 2, lambda token: f"<{token}>")
+    assert entries == [{"token": "<7>", "logprob": -0.5, "top": [["<7>", -0.5], ["<8>", -1.5]]},
+                       {"token": "<9>", "logprob": -3.0, "top": [["<4>", -0.1], ["<5>", -0.9]]}]
+    assert logprob_entries(given, 0, str)[0]["top"] == []
+    assert logprob_entries(None, 2, str) == []
+
+
+def test_the_builtin_engines_json_schema_grammar_goes_to_vllm_as_lark_with_its_options():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    body = completion_body("dense", [1], SamplingParams(grammar=json_schema_grammar(schema)), None)
+    lark = body["structured_outputs"]["grammar"]
+    assert lark.startswith("start: %json ")
+    assert json.loads(lark[len("start: %json "):]) == {**schema, "x-guidance": {"whitespace_flexible": False}}
+    assert completion_body("dense", [1], SamplingParams(grammar="start: /x/"), None)["structured_outputs"] == {
+        "grammar": "start: /x/"}
+
+
+def test_a_grammar_of_several_parts_is_refused_naming_response_format():
     with pytest.raises(FieldNotHonoured) as info:
-        completion_body("dense", [1], params, None)
-    assert info.value.param == param and "builtin engine only" in str(info.value)
+        lark_grammar(json.dumps({"grammars": [{"json_schema": {}}, {"lark_grammar": "start: /x/"}]}))
+    assert info.value.param == "response_format" and "builtin engine only" in str(info.value)
 
 
 @pytest.mark.parametrize("status,text,kind", [
@@ -55,3 +86,5 @@ def test_the_engine_listens_on_loopback_and_gets_no_database_broker_or_proxy(set
     args = vllm_arguments("dense", tmp_path, 8000)
     assert args[args.index("--host") + 1] == "127.0.0.1"
     assert "--trust-remote-code" not in args
+    assert args[args.index("--logprobs-mode") + 1] == "raw_logprobs"  # the model's own distribution, as builtin
+    assert json.loads(args[args.index("--structured-outputs-config") + 1]) == {"backend": "guidance"}
