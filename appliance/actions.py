@@ -15,6 +15,7 @@ from django.utils.text import slugify
 
 from audit import ledger
 
+from . import placement
 from .incoming import discard_attempt
 from .modelfiles import OutsideStore, in_store, remove_in_store, tree_size
 
@@ -259,12 +260,13 @@ def do_record_measurement(deployment_id: int, measured: dict) -> None:
 
 
 def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
-              engine_flags: list[str] | None = None) -> Deployment:
-    """Ask the web process to load the variant, on `engine` (None keeps the deployment's engine, builtin at first)
-    with `engine_flags`, the fit plan as that engine's arguments (None keeps them).
+              engine_flags: list[str] | None = None, node: str | None = None) -> Deployment:
+    """Ask a node's web process to load the variant, on `engine` (None keeps the deployment's engine, builtin at
+    first) with `engine_flags`, the fit plan as that engine's arguments (None keeps them), on `node`: a node's name
+    or placement.ANYWHERE (None keeps the deployment's node, this node at first).
 
-    A running deployment keeps its engine until it is undeployed: a change of engine is refused, not applied
-    half-way (the web process would have to unload and load it behind the administrator's back).
+    A running deployment keeps its engine and its node until it is undeployed: a change of either is refused, not
+    applied half-way (a web process would have to unload and load it behind the administrator's back).
     """
     if engine is not None:
         check_engine_name(engine)
@@ -280,13 +282,24 @@ def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
             deployment.engine = engine
         if engine_flags is not None:
             deployment.engine_flags = [str(flag) for flag in engine_flags]
+        running = deployment.desired == DesiredState.DEPLOYED and deployment.actual != ActualState.FAILED
+        if node is not None or not deployment.node:
+            try:
+                chosen = placement.choose_node(variant, node or settings.APPLIANCE_NODE)
+            except placement.PlacementRefused as exc:
+                raise ActionRefused(f"deploy refused: {exc}") from exc
+            if running and deployment.node and chosen != deployment.node:
+                raise ActionRefused(f"variant {variant.name} is deployed on node {deployment.node}; undeploy it "
+                                    f"before deploying it on {chosen}")
+            deployment.node = chosen
         deployment.desired = DesiredState.DEPLOYED
         if deployment.actual == ActualState.FAILED:
             # A new deploy is a new attempt: let the reconciler try again.
             deployment.actual, deployment.detail = ActualState.UNDEPLOYED, ""
         deployment.save()
         ledger.append("deployment.deploy", actor=actor, target=variant.name, outcome="requested",
-                      details={"engine": deployment.engine, "engine_flags": deployment.engine_flags})
+                      details={"engine": deployment.engine, "engine_flags": deployment.engine_flags,
+                               "placed_on": deployment.node})
     return deployment
 
 

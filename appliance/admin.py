@@ -13,7 +13,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from . import actions, fitting, lineage, ollama
+from . import actions, fitting, lineage, ollama, placement
 from .console.charts import expert_heatmap
 from .templatetags.humanize_fit import count
 from .actions import do_update_api_key, do_update_team
@@ -121,7 +121,7 @@ def deploy_on(engine: str, label: str):
 class DeploymentInline(admin.StackedInline):
     model = Deployment
     can_delete = False
-    readonly_fields = ["desired", "actual", "engine", "device", "detail", "updated_at"]
+    readonly_fields = ["desired", "actual", "engine", "node", "device", "detail", "updated_at"]
     fields = readonly_fields
 
     def has_add_permission(self, request, obj=None):
@@ -134,7 +134,7 @@ class ModelVariantAdmin(admin.ModelAdmin):
                     "serving", "fit_verdict"]
     list_filter = ["kind", "status", "random_weights"]
     search_fields = ["name", "architecture"]
-    actions = ["verify_files", "analyse_fit", "deploy", *(deploy_on(engine, label) for engine, label in Engine.choices),
+    actions = ["verify_files", "analyse_fit", "deploy", "deploy_anywhere", *(deploy_on(engine, label) for engine, label in Engine.choices),
                "undeploy", "delete_variants"]
     inlines = [DeploymentInline]
     readonly_fields = ["name", "kind", "origin", "lineage_tree", "provenance_table", "architecture", "model_type",
@@ -264,7 +264,9 @@ class ModelVariantAdmin(admin.ModelAdmin):
         if dep is None:
             return "–"
         text = dep.actual if dep.converged else f"{dep.actual} → {dep.desired}"
-        return f"{dep.engine}: {text} ({dep.device})" if dep.device else f"{dep.engine}: {text}"
+        where = " ".join(part for part in (f"on {dep.node}" if dep.node else "", f"({dep.device})" if dep.device
+                                           else "") if part)
+        return f"{dep.engine}: {text} {where}".rstrip()
 
     def _each(self, request, queryset, action, verb):
         for variant in queryset:
@@ -285,6 +287,11 @@ class ModelVariantAdmin(admin.ModelAdmin):
     @admin.action(description="Deploy (load into the engine)")
     def deploy(self, request, queryset):
         self._each(request, queryset, actions.do_deploy, "deploy requested")
+
+    @admin.action(description="Deploy anywhere (the up node with the most memory left)")
+    def deploy_anywhere(self, request, queryset):
+        self._each(request, queryset, functools.partial(actions.do_deploy, node=placement.ANYWHERE),
+                   "deploy requested")
 
     @admin.action(description="Undeploy (unload from the engine)")
     def undeploy(self, request, queryset):

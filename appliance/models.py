@@ -150,6 +150,9 @@ class Deployment(models.Model):
     engine = models.CharField(max_length=16, choices=Engine.choices, default=Engine.BUILTIN)
     # The fit plan as the external engine's arguments (inference.fit.engine_flags), set by `deploy --plan`.
     engine_flags = models.JSONField(default=list, blank=True)
+    # The node whose web process serves it (appliance.placement). Blank only on a deployment made before placement
+    # existed: every node that reconciles it serves it, as then.
+    node = models.CharField(max_length=64, blank=True, validators=[validate_node_name])
     detail = models.TextField(blank=True)
     # What the loaded engine really allocated (measured in its engine process, appliance.fitting.record_measurement),
     # shown next to the fit advisor's prediction.

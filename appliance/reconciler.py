@@ -1,4 +1,4 @@
-"""Make the engines of this web process match the deployments in the registry.
+"""Make the engines of this web process match the deployments placed on this node in the registry.
 
 Runs as one background thread of the web process, the only owner of deployments: each deployment's engine is
 a child process of the web process (appliance.engine_client), the only processes that put weights on the GPUs.
@@ -36,9 +36,10 @@ _crashes: dict[str, collections.deque] = collections.defaultdict(collections.deq
 
 
 def reconcile_once() -> None:
-    """Load what should be deployed and is not, unload what should not be."""
+    """Load what should be deployed on this node and is not, unload what should not be."""
     wanted = {}
-    for dep in Deployment.objects.select_related("variant"):
+    # A deployment without a node predates placement: served where it is, as then.
+    for dep in Deployment.objects.filter(node__in=(settings.APPLIANCE_NODE, "")).select_related("variant"):
         if dep.desired == DesiredState.DEPLOYED and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED):
             wanted[dep.variant.name] = dep
     for name in engine_client.names():
@@ -132,8 +133,8 @@ def refuse_before_build(variant: ModelVariant) -> str | None:
 
 
 def still_wanted(dep: Deployment) -> bool:
-    """Return whether the registry still asks for this deployment's variant to be served."""
-    return Deployment.objects.filter(pk=dep.pk, desired=DesiredState.DEPLOYED, variant__status__in=(
+    """Return whether the registry still asks for this deployment's variant to be served here."""
+    return Deployment.objects.filter(pk=dep.pk, desired=DesiredState.DEPLOYED, node=dep.node, variant__status__in=(
         VariantStatus.READY, VariantStatus.DEPLOYED)).exists()
 
 

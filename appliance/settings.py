@@ -67,7 +67,9 @@ def env_secret(name: str, default: str = "") -> str:
 
 APPLIANCE_HOME = Path(env_str("APPLIANCE_HOME", str(BASE_DIR / "var"))).resolve()
 APPLIANCE_HOME.mkdir(parents=True, exist_ok=True)
-MODEL_STORE = APPLIANCE_HOME / "models"
+# The variants' files. Nodes of one appliance that share a file system may share the store, so that every node can
+# load what any node imported (they never copy weights between them yet).
+MODEL_STORE = Path(env_str("APPLIANCE_MODEL_STORE", str(APPLIANCE_HOME / "models"))).resolve()
 EXPORT_DIR = APPLIANCE_HOME / "exports"
 
 

@@ -16,7 +16,7 @@ import jinja2
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from appliance import engine_client
+from appliance import engine_client, placement
 from audit import ledger
 from inference.engine.prompt import ControlTokenSpelling, chat_template_source
 from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
@@ -327,6 +327,11 @@ async def loaded_engine(model: str, flight: InFlight):
         return engine, None
     if await on_gate(gatekeeper().exists, flight.caller, model):
         flight.settle("failed")  # a 503: the box could not serve what the caller may use
+        elsewhere = await on_gate(placement.placed_elsewhere, model)
+        if elsewhere is not None:
+            return None, error(f"Model '{model}' is served by node {elsewhere.name} ({elsewhere.address}); this node "
+                               "does not forward requests to other nodes yet: send them there.", 503,
+                               code="model_not_loaded")
         return None, error(f"Model '{model}' is not loaded; deploy it first.", 503, code="model_not_loaded")
     flight.settle("refused")
     return None, error(f"The model '{model}' does not exist.", 404, param="model", code="model_not_found")

@@ -53,6 +53,11 @@ def test_the_node_name_and_address_are_read_from_the_environment():
     assert (result.returncode, result.stdout.strip()) == (0, "'http://10.0.0.2:8000'"), result.stderr
 
 
+def test_nodes_may_share_a_model_store_outside_their_homes(tmp_path):
+    result = settings_value("MODEL_STORE", APPLIANCE_MODEL_STORE=str(tmp_path / "shared" / ".." / "store"))
+    assert (result.returncode, result.stdout.strip()) == (0, repr(tmp_path / "store")), result.stderr
+
+
 @pytest.mark.parametrize("value", ["http://127.0.0.2:8001", "http://gpu-box-07.dc1:8000", "http://[::1]:8000"])
 def test_it_accepts_a_node_address(value):
     assert check_node_address(value, field="APPLIANCE_NODE_ADDRESS") == value

@@ -4,9 +4,10 @@ import signal
 import sys
 import time
 
+import openai
 import pytest
 
-from tests.livebox import ConsoleSession, start, start_nodes
+from tests.livebox import ConsoleSession, read_stream, start, start_nodes
 
 pytestmark = pytest.mark.e2e
 
@@ -23,6 +24,11 @@ REGISTRATIONS_SCRIPT = """
 import json
 from audit.models import AuditEvent
 print(json.dumps([[e.target, e.details["node"]] for e in AuditEvent.objects.filter(action="node.register")]))
+"""
+SERVING_SCRIPT = """
+import json
+from appliance.models import Node
+print(json.dumps({n.name: n.serving for n in Node.objects.all()}))
 """
 BEAT_SCRIPT = """
 import json
@@ -129,6 +135,32 @@ def test_only_the_lease_holders_beat_acts_and_another_takes_over_when_it_dies(ap
         for beat in beats.values():
             beat.terminate()
             beat.wait(timeout=20)
+
+
+def test_a_deployment_placed_on_one_node_is_served_there_and_named_by_the_others(appliance_nodes):
+    first, second = appliance_nodes[:2]
+    first.manage("import_model", str(first.demo_dir / "demo-dense"), "--name", "placed-dense", "--kind", "dense",
+                 "--wait")
+    # Asked on node-1, loaded by node-2's web process: its reconciler serves what is placed on node-2.
+    result = first.manage("deploy", "placed-dense", "--node", "node-2", "--wait")
+    assert "placed-dense deployed on node-2's cpu" in result.stdout
+    key = first.new_key("placement")
+    served = openai.OpenAI(base_url=f"{second.url}/v1", api_key=key, max_retries=0, timeout=120)
+    text, usage, finish = read_stream(served.chat.completions.create(
+        model="placed-dense", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True}))
+    assert usage.completion_tokens == 4 and finish == "length"
+    elsewhere = openai.OpenAI(base_url=f"{first.url}/v1", api_key=key, max_retries=0, timeout=120)
+    with pytest.raises(openai.APIStatusError) as refused:
+        elsewhere.chat.completions.create(model="placed-dense", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4)
+    assert refused.value.status_code == 503
+    assert f"served by node node-2 ({second.url})" in refused.value.message
+    serving = wait_for(first, SERVING_SCRIPT, lambda nodes: "placed-dense" in nodes["node-2"],
+                       "node-2's heartbeat naming what it serves")
+    assert "placed-dense" not in serving["node-1"]
+    refusal = first.manage("deploy", "placed-dense", "--node", "node-1", check=False)
+    assert refusal.returncode != 0 and "is deployed on node node-2; undeploy it" in refusal.stderr
 
 
 def test_a_node_whose_web_process_is_killed_shows_as_down(appliance_nodes):

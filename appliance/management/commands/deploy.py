@@ -7,12 +7,14 @@ from ._common import cli_actor, get_variant, refusals_as_errors, wait_for
 
 
 class Command(BaseCommand):
-    help = "Ask the web process to load a variant."
+    help = "Ask a node's web process to load a variant."
 
     def add_arguments(self, parser):
         parser.add_argument("name")
         parser.add_argument("--engine", help="builtin, vllm, sglang or auto (default: the deployment's engine, "
                                                  "builtin for a first deploy)")
+        parser.add_argument("--node", help="the node to run it on, or 'anywhere': the up node with the most memory "
+                                           "left (default: the deployment's node, this node for a first deploy)")
         parser.add_argument("--plan", help="with --engine vllm: the fit plan (tp2, dp8-ep8, ...) as vLLM's arguments")
         parser.add_argument("--hardware", help="with --plan: the deployment's hardware over every box (e.g. 2x8xH200; "
                                                "default: this box)")
@@ -20,12 +22,12 @@ class Command(BaseCommand):
         parser.add_argument("--wait", action="store_true", help="wait until the web process has loaded it")
         parser.add_argument("--timeout", type=float, default=300)
 
-    def handle(self, name, engine, plan, hardware, context, wait, timeout, **options):
+    def handle(self, name, engine, node, plan, hardware, context, wait, timeout, **options):
         variant = get_variant(name)
         flags = planned_flags(engine, plan, hardware, context) if plan or hardware or context else None
         with refusals_as_errors():
-            deployment = do_deploy(variant, actor=cli_actor(), engine=engine, engine_flags=flags)
-        self.stdout.write(f"{name}: deploy requested on engine {deployment.engine}")
+            deployment = do_deploy(variant, actor=cli_actor(), engine=engine, engine_flags=flags, node=node)
+        self.stdout.write(f"{name}: deploy requested on engine {deployment.engine}, node {deployment.node}")
         if not wait:
             return
 
@@ -33,10 +35,11 @@ class Command(BaseCommand):
             d = Deployment.objects.get(pk=deployment.pk)
             return d if d.actual in (ActualState.DEPLOYED, ActualState.FAILED) else None
 
-        deployment = wait_for(settled, timeout=timeout, what=f"the web process to load {name} (is it running?)")
+        deployment = wait_for(settled, timeout=timeout,
+                              what=f"node {deployment.node}'s web process to load {name} (is it running?)")
         if deployment.actual == ActualState.FAILED:
             raise CommandError(f"{name} failed to load: {deployment.detail}")
-        self.stdout.write(f"{name} deployed on {deployment.device} ({deployment.engine})")
+        self.stdout.write(f"{name} deployed on {deployment.node}'s {deployment.device} ({deployment.engine})")
 
 
 def planned_flags(engine: str | None, plan: str | None, hardware: str | None, context: int | None) -> list[str]:
