@@ -65,7 +65,7 @@ def check_with_vllm(launches: list[NodeLaunch], model_dir: str) -> list[str] | N
     """Return vLLM's own parser's verdict on each launch ("ok" or its complaint), or None where vLLM is absent."""
     if not engines.installed(settings.VLLM_PYTHON):
         return None
-    from .vllm_engine import engine_environment
+    from .vllm_engine import engine_environment  # here: it loads the tokenizer stack, which planning never needs
 
     home = Path(settings.APPLIANCE_HOME) / "engines" / "vllm"
     home.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ def installed(python: str) -> bool:
 
 
 def cuda_present() -> bool:
-    import torch
+    import torch  # here: seconds to import, and only an `auto` engine asks
 
     return torch.cuda.is_available()
 
@@ -51,7 +51,7 @@ def start(deployment, config: EngineConfig):
         if not installed(settings.VLLM_PYTHON):
             raise EngineUnavailable("vLLM is not installed on this box: set APPLIANCE_VLLM_PYTHON to the python of "
                                     "its virtualenv (bash bench/peers_setup.sh vllm builds one)")
-        from . import vllm_engine
+        from . import vllm_engine  # here: its client loads the tokenizer stack, for a vLLM deployment only
 
         return vllm_engine.start_vllm(name, model_dir, settings.VLLM_PYTHON, deployment.engine_flags)
     raise EngineUnavailable(f"the {chosen} engine is not supported by this appliance yet: deploy on builtin or vllm")

@@ -23,7 +23,7 @@ def inventory() -> dict:
     """Return this box's GPUs (name and memory of each) and host memory, from the vendors' own interfaces."""
     gpus = []
     try:
-        import torch
+        import torch  # here, and optional: a box registers without it, and the web process may not have loaded it
 
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):

@@ -11,11 +11,12 @@ from reportlab.lib.units import cm
 from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from inference import charts
+from inference.charts.drawing import DrawingCanvas
 
 
 def requests_chart(report: dict, canvas=charts.SvgCanvas):
     """Return requests per day, stacked by team, beside requests per model: SVG text, or with
-    canvas=charts.DrawingCanvas the same chart as a reportlab Drawing for the PDF."""
+    canvas=DrawingCanvas the same chart as a reportlab Drawing for the PDF."""
     days = list(report["per_day"])
     series = {team: [report["per_day"][day].get(team, 0) for day in days] for team, _ in report["per_team"]}
     per_day = partial(charts.columns, title="Requests per day, by team", labels=days, series=series, stacked=True)
@@ -84,7 +85,7 @@ def render_pdf(report: dict) -> bytes:
     doc = SimpleDocTemplate(buffer, pagesize=A4, leftMargin=1.6 * cm, rightMargin=1.6 * cm,
                             topMargin=1.5 * cm, bottomMargin=1.5 * cm, title=report["title"])
     colour = "#176b2c" if report["status"].startswith("OK") else "#b00020"
-    chart = requests_chart(report, canvas=charts.DrawingCanvas)
+    chart = requests_chart(report, canvas=DrawingCanvas)
     scale = doc.width / chart.width
     chart.scale(scale, scale)
     chart.width, chart.height = doc.width, chart.height * scale

@@ -1,5 +1,5 @@
-"""The canvas the charts draw on: a handful of shapes in SVG's coordinates (origin top left, y down), written
-either as SVG text or as a reportlab Drawing (origin bottom left: y is flipped here, once)."""
+"""The canvas the charts draw on: a handful of shapes in SVG's coordinates (origin top left, y down), written as
+SVG text. drawing.py takes the same calls to build a reportlab Drawing for the auditor's PDF."""
 from html import escape
 
 FONT = "sans-serif"
@@ -52,63 +52,3 @@ class SvgCanvas:
 
     def finish(self) -> str:
         return "".join(self.parts) + "</svg>"
-
-
-class DrawingCanvas:
-    """Build a reportlab Drawing (a platypus flowable) from the same calls; tooltips have no place in a PDF."""
-
-    def __init__(self, width: float, height: float, title: str, css_class: str = ""):
-        from reportlab.graphics.shapes import Drawing  # here: reportlab loads only for the PDF
-
-        self.width, self.height = width, height
-        self.drawing = Drawing(width, height)
-
-    @staticmethod
-    def _colour(value, opacity=1.0):
-        from reportlab.lib.colors import Color, HexColor
-
-        if not value or value == "none":
-            return None
-        c = HexColor(value)
-        return Color(c.red, c.green, c.blue, alpha=opacity)
-
-    def _flat(self, points):
-        return [v for x, y in points for v in (x, self.height - y)]
-
-    def rect(self, x, y, w, h, fill, *, stroke=None, tip=None):
-        from reportlab.graphics.shapes import Rect
-
-        self.drawing.add(Rect(x, self.height - y - h, w, h, fillColor=self._colour(fill),
-                              strokeColor=self._colour(stroke)))
-
-    def line(self, x1, y1, x2, y2, stroke="#000000", *, width=1.0, dash=False):
-        from reportlab.graphics.shapes import Line
-
-        self.drawing.add(Line(x1, self.height - y1, x2, self.height - y2, strokeColor=self._colour(stroke),
-                              strokeWidth=width, strokeDashArray=[4, 3] if dash else None))
-
-    def polyline(self, points, stroke, *, width=1.5):
-        from reportlab.graphics.shapes import PolyLine
-
-        self.drawing.add(PolyLine(self._flat(points), strokeColor=self._colour(stroke), strokeWidth=width))
-
-    def polygon(self, points, fill, *, opacity=1.0, stroke=None):
-        from reportlab.graphics.shapes import Polygon
-
-        self.drawing.add(Polygon(self._flat(points), fillColor=self._colour(fill, opacity),
-                                 strokeColor=self._colour(stroke)))
-
-    def circle(self, cx, cy, r, fill, *, stroke=None, tip=None):
-        from reportlab.graphics.shapes import Circle
-
-        self.drawing.add(Circle(cx, self.height - cy, r, fillColor=self._colour(fill), strokeColor=self._colour(stroke)))
-
-    def text(self, x, y, text, *, size=10, anchor="start", bold=False, colour=None):
-        from reportlab.graphics.shapes import String
-
-        self.drawing.add(String(x, self.height - y, str(text), fontSize=size, textAnchor=anchor,
-                                fontName="Helvetica-Bold" if bold else "Helvetica",
-                                fillColor=self._colour(colour or "#000000")))
-
-    def finish(self):
-        return self.drawing

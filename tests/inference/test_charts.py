@@ -4,6 +4,7 @@ from functools import partial
 from xml.etree import ElementTree
 
 from inference import charts
+from inference.charts.drawing import DrawingCanvas
 
 HOSTILE = '<script>alert(1)</script>"&\''
 
@@ -41,7 +42,7 @@ def test_the_same_charts_draw_as_reportlab_drawings():
     from reportlab.graphics import renderPDF
     from reportlab.graphics.shapes import Drawing
 
-    for drawing in every_kind(charts.DrawingCanvas):
+    for drawing in every_kind(DrawingCanvas):
         assert isinstance(drawing, Drawing)
         assert renderPDF.drawToString(drawing).startswith(b"%PDF")
 

@@ -44,6 +44,7 @@ class Command(BaseCommand):
 
 def planned_flags(engine: str | None, plan: str | None, hardware: str | None, context: int | None) -> list[str]:
     """Return vLLM's arguments for the plan on this box; refuse what this box cannot start, naming what is missing."""
+    # Here: planning loads the engines' module, and with it torch, which a plain deploy never needs.
     from appliance.engine_plan import vllm_plan
     from inference.fit.engine_flags import missing_for
     from inference.fit.hardware import inventory

@@ -72,7 +72,7 @@ class Command(BaseCommand):
 
 
     def print_vllm_flags(self, model, hardware, plan, context, dtype, head_address) -> None:
-        from appliance.engine_plan import check_with_vllm, vllm_plan
+        from appliance.engine_plan import check_with_vllm, vllm_plan  # here: it loads torch, for --vllm-flags only
 
         try:
             planned = vllm_plan(hardware, plan, context, dtype, head_address)
