@@ -1,4 +1,4 @@
-"""Render the auditor's report as HTML and as PDF (reportlab), with its chart from inference.charts: SVG in the
+"""Render the auditor's report as HTML and as PDF (reportlab), with its chart from the charts package: SVG in the
 HTML, the same chart as reportlab vector shapes in the PDF."""
 import html
 import io
@@ -10,8 +10,8 @@ from reportlab.lib.styles import getSampleStyleSheet
 from reportlab.lib.units import cm
 from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
-from inference import charts
-from inference.charts.drawing import DrawingCanvas
+import charts
+from charts.drawing import DrawingCanvas
 
 
 def requests_chart(report: dict, canvas=charts.SvgCanvas):

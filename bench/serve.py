@@ -231,10 +231,10 @@ def print_table(report: dict) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Write tokens/s against concurrent clients, one panel per model, as SVG (drawn by inference.charts)."""
+    """Write tokens/s against concurrent clients, one panel per model, as SVG (drawn by the charts package)."""
     from functools import partial
 
-    from inference import charts
+    import charts
 
     colours = dict(zip(ROWS, charts.plots.COLOURS))
     draws = []

@@ -1,10 +1,10 @@
-"""The console's charts: drawn by inference.charts (the box's one chart module), marked safe here for templates.
+"""The console's charts: drawn by the box's one chart module (the charts package), marked safe here for templates.
 Safe because the canvas escapes every text it writes, the model's name and the labels included."""
 from functools import partial
 
 from django.utils.safestring import SafeString, mark_safe
 
-from inference import charts
+import charts
 
 WIDTH, HEIGHT = 560, 170
 

@@ -1,12 +1,12 @@
 """Charts of a FitReport: memory breakdown, expert idleness against batch size, throughput against users.
 
-The figures are computed here; inference.charts draws them (SVG text, no markup written in this module)."""
+The figures are computed here; the charts package draws them (SVG text, no markup written in this module)."""
 
 from __future__ import annotations
 
 from functools import partial
 
-from inference import charts
+import charts
 
 from .report import FitReport
 from .roofline import OFFLOAD

@@ -39,3 +39,23 @@ def test_the_rule_catches_a_django_import(tmp_path):
     module = tmp_path / "bad.py"
     module.write_text("def view():\n    from django.http import HttpResponse\n    return HttpResponse()\n")
     assert "django" in imported_modules(module)
+
+
+def offenders(package: Path, forbidden: set[str]) -> dict[str, list[str]]:
+    """Return each module of package that imports a forbidden top-level name, with those names."""
+    found = {str(p.relative_to(package)): sorted(imported_modules(p) & forbidden) for p in sorted(package.rglob("*.py"))}
+    return {path: names for path, names in found.items() if names}
+
+
+def test_audit_imports_neither_the_registry_nor_the_engine():
+    import audit
+
+    assert offenders(Path(audit.__file__).parent, {"appliance", "inference"}) == {}
+
+
+def test_the_chart_package_imports_none_of_the_others_nor_django():
+    import charts
+
+    package = Path(charts.__file__).parent
+    assert len(list(package.rglob("*.py"))) >= 3  # the walk found the package
+    assert offenders(package, {"appliance", "inference", "audit", "django", "celery"}) == {}

@@ -1,10 +1,10 @@
-"""The one chart module (inference.charts): well-formed SVG with every outside text escaped and nothing fetched,
+"""The one chart module (the charts package): well-formed SVG with every outside text escaped and nothing fetched,
 and the same chart drawn as a reportlab Drawing for the PDF."""
 from functools import partial
 from xml.etree import ElementTree
 
-from inference import charts
-from inference.charts.drawing import DrawingCanvas
+import charts
+from charts.drawing import DrawingCanvas
 
 HOSTILE = '<script>alert(1)</script>"&\''
 
