@@ -275,14 +275,14 @@ def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
         if variant.status not in (VariantStatus.READY, VariantStatus.DEPLOYED):
             raise ActionRefused(f"variant {variant.name} is {variant.status}; only a ready variant can be deployed")
         deployment, _ = Deployment.objects.get_or_create(variant=variant)
+        running = deployment.desired == DesiredState.DEPLOYED and deployment.actual != ActualState.FAILED
         if engine is not None and engine != deployment.engine:
-            if deployment.desired == DesiredState.DEPLOYED and deployment.actual != ActualState.FAILED:
+            if running:
                 raise ActionRefused(f"variant {variant.name} is deployed on {deployment.engine}; undeploy it "
                                     f"before deploying it on {engine}")
             deployment.engine = engine
         if engine_flags is not None:
             deployment.engine_flags = [str(flag) for flag in engine_flags]
-        running = deployment.desired == DesiredState.DEPLOYED and deployment.actual != ActualState.FAILED
         if node is not None or not deployment.node:
             try:
                 chosen = placement.choose_node(variant, node or settings.APPLIANCE_NODE)
