@@ -15,15 +15,16 @@ console_application = get_asgi_application()
 
 from appliance import http_limits  # noqa: E402
 from appliance.api.handler import API_PREFIX, ApiHandler  # noqa: E402
+from appliance.api.peer import PREFIX as PEER_PREFIX  # noqa: E402
 
 api_application = ApiHandler()
 
 
 async def application(scope, receive, send):
-    """Send chat API requests to the lean handler and everything else (console, /metrics) to Django's."""
+    """Send chat API requests and other nodes' calls to the lean handler and everything else (console, /metrics) to Django's."""
     if scope["type"] != "http":
         await console_application(scope, receive, send)
-    elif scope["path"].startswith(API_PREFIX):
+    elif scope["path"].startswith((API_PREFIX, PEER_PREFIX)):
         await api_application(scope, receive, send)  # it applies the body limits itself, after the key check
     else:
         await http_limits.bounded(console_application, scope, receive, send)

@@ -23,7 +23,7 @@ import sys
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 
 from django.conf import settings
@@ -169,6 +169,40 @@ class ClientBasics:
     def max_request_tokens(self) -> int:
         """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""
         return self._max_request_tokens
+
+
+class TaskHandle:
+    """A request to an engine reached over HTTP (vLLM's server, another node): a task on the caller's event loop
+    sends it, answers `accepted()` and queues its Chunks; `cancel()` ends the task, which closes the connection."""
+
+    def __init__(self, run: Callable[[], Awaitable[None]]) -> None:
+        """run() is the coroutine that sends the request, settles `answer` and queues the chunks."""
+        loop = asyncio.get_running_loop()
+        self.answer: asyncio.Future = loop.create_future()  # the engine took the request, or its refusal
+        self.chunks: asyncio.Queue[Chunk] = asyncio.Queue()
+        self._task = loop.create_task(run())
+
+    async def accepted(self) -> None:
+        """Wait for the engine to take the request; raise its refusal (PromptTooLong, EngineBusy, EngineClosed, ...)."""
+        try:
+            await self.answer
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return chunks_until_final(self.chunks, self.cancel)
+
+    def _settle(self, error: Exception | None) -> None:
+        if self.answer.done():
+            return
+        if error is None:
+            self.answer.set_result(None)
+        else:
+            self.answer.set_exception(error)
 
 
 class EngineClient(ClientBasics):

@@ -264,6 +264,10 @@ APPLIANCE_NODE = check_name(env_str("APPLIANCE_NODE") or default_node_name(_sock
 APPLIANCE_NODE_ADDRESS = check_node_address(
     env_str("APPLIANCE_NODE_ADDRESS") or f"http://127.0.0.1:{env_int('APPLIANCE_PORT', 8000)}",
     field="APPLIANCE_NODE_ADDRESS")
+# The other nodes and the administrators reach this box's console and API at its node address.
+_node_host = APPLIANCE_NODE_ADDRESS.split("//", 1)[1].rsplit(":", 1)[0]
+if _node_host not in ALLOWED_HOSTS:
+    ALLOWED_HOSTS.append(_node_host)
 # The web process refreshes its Node row this often; a node silent for NODE_STALE_AFTER heartbeats shows as
 # stale, for NODE_DOWN_AFTER heartbeats as down.
 NODE_HEARTBEAT_S = env_float("APPLIANCE_NODE_HEARTBEAT_S", 2.0)

@@ -5,7 +5,7 @@ from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path, re_path, register_converter
 
 from . import metrics
-from .api import health
+from .api import health, peer
 from .console import chat, dashboard, security, usage_views
 
 
@@ -46,6 +46,9 @@ urlpatterns = [
     path("health", health.health, name="health"),
     path("ready", health.ready, name="ready"),
     path("v1/", include("appliance.api.urls")),
+    # Other nodes of the appliance reach this node's engines here (signed calls only: appliance.api.peer).
+    path("node/v1/engines/<str:name>", peer.engine_facts, name="node-engine"),
+    path("node/v1/engines/<str:name>/generate", peer.generate, name="node-engine-generate"),
     # The console's CSS and scripts come from the apps' static folders: the box serves
     # itself, with no web server in front and nothing fetched from the internet.
     re_path(r"^static/(?P<path>.*)$", serve_static, {"insecure": True}),

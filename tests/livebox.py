@@ -84,7 +84,7 @@ def wait_http(url: str, procs: dict, logs: Path, timeout: float = 90) -> None:
 
 
 def launch(tmp_path_factory, procs: dict, port: int | None = None, shared_with: Box | None = None,
-           **extra_env: str) -> Box:
+           host: str = "127.0.0.1", **extra_env: str) -> Box:
     """Start a worker and a web process (into procs) in a fresh APPLIANCE_HOME; return the box without waiting for
     it to answer. Its database is migrated and demo models written first, unless it shares both with another box."""
     home = tmp_path_factory.mktemp("appliance-home")
@@ -92,7 +92,7 @@ def launch(tmp_path_factory, procs: dict, port: int | None = None, shared_with: 
            "PYTHONUNBUFFERED": "1", "APPLIANCE_RECONCILE_INTERVAL": "0.3", **extra_env}
     port = port or free_port()
     demo_dir = shared_with.demo_dir if shared_with else home / "demo-models"
-    box = Box(home=home, env=env, url=f"http://127.0.0.1:{port}", demo_dir=demo_dir, procs=procs)
+    box = Box(home=home, env=env, url=f"http://{host}:{port}", demo_dir=demo_dir, procs=procs)
     if shared_with is None:
         box.manage("migrate", "--verbosity", "0")
         box.manage("make_demo_models", str(box.demo_dir))
@@ -101,7 +101,7 @@ def launch(tmp_path_factory, procs: dict, port: int | None = None, shared_with: 
     procs["worker"] = start([sys.executable, "-m", "celery", "-A", "appliance", "worker", "-Q",
                              env["APPLIANCE_QUEUE"], "-c", "1", "-l", "INFO", "--without-heartbeat",
                              "--without-gossip", "--without-mingle"], env, logs / "worker.log")
-    procs["web"] = start([sys.executable, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1",
+    procs["web"] = start([sys.executable, "-m", "uvicorn", "appliance.asgi:application", "--host", host,
                           "--port", str(port), "--lifespan", "off", *WEB_ARGS], env, logs / "web.log")
     return box
 
@@ -154,11 +154,14 @@ def start_nodes(tmp_path_factory, count: int, **extra_env: str):
     running: list[dict] = []
     try:
         for index in range(1, count + 1):
-            port, procs = free_port(), {}
+            # Node i listens on 127.0.0.i, as boxes have addresses of their own; each node's egress allowlist is
+            # 127.0.0.1 (the database, the broker) and itself, so a call to another node passes only once the
+            # node has added that node's host:port to it.
+            port, procs, host = free_port(), {}, f"127.0.0.{index}"
             running.append(procs)
-            boxes.append(launch(tmp_path_factory, procs, port, boxes[0] if boxes else None, **shared,
-                                APPLIANCE_NODE=f"node-{index}", APPLIANCE_NODE_ADDRESS=f"http://127.0.0.1:{port}",
-                                **extra_env))
+            boxes.append(launch(tmp_path_factory, procs, port, boxes[0] if boxes else None, host, **shared,
+                                APPLIANCE_NODE=f"node-{index}", APPLIANCE_NODE_ADDRESS=f"http://{host}:{port}",
+                                APPLIANCE_EGRESS_ALLOW=f"127.0.0.1,{host}", **extra_env))
         for box in boxes:  # started together, several boxes share the machine's cores: allow them longer
             wait_http(f"{box.url}/v1/models", box.procs, box.home / "logs", timeout=90 * count)
         yield boxes

@@ -21,7 +21,7 @@ from appliance import metrics
 from inference.engine.prompt import encode_text
 
 from .choices import MAX_CHOICES, merged, submit_prompts_choices
-from .errors import error, error_payload
+from .errors import GenerationFailed, error, error_payload
 from .fields import ACCEPTED, HONOURED, REFUSED, FieldRule
 from .schemas import (ChatCompletionRequest, StreamOptions, StrictBool, StrictFloat, StrictInt, Text, read_body,
                       validated)
@@ -214,7 +214,7 @@ class TextAnswer:
                 self.absorb(i, chunk)
                 finish[i] = chunk.finish_reason or finish[i]
                 if chunk.finish_reason == "error":
-                    raise GenerationFailed(chunk.error)
+                    raise GenerationFailed(chunk)
 
         try:
             await asyncio.gather(*(drain(i, h) for i, h in enumerate(handles)))
@@ -223,7 +223,7 @@ class TextAnswer:
                 handle.cancel()
             self.settle("failed")
             await record(**self.event("failed", finish, str(exc)))
-            return error(f"Generation failed: {exc}", 500)
+            return exc.response()
         self.settle("ok")
         await record(**self.event("ok", finish))
         choices = []
@@ -256,8 +256,8 @@ class TextAnswer:
                     handle.cancel()
             self.settle("failed")
             record_soon(**self.event("failed", finish, str(exc)))
-            metrics.count_server_error(500)
-            yield sse(error_payload(f"Generation failed: {exc}"))
+            metrics.count_server_error(exc.status)
+            yield sse(exc.payload())
         except (asyncio.CancelledError, GeneratorExit):
             for handle, reason in zip(handles, finish):
                 if reason is None:
@@ -284,12 +284,8 @@ class TextAnswer:
             self.absorb(i, chunk)
             if chunk.finish_reason == "error":
                 finish[i] = "error"
-                raise GenerationFailed(chunk.error)
+                raise GenerationFailed(chunk)
             finish[i] = chunk.finish_reason or finish[i]
             if chunk.text or chunk.logprobs or chunk.finish_reason:
                 yield sse(self.chunk_object(chunk.text, chunk.finish_reason, chunk.logprobs or [], sent, i))
                 sent += len(chunk.text)
-
-
-class GenerationFailed(RuntimeError):
-    """One prompt's generation ended in an engine error."""

@@ -23,7 +23,7 @@ from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured,
 
 from appliance import metrics
 
-from .errors import error
+from .errors import GenerationFailed, error
 from .fields import RESPONSE_FIELDS
 from .schemas import StrictBool, StrictFloat, StrictInt, Text, UnsupportedSchema, read_body, validated
 from .settlement import InFlight, _ledger_writer, _transcripts, _with_kept_connection, on_gate, record, record_soon
@@ -189,10 +189,6 @@ async def run(request: HttpRequest, body: ResponseRequest, flight: InFlight):
     return await answer.complete(handle)
 
 
-class GenerationFailed(RuntimeError):
-    """The engine ended the response with an error."""
-
-
 class ResponseAnswer:
     """One response in flight: the response object and its events, one settlement, one ledger event."""
 
@@ -219,7 +215,7 @@ class ResponseAnswer:
         self.cached_tokens = chunk.cached_tokens
         self.finish = chunk.finish_reason or self.finish
         if chunk.finish_reason == "error":
-            raise GenerationFailed(chunk.error)
+            raise GenerationFailed(chunk)
 
     def usage(self) -> dict:
         return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
@@ -287,7 +283,7 @@ class ResponseAnswer:
         except GenerationFailed as exc:
             self.settle("failed")
             await record(**self.event("failed", str(exc)))
-            return error(f"Generation failed: {exc}", 500)
+            return exc.response()
         try:
             await self.keep()
         except Exception as exc:  # asked to store and could not: the caller must not believe it was kept
@@ -322,8 +318,8 @@ class ResponseAnswer:
             except GenerationFailed as exc:
                 self.settle("failed")
                 record_soon(**self.event("failed", str(exc)))
-                metrics.count_server_error(500)
-                failure = {"code": "server_error", "message": f"Generation failed: {exc}"}
+                metrics.count_server_error(exc.status)
+                failure = {"code": exc.code, "message": f"Generation failed: {exc}"}
                 yield self.sse("response.failed", response=self.response_object("failed", [], failure))
                 return
             part = self.part()

@@ -16,14 +16,14 @@ import jinja2
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from appliance import engine_client, placement
+from appliance import engine_client, placement, routing
 from audit import ledger
 from inference.engine.prompt import ControlTokenSpelling, chat_template_source
 from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
 
 from appliance import metrics
 from .choices import merged, submit_choices
-from .errors import error, error_payload
+from .errors import GenerationFailed, error, error_payload
 from .gatekeeper import Admission, Caller, gatekeeper
 from .schemas import parse_chat_request
 from .settlement import InFlight, _transcripts, admit_on_gate, new_request_id, on_gate, record, record_soon
@@ -136,8 +136,8 @@ async def list_models(request: HttpRequest):
         return unauthorized()
     cards = await on_gate(gatekeeper().models, caller)
     # What the caller can use now: a variant it may use (ready or deployed, never quarantined) that this process
-    # has loaded. Administrators see every variant, loaded or not, on the console's Model variants page.
-    loaded = set(engine_client.names())
+    # has loaded or another up node serves. Administrators see every variant, loaded or not, on the console's Model variants page.
+    loaded = set(engine_client.names()) | await on_gate(routing.served_elsewhere)
     return JsonResponse({"object": "list", "data": [card_object(c) for c in cards if c.name in loaded]})
 
 
@@ -148,13 +148,13 @@ def card_object(card) -> dict:
 
 @api_view
 async def model_card(request: HttpRequest, name: str):
-    """One variant the key may use and this process has loaded; any other name is OpenAI's 404."""
+    """One variant the key may use and this node or another up node serves; any other name is OpenAI's 404."""
     if request.method != "GET":
         return error(f"Method {request.method} not allowed; use GET", 405)
     caller, _ = await authenticate(request)
     if caller is None:
         return unauthorized()
-    if name in engine_client.names():
+    if name in engine_client.names() or name in await on_gate(routing.served_elsewhere):
         card = next((c for c in await on_gate(gatekeeper().models, caller) if c.name == name), None)
         if card is not None:
             return JsonResponse(card_object(card))
@@ -254,9 +254,9 @@ async def answer(request: HttpRequest, body, flight: InFlight):
     except EngineBusy as exc:
         flight.settle("refused")
         return error(str(exc), 429, code="engine_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
-    except EngineClosed:
+    except EngineClosed as exc:
         flight.settle("failed")
-        return error(f"Model '{body.model}' is being unloaded.", 503, code="model_not_loaded")
+        return unavailable(body.model, exc)
 
     exchange = Exchange(caller=flight.caller, model=body.model, messages=messages, flight=flight,
                         tools=ToolUse(body, fmt) if body.tool_mode != "none" else None,
@@ -322,16 +322,16 @@ def token_ids_outside(engine, params: SamplingParams) -> tuple[str, str] | None:
 
 async def loaded_engine(model: str, flight: InFlight):
     """Return (engine, None) for a loaded variant, else (None, the 503 or 404 that says why), settled."""
-    engine = engine_client.get(model)
+    engine = engine_client.get(model) or await routing.engine_for(model, on_gate)
     if engine is not None:
         return engine, None
     if await on_gate(gatekeeper().exists, flight.caller, model):
         flight.settle("failed")  # a 503: the box could not serve what the caller may use
         elsewhere = await on_gate(placement.placed_elsewhere, model)
         if elsewhere is not None:
-            return None, error(f"Model '{model}' is served by node {elsewhere.name} ({elsewhere.address}); this node "
-                               "does not forward requests to other nodes yet: send them there.", 503,
-                               code="model_not_loaded")
+            return None, error(f"Model '{model}' is placed on node {elsewhere.name} ({elsewhere.address}), which "
+                               f"cannot serve it now (its state: {elsewhere.state()}; it may still be loading it, "
+                               "or not answer this node).", 503, code="model_not_loaded")
         return None, error(f"Model '{model}' is not loaded; deploy it first.", 503, code="model_not_loaded")
     flight.settle("refused")
     return None, error(f"The model '{model}' does not exist.", 404, param="model", code="model_not_found")
@@ -349,7 +349,12 @@ def submission_error(exc: Exception, flight: InFlight, model: str, param: str):
         flight.settle("refused")
         return error(str(exc), 429, code="engine_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
     flight.settle("failed")
-    return error(f"Model '{model}' is being unloaded.", 503, code="model_not_loaded")
+    return unavailable(model, exc)
+
+
+def unavailable(model: str, exc: Exception):
+    """Return the 503 of a request its engine could not take: being unloaded, its process gone, its node gone."""
+    return error(f"Model '{model}' cannot take requests now: {exc}.", 503, code="model_not_loaded")
 
 
 class ToolUse:
@@ -401,10 +406,6 @@ class Choice:
     @property
     def answer(self) -> str:
         return "".join(self.text)
-
-
-class GenerationFailed(RuntimeError):
-    """One choice's generation ended in an engine error."""
 
 
 class Exchange:
@@ -513,7 +514,7 @@ class Exchange:
             async for chunk in handle:
                 self.absorb(choice, chunk)
                 if chunk.finish_reason == "error":
-                    raise GenerationFailed(chunk.error)
+                    raise GenerationFailed(chunk)
 
         try:
             await asyncio.gather(*(drain(choice, handle) for choice, handle in zip(self.choices, handles)))
@@ -521,7 +522,7 @@ class Exchange:
             self.cancel_unfinished(handles)
             self.settle("failed")
             await record(**self.event("failed", "error", str(exc)))
-            return error(f"Generation failed: {exc}", 500)
+            return exc.response()
         self.settle("ok")
         self.keep_transcript()
         choices = [self.whole_choice(choice) for choice in self.choices]
@@ -581,8 +582,8 @@ class Exchange:
         except GenerationFailed as exc:
             self.cancel_unfinished(handles)
             self.finish("failed", "error", str(exc))
-            metrics.count_server_error(500)
-            yield sse(error_payload(f"Generation failed: {exc}"))
+            metrics.count_server_error(exc.status)
+            yield sse(exc.payload())
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: the engine stops the unfinished choices. Record without awaiting: we are
             # being torn down.
@@ -621,7 +622,7 @@ class Exchange:
         async for chunk in handle:
             self.absorb(choice, chunk)
             if chunk.finish_reason == "error":
-                raise GenerationFailed(chunk.error)
+                raise GenerationFailed(chunk)
             if chunk.logprobs:  # the slow path: this event carries its tokens' log probabilities
                 event = self.chunk_object({"content": chunk.text} if plain else {}, None, index)
                 event["choices"][0]["logprobs"] = {"content": [logprob_entry(e) for e in chunk.logprobs],

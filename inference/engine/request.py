@@ -117,6 +117,9 @@ class Chunk:
     # With SamplingParams.logprobs: one entry per token generated since the last chunk, as plain data:
     # {"token": text, "logprob": float, "top": [[text, logprob], ...]} (the model's own distribution).
     logprobs: list | None = None
+    # With an error: whatever ran the request became unreachable (another node of the appliance died under it),
+    # so the API answers 503 rather than 500.
+    unavailable: bool = False
 
 
 class RequestStatus(enum.Enum):

@@ -2,8 +2,10 @@
 import json
 import signal
 import sys
+import threading
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -137,37 +139,143 @@ def test_only_the_lease_holders_beat_acts_and_another_takes_over_when_it_dies(ap
             beat.wait(timeout=20)
 
 
-def test_a_deployment_placed_on_one_node_is_served_there_and_named_by_the_others(appliance_nodes):
-    first, second = appliance_nodes[:2]
+CHAT_LEDGER_SCRIPT = """
+import json
+from audit.models import AuditEvent
+print(json.dumps([[e.details["request_id"], e.details["node"], e.outcome, e.details["completion_digest"]]
+                  for e in AuditEvent.objects.filter(action="chat.completion", actor="team:%s").order_by("seq")]))
+"""
+USAGE_SCRIPT = """
+import json
+from appliance.models import UsageRecord
+print(json.dumps([[u.outcome, u.completion_tokens] for u in UsageRecord.objects.filter(team="%s")]))
+"""
+POLICY_SCRIPT = """
+import json
+from audit.models import AuditEvent
+print(json.dumps([[e.details["node"], e.details["to"]] for e in AuditEvent.objects.filter(
+    action="egress.policy_changed").order_by("seq")]))
+"""
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def sdk(box, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{box.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def placed(appliance_nodes):
+    """placed-dense, imported through node-1 and placed on node-2, once node-1 sees node-2 serving it."""
+    first = appliance_nodes[0]
     first.manage("import_model", str(first.demo_dir / "demo-dense"), "--name", "placed-dense", "--kind", "dense",
                  "--wait")
     # Asked on node-1, loaded by node-2's web process: its reconciler serves what is placed on node-2.
     result = first.manage("deploy", "placed-dense", "--node", "node-2", "--wait")
     assert "placed-dense deployed on node-2's cpu" in result.stdout
+    wait_for(first, SERVING_SCRIPT, lambda nodes: "placed-dense" in nodes["node-2"],
+             "node-2's heartbeat naming what it serves")
+    return "placed-dense"
+
+
+def test_a_deployment_placed_on_one_node_is_served_there_and_stays_there(appliance_nodes, placed):
+    first, second = appliance_nodes[:2]
     key = first.new_key("placement")
-    served = openai.OpenAI(base_url=f"{second.url}/v1", api_key=key, max_retries=0, timeout=120)
-    text, usage, finish = read_stream(served.chat.completions.create(
-        model="placed-dense", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, stream=True,
-        stream_options={"include_usage": True}))
+    text, usage, finish = read_stream(sdk(second, key).chat.completions.create(
+        model=placed, messages=HELLO, max_tokens=4, stream=True, stream_options={"include_usage": True}))
     assert usage.completion_tokens == 4 and finish == "length"
-    elsewhere = openai.OpenAI(base_url=f"{first.url}/v1", api_key=key, max_retries=0, timeout=120)
-    with pytest.raises(openai.APIStatusError) as refused:
-        elsewhere.chat.completions.create(model="placed-dense", messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=4)
-    assert refused.value.status_code == 503
-    assert f"served by node node-2 ({second.url})" in refused.value.message
-    serving = wait_for(first, SERVING_SCRIPT, lambda nodes: "placed-dense" in nodes["node-2"],
-                       "node-2's heartbeat naming what it serves")
-    assert "placed-dense" not in serving["node-1"]
-    refusal = first.manage("deploy", "placed-dense", "--node", "node-1", check=False)
+    assert placed not in shell_json(first, SERVING_SCRIPT)["node-1"]
+    refusal = first.manage("deploy", placed, "--node", "node-1", check=False)
     assert refusal.returncode != 0 and "is deployed on node node-2; undeploy it" in refusal.stderr
 
 
-def test_a_node_whose_web_process_is_killed_shows_as_down(appliance_nodes):
-    console = ConsoleSession(appliance_nodes[0])
-    appliance_nodes[2].procs["web"].send_signal(signal.SIGKILL)
-    appliance_nodes[2].procs["web"].wait(timeout=20)
+def test_a_request_to_another_node_is_forwarded_and_answered_as_the_serving_node_answers(appliance_nodes, placed):
+    first, second, third = appliance_nodes
+    key = first.new_key("forwarded")
+    ask = dict(model=placed, messages=HELLO, max_tokens=6, temperature=0)
+    direct = sdk(second, key).chat.completions.create(**ask)
+    # node-1 and node-3 list it among the appliance's models, and answer it through node-2's engine.
+    assert placed in [m.id for m in sdk(first, key).models.list().data]
+    forwarded = sdk(first, key).chat.completions.create(**ask)
+    assert forwarded.choices[0].message.content == direct.choices[0].message.content
+    assert forwarded.usage.completion_tokens == direct.usage.completion_tokens == 6
+    text, usage, finish = read_stream(sdk(third, key).chat.completions.create(
+        **ask, stream=True, stream_options={"include_usage": True}))
+    assert text == direct.choices[0].message.content and usage.completion_tokens == 6 and finish == "length"
+    completion = sdk(first, key).completions.create(model=placed, prompt="Once upon", max_tokens=3, temperature=0)
+    assert completion.usage.completion_tokens == 3 and completion.choices[0].finish_reason == "length"
+    # Each request is recorded once, by the node that took it, and charged once, to the caller's team.
+    events = shell_json(first, CHAT_LEDGER_SCRIPT % "forwarded")
+    assert [node for _, node, _, _ in events] == ["node-2", "node-1", "node-3", "node-1"]
+    assert len({request_id for request_id, *_ in events}) == len(events)
+    assert sorted(map(tuple, shell_json(first, USAGE_SCRIPT % "forwarded"))) == [
+        ("ok", 3), ("ok", 6), ("ok", 6), ("ok", 6)]
+    # node-1 let node-2's address through its egress guard explicitly, and nothing else.
+    added = [to for node, to in shell_json(first, POLICY_SCRIPT) if node == "node-1"]
+    assert added and set(added[-1]) == {"127.0.0.1/32", second.url.removeprefix("http://")}
+
+
+def test_a_forged_node_to_node_call_is_refused(appliance_nodes, placed):
+    second = appliance_nodes[1]
+    path = f"/node/v1/engines/{placed}/generate"
+    body = json.dumps({"prompt_ids": [1, 2], "params": {"max_tokens": 2}}).encode()
+    forged = {"X-Appliance-Node": "node-1", "X-Appliance-Time": str(int(time.time())), "X-Appliance-Nonce": "ab",
+              "X-Appliance-Signature": "0" * 64, "Content-Type": "application/json"}
+    for headers in ({"Content-Type": "application/json"}, forged):
+        response = httpx.post(f"{second.url}{path}", content=body, headers=headers, timeout=30)
+        assert response.status_code == 403, response.text
+    refused = wait_for(second, REFUSED_SCRIPT, lambda events: len(events) >= 2, "the refusals in the ledger")
+    assert [node for node, _ in refused] == ["node-2", "node-2"]
+    assert "signature does not match" in refused[1][1]
+
+
+REFUSED_SCRIPT = """
+import json
+from audit.models import AuditEvent
+print(json.dumps([[e.details["node"], e.details["reason"]] for e in AuditEvent.objects.filter(
+    action="node.call_refused").order_by("seq")]))
+"""
+
+
+def answer_or_error(client: openai.OpenAI, ask: dict):
+    try:
+        return client.chat.completions.create(**ask)
+    except openai.APIError as exc:
+        return exc
+
+
+def test_a_node_killed_mid_answer_fails_only_its_requests_and_shows_down(appliance_nodes, placed):
+    first, second, third = appliance_nodes
+    console = ConsoleSession(first)
+    key = first.new_key("failover")
+    third.manage("import_model", str(first.demo_dir / "demo-dense"), "--name", "doomed-dense", "--kind", "dense",
+                 "--wait")
+    third.manage("deploy", "doomed-dense", "--node", "node-3", "--wait")
+    wait_for(first, SERVING_SCRIPT, lambda nodes: "doomed-dense" in nodes["node-3"], "node-3 serving doomed-dense")
+    long_answer = dict(model="doomed-dense", messages=HELLO, max_tokens=1500, extra_body={"ignore_eos": True})
+    # A whole (not streamed) answer in flight too, under a team of its own.
+    whole_key, whole = first.new_key("failover-whole"), {}
+    waiting = threading.Thread(target=lambda: whole.update(outcome=answer_or_error(sdk(first, whole_key),
+                                                                                    long_answer)))
+    waiting.start()
+    stream = sdk(first, key).chat.completions.create(**long_answer, stream=True)
+    first_chunk = next(iter(stream))
+    assert first_chunk.choices[0].delta.role == "assistant"
+    third.procs["web"].send_signal(signal.SIGKILL)  # its engine process dies with it
+    third.procs["web"].wait(timeout=20)
     killed = time.monotonic()
+    with pytest.raises(openai.APIError) as failed:
+        for _ in stream:
+            pass
+    assert "node node-3, which served this request, stopped answering" in str(failed.value)
+    waiting.join(timeout=120)
+    # Whether node-3 had taken it or not when it died, the whole answer's caller gets a 503 naming the node.
+    assert isinstance(whole["outcome"], openai.APIStatusError) and whole["outcome"].status_code == 503
+    assert "node node-3" in whole["outcome"].message
+    # The next request is refused at once, naming the node; the other node's model is still answered.
+    with pytest.raises(openai.APIStatusError) as refused:
+        sdk(first, key).chat.completions.create(model="doomed-dense", messages=HELLO, max_tokens=2)
+    assert refused.value.status_code == 503 and "placed on node node-3" in refused.value.message
+    assert sdk(first, key).chat.completions.create(model=placed, messages=HELLO, max_tokens=2).usage
     deadline = killed + 120
     while ">Down<" not in console_rows(console)["node-3"]:
         assert time.monotonic() < deadline, "node-3 still not down"
@@ -176,3 +284,10 @@ def test_a_node_whose_web_process_is_killed_shows_as_down(appliance_nodes):
     print(f"node-3 shown down {time.monotonic() - killed:.1f}s after its web process was killed")
     rows = console_rows(console)
     assert ">Up<" in rows["node-1"] and ">Up<" in rows["node-2"]
+    # The failed request is recorded once, as failed, by node-1, which took it; charged once; the ledger verifies.
+    assert [(node, outcome) for _, node, outcome, _ in shell_json(first, CHAT_LEDGER_SCRIPT % "failover")] == [
+        ("node-1", "failed"), ("node-1", "ok")]
+    usage = sorted(map(tuple, shell_json(first, USAGE_SCRIPT % "failover")))
+    assert [outcome for outcome, _ in usage] == ["failed", "failed", "ok"]
+    assert [outcome for outcome, _ in shell_json(first, USAGE_SCRIPT % "failover-whole")] == ["failed"]
+    assert "intact" in first.manage("audit_verify").stdout

@@ -1,0 +1,157 @@
+"""A variant another node of the appliance serves, as this node's chat API sees it: the interface of EngineClient.
+
+This node tokenizes (from the variant's files in the shared model store), counts and refuses what it can, then
+sends the prompt's ids and sampling parameters to the serving node as a signed call (appliance.api.peer) and
+reads the chunks it streams back. Everything around the engine — the key, admission, usage, transcripts and the
+ledger event — happens here, on the node that took the request, once.
+
+A serving node that cannot be reached before it took the request refuses it as EngineClosed (a 503 naming the
+node); one that stops answering mid-request ends it with an error chunk (the API's 500, or an error event in a
+stream). Either way the node is reported unreachable (appliance.routing), so requests that follow go to another
+node that serves the variant, or are refused at once naming why.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import weakref
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import httpx
+
+from appliance import node_link
+from appliance.engine_client import ClientBasics, TaskHandle
+from inference.engine import wire
+from inference.engine.prompt import load_tokenizer
+from inference.engine.request import (Chunk, EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong,
+                                      SamplingParams)
+
+# Connecting is quick on a working network; reading waits as long as a generation may take (the serving node
+# streams a chunk per step), and a node that dies mid-answer closes the connection, which ends the read.
+HTTP_TIMEOUT = httpx.Timeout(connect=3.0, read=None, write=30.0, pool=None)
+FACTS_TIMEOUT_S = 10.0
+REFUSALS = {"busy": EngineBusy, "too_long": PromptTooLong, "closed": EngineClosed}
+
+
+class PeerUnreachable(RuntimeError):
+    """The serving node did not answer the call for its engine's facts."""
+
+
+def signed(method: str, url: str, path: str, body: bytes, sender: str) -> dict:
+    """Return the request arguments of a signed call to a peer node."""
+    return {"method": method, "url": url + path, "content": body,
+            "headers": {"Content-Type": "application/json", **node_link.sign(method, path, body, sender)}}
+
+
+def engine_facts(address: str, name: str, sender: str) -> dict:
+    """Return the serving node's facts of its engine for `name` (vocabulary, limits), or raise PeerUnreachable."""
+    node_link.allow_egress_to(address)
+    try:
+        # trust_env=False: no proxy variable may send a node's call anywhere but the node.
+        response = httpx.request(**signed("GET", address, f"/node/v1/engines/{name}", b"", sender),
+                                 timeout=FACTS_TIMEOUT_S, trust_env=False)
+    except httpx.HTTPError as exc:
+        raise PeerUnreachable(f"{type(exc).__name__}: {exc}") from exc
+    if response.status_code != 200:
+        raise PeerUnreachable(f"answered {response.status_code}: {response.text[:200]}")
+    return response.json()
+
+
+class PeerEngine(ClientBasics):
+    """One variant served by another node, reached through that node's signed engine endpoint."""
+
+    def __init__(self, name: str, node: str, address: str, model_dir: Path, facts: dict, sender: str,
+                 lost: Callable[[str], None], sent: Callable[[str], AbstractContextManager]):
+        """lost(node) is called when the node stops answering, so routing stops choosing it; each request runs
+        inside sent(node), so routing counts it as outstanding there."""
+        self.name, self.node, self.url, self.sender = name, node, address, sender
+        self._lost, self._sent = lost, sent
+        self.engine: str = facts["engine"]
+        self.exact: bool = facts["exact"]
+        self.vocab_size: int = facts["vocab_size"]
+        self.context_length: int = facts["context_length"]
+        self._max_request_tokens: int = facts["max_request_tokens"]
+        self.tokenizer = load_tokenizer(model_dir)
+        self._http: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its AsyncClient
+
+    def submit(self, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
+               cache_scope: str | None = None) -> "PeerHandle":
+        """Send a request from inside a running event loop; `await handle.accepted()` before reading its chunks."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        if prompt_ids and len(prompt_ids) + params.max_tokens > self._max_request_tokens:
+            raise PromptTooLong(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                                f"exceeds this deployment's limit of {self._max_request_tokens} tokens")
+        body = json.dumps({"prompt_ids": prompt_ids, "params": wire.params_fields(params),
+                           "cache_scope": cache_scope}).encode()
+        call = signed("POST", self.url, f"/node/v1/engines/{self.name}/generate", body, self.sender)
+        return PeerHandle(self._client(), call, self.node, self._lost, self._sent(self.node))
+
+    def _client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._http.get(loop)
+        if client is None:
+            client = self._http[loop] = httpx.AsyncClient(
+                timeout=HTTP_TIMEOUT, trust_env=False,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        return client
+
+
+class PeerHandle(TaskHandle):
+    """A request sent to another node: `await accepted()`, then `async for` yields its Chunks; leaving early
+    closes the connection, and the serving node cancels the request."""
+
+    def __init__(self, http: httpx.AsyncClient, call: dict, node: str, lost: Callable[[str], None],
+                 outstanding: AbstractContextManager) -> None:
+        self.node, self._lost, self._outstanding = node, lost, outstanding
+        super().__init__(lambda: self._run(http, call))
+
+    async def _run(self, http: httpx.AsyncClient, call: dict) -> None:
+        try:
+            with self._outstanding:
+                await self._stream(http, call)
+        except httpx.HTTPError as exc:
+            self._lost(self.node)
+            if not self.answer.done():
+                self._settle(EngineClosed(f"node {self.node}, which serves this model, cannot be reached "
+                                          f"({type(exc).__name__})"))
+            else:
+                self._end(f"node {self.node}, which served this request, stopped answering ({type(exc).__name__})")
+        except asyncio.CancelledError:
+            self._settle(EngineClosed("the request was cancelled before the serving node took it"))
+            raise
+
+    _last = Chunk("", None, 0, 0)  # the latest chunk read: a failure ends the request with its token counts
+
+    async def _stream(self, http: httpx.AsyncClient, call: dict) -> None:
+        async with http.stream(**call) as response:
+            if response.status_code != 200:
+                self._settle(refusal(response.status_code, await response.aread(), self.node))
+                return
+            self._settle(None)
+            async for line in response.aiter_lines():
+                if line:
+                    self._last = Chunk(**json.loads(line))
+                    self.chunks.put_nowait(self._last)
+        if self._last.finish_reason is None:
+            self._end(f"node {self.node} ended the stream before the answer finished")
+
+    def _end(self, error: str) -> None:
+        self.chunks.put_nowait(dataclasses.replace(self._last, text="", finish_reason="error", error=error,
+                                                   logprobs=None, unavailable=True))
+
+
+def refusal(status: int, body: bytes, node: str) -> Exception:
+    """Return the exception the serving node's refusal stands for (as the engine there raised it)."""
+    try:
+        detail = json.loads(body)["error"]
+        kind, message, param = detail.get("kind"), str(detail.get("message", "")), detail.get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        kind, message, param = None, body.decode(errors="replace")[:300], None
+    if kind == "field":
+        return FieldNotHonoured(message, param or "")
+    if kind in REFUSALS:
+        return REFUSALS[kind](message)
+    return RuntimeError(f"node {node} refused the forwarded request ({status}): {message}")
