@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema_rs
 import openai
 import psutil
 import pytest
 
+from tests.api.tool_variant import write_tool_variant
 from tests.livebox import read_stream, start_box
 
 # A start of vLLM (the deploy fixture, and each restart the crash and hang tests wait for) takes minutes when the
@@ -42,8 +44,12 @@ def box(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def deployed(box):
-    box.manage("import_model", str(box.demo_dir / "demo-dense"), "--name", MODEL, "--kind", "dense", "--wait")
+def deployed(box, tmp_path_factory):
+    # demo-dense with a chat template that renders tools (Hermes style): the demo's own renders none, and the API
+    # refuses a forced call for such a model before any engine is asked. Without tools it renders the very
+    # prompt the demo's template does, so every other test here sees demo-dense itself.
+    source = write_tool_variant(box.demo_dir, tmp_path_factory.mktemp("vllm-tools") / "demo-dense-tools")
+    box.manage("import_model", str(source), "--name", MODEL, "--kind", "dense", "--wait")
     out = box.manage("deploy", MODEL, "--engine", "vllm", "--wait", "--timeout", "900", timeout=960).stdout
     assert "(vllm)" in out
     return MODEL
@@ -208,6 +214,115 @@ def test_structured_output_through_vllm_holds_the_schema(box, key, deployed):
         assert isinstance(json.loads(anything.choices[0].message.content), dict)
     else:
         assert anything.choices[0].message.content.lstrip().startswith("{")
+
+
+# One function whose arguments are one required string: bounded (maxLength, no other property), so a forced
+# call ends within max_tokens whatever the demo model's weights prefer.
+LOOKUP = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+          "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look a city up", "parameters": LOOKUP}}]
+ASK = [{"role": "user", "content": "Look Oslo up."}]
+FORCED = {"named": {"type": "function", "function": {"name": "lookup"}}, "required": "required"}
+
+
+def assert_one_lookup_call(calls) -> None:
+    """One call of `lookup` whose arguments are JSON holding its parameters' schema."""
+    assert [call.function.name for call in calls] == ["lookup"]
+    assert calls[0].id.startswith("call_") and calls[0].type == "function"
+    arguments = json.loads(calls[0].function.arguments)
+    jsonschema_rs.validate(LOOKUP, arguments)
+    assert isinstance(arguments["city"], str)
+
+
+@pytest.mark.parametrize("choice", FORCED)
+def test_a_forced_tool_call_through_vllm_holds_the_functions_schema(box, key, deployed, choice):
+    # parallel_tool_calls=False: `required` is then an array of exactly one call, so its grammar ends.
+    asked = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=FORCED[choice], parallel_tool_calls=False,
+                 max_tokens=120, temperature=0)
+    whole = client(box, key).chat.completions.create(**asked)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert whole.choices[0].message.content is None
+    assert_one_lookup_call(whole.choices[0].message.tool_calls)
+    assert whole.usage.completion_tokens >= 1
+
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client(box, key).chat.completions.create(**asked, stream=True):
+        for streamed in chunk.choices:
+            finish = streamed.finish_reason or finish
+            assert not streamed.delta.content  # a forced answer is all call, no text beside it
+            for delta in streamed.delta.tool_calls or ():
+                call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = delta.id or call["id"]
+                if delta.function:
+                    call["name"] += delta.function.name or ""
+                    call["arguments"] += delta.function.arguments or ""
+    assert finish == "tool_calls"
+    assert list(calls) == [0] and calls[0]["id"].startswith("call_") and calls[0]["name"] == "lookup"
+    jsonschema_rs.validate(LOOKUP, json.loads(calls[0]["arguments"]))
+    # Greedy and grammar-bound: the stream's call is the whole answer's, argument for argument.
+    assert json.loads(calls[0]["arguments"]) == json.loads(whole.choices[0].message.tool_calls[0].function.arguments)
+
+
+def completion_event(box, request_id: str) -> dict:
+    return until(lambda: [e for e in events(box, "chat.completion") if e["details"]["request_id"] == request_id],
+                 f"the chat.completion event of {request_id}")[0]
+
+
+def test_legacy_completions_through_vllm_with_usage_and_ledger_digests(box, key, deployed):
+    prompt = "The appliance keeps"
+    asked = dict(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+    whole = client(box, key).completions.create(**asked)
+    text, finish = whole.choices[0].text, whole.choices[0].finish_reason
+    assert finish in ("stop", "length") and whole.usage.completion_tokens >= 1 and whole.usage.prompt_tokens >= 1
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    event = completion_event(box, whole.id.removeprefix("cmpl-"))
+    assert event["outcome"] == "ok" and event["actor"] == "team:vllm-team"
+    assert event["details"]["endpoint"] == "completions" and event["details"]["finish_reason"] == [finish]
+    assert event["details"]["completion_digest"] == digest(box, json.dumps([text]))
+    assert event["details"]["prompt_digest"] == digest(box, json.dumps([prompt]))
+    assert (event["details"]["prompt_tokens"], event["details"]["completion_tokens"]) == (
+        whole.usage.prompt_tokens, whole.usage.completion_tokens)
+
+    pieces, usage, streamed_finish, ids = [], None, None, set()
+    for chunk in client(box, key).completions.create(**asked, stream=True, stream_options={"include_usage": True}):
+        ids.add(chunk.id)
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            pieces.append(choice.text)
+            streamed_finish = choice.finish_reason or streamed_finish
+    assert "".join(pieces) == text and streamed_finish == finish
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    (stream_id,) = ids
+    event = completion_event(box, stream_id.removeprefix("cmpl-"))
+    assert event["outcome"] == "ok" and event["details"]["completion_digest"] == digest(box, json.dumps([text]))
+    assert event["details"]["completion_tokens"] == usage.completion_tokens
+
+
+def test_the_responses_api_through_vllm_answers_with_usage(box, key, deployed):
+    reply = client(box, key).responses.create(model=MODEL, input="Which engine answers?", max_output_tokens=12,
+                                              temperature=0)
+    assert reply.status in ("completed", "incomplete") and reply.output[0].role == "assistant"
+    assert reply.usage.output_tokens >= 1 and reply.usage.input_tokens >= 1
+    assert reply.usage.total_tokens == reply.usage.input_tokens + reply.usage.output_tokens
+    event = until(lambda: [e for e in events(box, "chat.completion") if e["details"].get("response_id") == reply.id],
+                  "the response's chat.completion event")[0]
+    assert event["outcome"] == "ok" and event["details"]["endpoint"] == "responses"
+    assert event["details"]["completion_digest"] == digest(box, reply.output_text)
+    assert event["details"]["completion_tokens"] == reply.usage.output_tokens
+
+
+def test_the_responses_api_through_vllm_holds_a_json_schema(box, key, deployed):
+    schema = {"type": "object", "properties": {"engine": {"type": "string", "enum": ["vllm", "builtin"]},
+                                               "local": {"type": "boolean"}},
+              "required": ["engine", "local"], "additionalProperties": False}  # bounded: it must end
+    reply = client(box, key).responses.create(
+        model=MODEL, input="Which engine, as JSON?", max_output_tokens=40, temperature=0,
+        text={"format": {"type": "json_schema", "name": "engine", "schema": schema, "strict": True}})
+    assert reply.status == "completed"
+    answer = json.loads(reply.output_text)
+    jsonschema_rs.validate(schema, answer)
+    assert set(answer) == {"engine", "local"}
 
 
 def test_a_team_past_its_token_quota_is_refused_before_vllm_is_asked(box, deployed):
