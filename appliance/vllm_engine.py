@@ -30,18 +30,17 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import httpx
 from django.conf import settings
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.engine_client import (CLOSE_TIMEOUT_S, ClientBasics, EngineStartFailed, exit_description, log_tail,
-                                     notify_gone)
+from appliance.engine_client import (CLOSE_TIMEOUT_S, ClientBasics, EngineStartFailed, TaskHandle, exit_description,
+                                     log_tail, notify_gone)
 from appliance.names import is_valid_name
 from audit import egress
-from inference.engine.outputs import chunks_until_final
 from inference.engine.prompt import load_tokenizer
 from inference.engine.request import (Chunk, EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong,
                                       SamplingParams)
@@ -348,32 +347,15 @@ def logprob_entries(given: dict | None, alternatives: int, token_text: Callable[
     return entries
 
 
-class VllmHandle:
-    """A request sent to vLLM: `await accepted()`, then `async for` yields its Chunks; leaving early cancels it."""
+class VllmHandle(TaskHandle):
+    """A request sent to vLLM: `await accepted()`, then `async for` yields its Chunks; leaving early closes its
+    connection, and vLLM aborts a request whose client has gone."""
 
     def __init__(self, http: httpx.AsyncClient, body: dict, token_text: Callable[[int], str] | None = None) -> None:
         """token_text: how a token's text is written in the Chunks' logprobs; None when they were not asked for."""
         self.token_text = token_text
         self.alternatives = body.get("logprobs") or 0
-        loop = asyncio.get_running_loop()
-        self.answer: asyncio.Future = loop.create_future()  # vLLM's 200, or its refusal
-        self.chunks: asyncio.Queue[Chunk] = asyncio.Queue()
-        self._task = loop.create_task(self._run(http, body))
-
-    async def accepted(self) -> None:
-        """Wait for vLLM to take the request; raise its refusal (PromptTooLong, EngineBusy, EngineClosed, ...)."""
-        try:
-            await self.answer
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-
-    def cancel(self) -> None:
-        """Close the request's connection: vLLM aborts a request whose client has gone."""
-        self._task.cancel()
-
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return chunks_until_final(self.chunks, self.cancel)
+        super().__init__(lambda: self._run(http, body))
 
     async def _run(self, http: httpx.AsyncClient, body: dict) -> None:
         state = {"prompt": 0, "completion": 0, "cached": 0, "finish": None}
@@ -426,14 +408,6 @@ class VllmHandle:
             logprobs = []  # asked for: every chunk carries its tokens' entries, none for the last one
         self.chunks.put_nowait(Chunk(text, finish, state["prompt"], state["completion"], error, state["cached"],
                                      logprobs))
-
-    def _settle(self, error: Exception | None) -> None:
-        if self.answer.done():
-            return
-        if error is None:
-            self.answer.set_result(None)
-        else:
-            self.answer.set_exception(error)
 
 
 class StreamError(RuntimeError):
