@@ -260,13 +260,16 @@ def do_record_measurement(deployment_id: int, measured: dict) -> None:
 
 
 def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
-              engine_flags: list[str] | None = None, node: str | None = None) -> Deployment:
+              engine_flags: list[str] | None = None, node: str | None = None,
+              replicas: list[str] | None = None) -> Deployment:
     """Ask a node's web process to load the variant, on `engine` (None keeps the deployment's engine, builtin at
     first) with `engine_flags`, the fit plan as that engine's arguments (None keeps them), on `node`: a node's name
-    or placement.ANYWHERE (None keeps the deployment's node, this node at first).
+    or placement.ANYWHERE (None keeps the deployment's node, this node at first), and on each of `replicas`, other
+    nodes by name that serve it too (None keeps them; [] drops them).
 
     A running deployment keeps its engine and its node until it is undeployed: a change of either is refused, not
-    applied half-way (a web process would have to unload and load it behind the administrator's back).
+    applied half-way (a web process would have to unload and load it behind the administrator's back). Its
+    replicas may change while it runs: a node added loads it, a node dropped unloads it.
     """
     if engine is not None:
         check_engine_name(engine)
@@ -292,6 +295,11 @@ def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
                 raise ActionRefused(f"variant {variant.name} is deployed on node {deployment.node}; undeploy it "
                                     f"before deploying it on {chosen}")
             deployment.node = chosen
+        if replicas is not None:
+            try:
+                deployment.replicas = placement.choose_replicas(variant, replicas, deployment.node)
+            except placement.PlacementRefused as exc:
+                raise ActionRefused(f"deploy refused: {exc}") from exc
         deployment.desired = DesiredState.DEPLOYED
         if deployment.actual == ActualState.FAILED:
             # A new deploy is a new attempt: let the reconciler try again.
@@ -299,7 +307,7 @@ def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
         deployment.save()
         ledger.append("deployment.deploy", actor=actor, target=variant.name, outcome="requested",
                       details={"engine": deployment.engine, "engine_flags": deployment.engine_flags,
-                               "placed_on": deployment.node})
+                               "placed_on": deployment.node, "replicas": deployment.replicas})
     return deployment
 
 
@@ -324,15 +332,19 @@ def do_record_loading(deployment_id: int, detail: str) -> None:
 
 
 def do_record_load(deployment_id: int, name: str, *, outcome: str, details: dict, actor: str, detail: str = "",
-                   device: str = "", engine_process: dict | None = None) -> None:
+                   device: str = "", engine_process: dict | None = None, replica: bool = False) -> None:
     """Record how a load attempt ended, with its deployment.load event: ok (deployed), refused, failed, cancelled.
 
     A deployed variant moves from ready to deployed; `engine_process` (the engine process's own startup report)
-    becomes that process's process.start event.
+    becomes that process's process.start event. A replica's load (a node other than the deployment's own) leaves
+    the deployment's state to its node: the event, which names the replica's node, is its record.
     """
     actual = {"ok": ActualState.DEPLOYED, "cancelled": ActualState.UNDEPLOYED}.get(outcome, ActualState.FAILED)
     with transaction.atomic():
-        Deployment.objects.filter(pk=deployment_id).update(actual=actual, device=device, detail=detail)
+        if not replica:
+            Deployment.objects.filter(pk=deployment_id).update(actual=actual, device=device, detail=detail)
+        else:
+            details = {**details, "replica": True}
         if outcome == "ok":
             _move_variant(name, VariantStatus.READY, VariantStatus.DEPLOYED)
         if engine_process is not None:
@@ -340,33 +352,39 @@ def do_record_load(deployment_id: int, name: str, *, outcome: str, details: dict
         ledger.append("deployment.load", actor=actor, target=name, outcome=outcome, details=details)
 
 
-def do_record_unload(name: str, *, actor: str) -> None:
-    """Record that the web process unloaded a variant's engine: undeployed, the variant ready again."""
+def do_record_unload(name: str, *, actor: str, replica: bool = False) -> None:
+    """Record that the web process unloaded a variant's engine: undeployed, the variant ready again (a replica's
+    unload leaves both to the deployment's own node)."""
     with transaction.atomic():
-        Deployment.objects.filter(variant__name=name).update(actual=ActualState.UNDEPLOYED, device="")
-        _move_variant(name, VariantStatus.DEPLOYED, VariantStatus.READY)
-        ledger.append("deployment.unload", actor=actor, target=name, outcome="ok")
+        if not replica:
+            Deployment.objects.filter(variant__name=name).update(actual=ActualState.UNDEPLOYED, device="")
+            _move_variant(name, VariantStatus.DEPLOYED, VariantStatus.READY)
+        ledger.append("deployment.unload", actor=actor, target=name, outcome="ok",
+                      details={"replica": True} if replica else {})
 
 
 def do_record_engine_exit(deployment_id: int, name: str, *, reason: str, pid: int, crashes: int,
-                          restarts_allowed: int, window_s: int, actor: str) -> bool:
+                          restarts_allowed: int, window_s: int, actor: str, replica: bool = False) -> bool:
     """Record that a deployment's engine process ended unasked; return whether it may be started again.
 
     Within the restart budget the deployment goes back to loading (the reconciler starts a new process);
-    past it, the deployment is failed with the reason, and the variant is no longer deployed.
+    past it, the deployment is failed with the reason, and the variant is no longer deployed. A replica's crash
+    changes neither (the deployment's own node serves it still): the event, naming the replica's node, records it.
     """
     restart = crashes <= restarts_allowed
     detail = (f"restarting: the engine process {reason} (crash {crashes} of {restarts_allowed} allowed in "
               f"{window_s // 60} minutes)" if restart else
               f"failed: the engine process {reason}; {crashes} crashes in {window_s // 60} minutes, not restarted")
     with transaction.atomic():
-        Deployment.objects.filter(pk=deployment_id).update(
-            actual=ActualState.LOADING if restart else ActualState.FAILED, detail=detail[:500])
-        if not restart:
-            _move_variant(name, VariantStatus.DEPLOYED, VariantStatus.READY)
+        if not replica:
+            Deployment.objects.filter(pk=deployment_id).update(
+                actual=ActualState.LOADING if restart else ActualState.FAILED, detail=detail[:500])
+            if not restart:
+                _move_variant(name, VariantStatus.DEPLOYED, VariantStatus.READY)
         ledger.append("deployment.crashed", actor=actor, target=name, outcome="restarting" if restart else "failed",
                       details={"reason": reason, "pid": pid, "crashes_in_window": crashes,
-                               "restarts_allowed": restarts_allowed, "window_s": window_s})
+                               "restarts_allowed": restarts_allowed, "window_s": window_s,
+                               **({"replica": True} if replica else {})})
     return restart
 
 

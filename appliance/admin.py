@@ -121,7 +121,7 @@ def deploy_on(engine: str, label: str):
 class DeploymentInline(admin.StackedInline):
     model = Deployment
     can_delete = False
-    readonly_fields = ["desired", "actual", "engine", "node", "device", "detail", "updated_at"]
+    readonly_fields = ["desired", "actual", "engine", "node", "replicas", "device", "detail", "updated_at"]
     fields = readonly_fields
 
     def has_add_permission(self, request, obj=None):
@@ -265,6 +265,7 @@ class ModelVariantAdmin(admin.ModelAdmin):
             return "–"
         text = dep.actual if dep.converged else f"{dep.actual} → {dep.desired}"
         where = " ".join(part for part in (f"on {dep.node}" if dep.node else "", f"({dep.device})" if dep.device
+                                           else "", f"+ replicas on {', '.join(dep.replicas)}" if dep.replicas
                                            else "") if part)
         return f"{dep.engine}: {text} {where}".rstrip()
 

@@ -153,6 +153,10 @@ class Deployment(models.Model):
     # The node whose web process serves it (appliance.placement). Blank only on a deployment made before placement
     # existed: every node that reconciles it serves it, as then.
     node = models.CharField(max_length=64, blank=True, validators=[validate_node_name])
+    # The other nodes that serve it too, each with an engine of its own (replicas; the API routes to the least
+    # busy). This row's actual state, device and detail are the node's above; a replica's is its heartbeat (what
+    # it serves) and its ledger events (deployment.load and .crashed, each naming the node).
+    replicas = models.JSONField(default=list, blank=True)
     detail = models.TextField(blank=True)
     # What the loaded engine really allocated (measured in its engine process, appliance.fitting.record_measurement),
     # shown next to the fit advisor's prediction.

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import weakref
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -64,9 +63,9 @@ class PeerEngine(ClientBasics):
     """One variant served by another node, reached through that node's signed engine endpoint."""
 
     def __init__(self, name: str, node: str, address: str, model_dir: Path, facts: dict, sender: str,
-                 lost: Callable[[str], None], sent: Callable[[str], AbstractContextManager]):
-        """lost(node) is called when the node stops answering, so routing stops choosing it; each request runs
-        inside sent(node), so routing counts it as outstanding there."""
+                 lost: Callable[[str], None], sent: Callable[[str, int], None]):
+        """lost(node) is called when the node stops answering, so routing stops choosing it; sent(node, +1) when a
+        request is sent there and sent(node, -1) when it ends, so routing counts what is outstanding there."""
         self.name, self.node, self.url, self.sender = name, node, address, sender
         self._lost, self._sent = lost, sent
         self.engine: str = facts["engine"]
@@ -87,7 +86,7 @@ class PeerEngine(ClientBasics):
         body = json.dumps({"prompt_ids": prompt_ids, "params": wire.params_fields(params),
                            "cache_scope": cache_scope}).encode()
         call = signed("POST", self.url, f"/node/v1/engines/{self.name}/generate", body, self.sender)
-        return PeerHandle(self._client(), call, self.node, self._lost, self._sent(self.node))
+        return PeerHandle(self._client(), call, self.node, self._lost, self._sent)
 
     def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -104,14 +103,17 @@ class PeerHandle(TaskHandle):
     closes the connection, and the serving node cancels the request."""
 
     def __init__(self, http: httpx.AsyncClient, call: dict, node: str, lost: Callable[[str], None],
-                 outstanding: AbstractContextManager) -> None:
-        self.node, self._lost, self._outstanding = node, lost, outstanding
+                 sent: Callable[[str, int], None]) -> None:
+        self.node, self._lost = node, lost
         super().__init__(lambda: self._run(http, call))
+        # Counted from now, not from when the task first runs: the next request's choice must see this one. The
+        # task's end (even a cancel before it ran) uncounts it.
+        sent(node, 1)
+        self._task.add_done_callback(lambda _: sent(node, -1))
 
     async def _run(self, http: httpx.AsyncClient, call: dict) -> None:
         try:
-            with self._outstanding:
-                await self._stream(http, call)
+            await self._stream(http, call)
         except httpx.HTTPError as exc:
             self._lost(self.node)
             if not self.answer.done():

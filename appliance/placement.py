@@ -25,10 +25,16 @@ def capacity_bytes(node: Node) -> int:
     return gpu_bytes or node.memory_bytes
 
 
+def serves_here(deployment: Deployment, node_name: str) -> bool:
+    """Return whether the deployment runs on the node: its own node, or one of its replicas."""
+    return deployment.node == node_name or node_name in deployment.replicas
+
+
 def placed_bytes(node_name: str, *, leaving_out: ModelVariant | None = None) -> int:
-    """Return the store size of the variants deployed (or being deployed) on the node."""
-    deployments = Deployment.objects.filter(node=node_name, desired=DesiredState.DEPLOYED).select_related("variant")
-    return sum(d.variant.size_bytes for d in deployments if leaving_out is None or d.variant_id != leaving_out.pk)
+    """Return the store size of the variants deployed (or being deployed) on the node, as its node or a replica."""
+    deployments = Deployment.objects.filter(desired=DesiredState.DEPLOYED).select_related("variant")
+    return sum(d.variant.size_bytes for d in deployments
+               if serves_here(d, node_name) and (leaving_out is None or d.variant_id != leaving_out.pk))
 
 
 def memory_left(node: Node, variant: ModelVariant) -> int:
@@ -63,8 +69,23 @@ def choose_node(variant: ModelVariant, asked: str) -> str:
     return min(fitting, key=lambda c: (-c[0], c[1]))[1]
 
 
+def choose_replicas(variant: ModelVariant, asked: list[str], node: str) -> list[str]:
+    """Return the replicas' nodes, each checked as a named node is (registered, not down), in the order asked,
+    without repeats and without the deployment's own node; raise PlacementRefused naming the first bad one."""
+    chosen: list[str] = []
+    for name in asked:
+        if name == ANYWHERE:
+            raise PlacementRefused("a replica is placed on a named node, not 'anywhere'")
+        if name != node and name not in chosen:
+            chosen.append(choose_node(variant, name))
+    return chosen
+
+
 def placed_elsewhere(model: str) -> Node | None:
-    """Return the node a deployed variant is placed on when that is another node than this one (else None)."""
-    node = (Deployment.objects.filter(variant__name=model, desired=DesiredState.DEPLOYED)
-            .exclude(node__in=(settings.APPLIANCE_NODE, "")).values_list("node", flat=True).first())
-    return None if node is None else Node.objects.filter(name=node).first()
+    """Return a node a deployed variant is placed on (its own node, else a replica's) when none is this one
+    (else None)."""
+    deployment = Deployment.objects.filter(variant__name=model, desired=DesiredState.DEPLOYED).first()
+    if deployment is None or deployment.node in ("", settings.APPLIANCE_NODE) or \
+            settings.APPLIANCE_NODE in deployment.replicas:
+        return None
+    return Node.objects.filter(name=deployment.node).first()

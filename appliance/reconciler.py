@@ -18,7 +18,7 @@ from django.db import close_old_connections
 from audit import attestation, egress, ledger
 from inference.engine import EngineConfig
 
-from . import actions, engine_client, engines, fitting, fp8
+from . import actions, engine_client, engines, fitting, fp8, placement
 from .importer import check_store
 from .modelfiles import InvalidModelDir
 from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
@@ -36,11 +36,10 @@ _crashes: dict[str, collections.deque] = collections.defaultdict(collections.deq
 
 
 def reconcile_once() -> None:
-    """Load what should be deployed on this node and is not, unload what should not be."""
+    """Load what should be deployed on this node (as its node or a replica) and is not, unload what should not be."""
     wanted = {}
-    # A deployment without a node predates placement: served where it is, as then.
-    for dep in Deployment.objects.filter(node__in=(settings.APPLIANCE_NODE, "")).select_related("variant"):
-        if dep.desired == DesiredState.DEPLOYED and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED):
+    for dep in Deployment.objects.filter(desired=DesiredState.DEPLOYED).select_related("variant"):
+        if here(dep) and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED):
             wanted[dep.variant.name] = dep
     for name in engine_client.names():
         if name not in wanted:
@@ -48,8 +47,31 @@ def reconcile_once() -> None:
         elif not engine_client.get(name).alive:
             restart_or_fail(wanted[name])
     for name, dep in wanted.items():
-        if engine_client.get(name) is None and dep.actual != ActualState.FAILED:
+        if engine_client.get(name) is None and not failed_here(dep):
             load(dep)
+
+
+def here(dep: Deployment) -> bool:
+    """Return whether this node serves the deployment: its node, one of its replicas, or (a deployment without a
+    node, made before placement existed) wherever it is reconciled, as then."""
+    return dep.node == "" or placement.serves_here(dep, settings.APPLIANCE_NODE)
+
+
+def is_replica(dep: Deployment) -> bool:
+    """Return whether this node serves the deployment as a replica (the deployment's row is its own node's)."""
+    return dep.node not in ("", settings.APPLIANCE_NODE)
+
+
+# Replicas whose engine crashed past the restart budget, with the deployment's updated_at then: a new deploy
+# (which saves the row) is a new attempt, as for the deployment's own node.
+_replica_failed: dict[str, object] = {}
+
+
+def failed_here(dep: Deployment) -> bool:
+    """Return whether the deployment failed on this node and waits for a new deploy."""
+    if is_replica(dep):
+        return _replica_failed.get(dep.variant.name) == dep.updated_at
+    return dep.actual == ActualState.FAILED
 
 
 def engine_config() -> EngineConfig:
@@ -70,21 +92,24 @@ def restart_or_fail(dep: Deployment) -> None:
         crashes.popleft()
     restart = actions.do_record_engine_exit(dep.pk, name, reason=client.exit_reason, pid=client.pid,
                                             crashes=len(crashes), restarts_allowed=RESTARTS_ALLOWED,
-                                            window_s=RESTART_WINDOW_S, actor=ACTOR)
+                                            window_s=RESTART_WINDOW_S, actor=ACTOR, replica=is_replica(dep))
     dep.refresh_from_db()
     if not restart:
         crashes.clear()  # a new deploy is a new attempt with a fresh budget
+        if is_replica(dep):
+            _replica_failed[name] = dep.updated_at
 
 
 def load(dep: Deployment) -> None:
     """Verify, bound and load a deployment's variant; drop the engine if it was undeployed while building."""
     variant = dep.variant
-    actions.do_record_loading(dep.pk, "verifying files")
+    if not is_replica(dep):  # the row's state is its own node's
+        actions.do_record_loading(dep.pk, "verifying files")
     problems = check_store(variant)
     if problems:
         actions.do_quarantine(variant.pk, problems, actor=ACTOR)
-        actions.do_record_load(dep.pk, variant.name, outcome="refused", actor=ACTOR, detail="; ".join(problems),
-                               details={"reason": "files do not match the manifest", "problems": problems[:20]})
+        record_load(dep, "refused", detail="; ".join(problems),
+                    details={"reason": "files do not match the manifest", "problems": problems[:20]})
         return
     try:
         # A variant imported before the weight checks existed may still lie; a build cannot be stopped.
@@ -93,30 +118,43 @@ def load(dep: Deployment) -> None:
     except InvalidModelDir as exc:
         refusal = str(exc)
     if refusal:
-        actions.do_record_load(dep.pk, variant.name, outcome="refused", actor=ACTOR, detail=f"refused: {refusal}",
-                               details={"reason": refusal[:500]})
+        record_load(dep, "refused", detail=f"refused: {refusal}", details={"reason": refusal[:500]})
         return
     started = time.monotonic()
     try:
         engine = engines.start(dep, engine_config())
     except Exception as exc:
         log.exception("loading %s failed", variant.name)
-        actions.do_record_load(dep.pk, variant.name, outcome="failed", actor=ACTOR, detail=f"load failed: {exc}",
-                               details={"error": str(exc)[:500]})
+        record_load(dep, "failed", detail=f"load failed: {exc}", details={"error": str(exc)[:500]})
         return
     duration_ms = int((time.monotonic() - started) * 1000)
     if not still_wanted(dep):
         # Undeploy or delete arrived while the build ran (this thread cannot see it until now): drop it at once.
         engine.close()
-        actions.do_record_load(dep.pk, variant.name, outcome="cancelled", actor=ACTOR, details={
-            "reason": "undeployed or deleted while loading", "duration_ms": duration_ms})
+        record_load(dep, "cancelled", details={"reason": "undeployed or deleted while loading",
+                                               "duration_ms": duration_ms})
         return
     engine_client.register(variant.name, engine)
-    actions.do_record_load(dep.pk, variant.name, outcome="ok", actor=ACTOR, device=engine.device,
-                           engine_process=engine.process_report,
-                           details={"device": engine.device, "pid": engine.pid, "duration_ms": duration_ms,
-                                    "engine": engine.engine})
-    fitting.record_measurement(dep.pk, engine.measured)
+    record_load(dep, "ok", device=engine.device, engine_process=engine.process_report,
+                details={"device": engine.device, "pid": engine.pid, "duration_ms": duration_ms,
+                         "engine": engine.engine})
+    if is_replica(dep):
+        _replicas.add(variant.name)
+    else:
+        fitting.record_measurement(dep.pk, engine.measured)
+
+
+# The variants this node loaded as a replica, so that their unload, too, leaves the deployment's row alone.
+_replicas: set[str] = set()
+
+
+def record_load(dep: Deployment, outcome: str, **record) -> None:
+    """Record a load attempt's end (actions.do_record_load); a replica that could not load waits for a new deploy
+    instead of trying again every tick (its failure is not in the row, which is its deployment's own node's)."""
+    replica = is_replica(dep)
+    actions.do_record_load(dep.pk, dep.variant.name, outcome=outcome, actor=ACTOR, replica=replica, **record)
+    if replica and outcome in ("refused", "failed"):
+        _replica_failed[dep.variant.name] = dep.updated_at
 
 
 def refuse_before_build(variant: ModelVariant) -> str | None:
@@ -134,8 +172,9 @@ def refuse_before_build(variant: ModelVariant) -> str | None:
 
 def still_wanted(dep: Deployment) -> bool:
     """Return whether the registry still asks for this deployment's variant to be served here."""
-    return Deployment.objects.filter(pk=dep.pk, desired=DesiredState.DEPLOYED, node=dep.node, variant__status__in=(
-        VariantStatus.READY, VariantStatus.DEPLOYED)).exists()
+    now = Deployment.objects.filter(pk=dep.pk, desired=DesiredState.DEPLOYED, variant__status__in=(
+        VariantStatus.READY, VariantStatus.DEPLOYED)).first()
+    return now is not None and here(now)
 
 
 def unload(name: str) -> None:
@@ -143,7 +182,8 @@ def unload(name: str) -> None:
     if engine is None:
         return
     engine.close()
-    actions.do_record_unload(name, actor=ACTOR)
+    actions.do_record_unload(name, actor=ACTOR, replica=name in _replicas)
+    _replicas.discard(name)
 
 
 def _loop() -> None:

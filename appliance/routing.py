@@ -94,7 +94,7 @@ def peer_engine(node: Node, model: str, store_path: str) -> PeerEngine | None:
         log.warning("node %s did not answer for its engine of %s: %s", node.name, model, exc)
         lost(node.name)
         return None
-    engine = PeerEngine(model, node.name, node.address, model_dir, facts, settings.APPLIANCE_NODE, lost, Sent)
+    engine = PeerEngine(model, node.name, node.address, model_dir, facts, settings.APPLIANCE_NODE, lost, sent)
     with _lock:
         return _peers.setdefault(key, engine)
 
@@ -108,16 +108,7 @@ async def engine_for(model: str, on_gate) -> PeerEngine | None:
     return await asyncio.to_thread(peer_engine, node, model, store_path)
 
 
-class Sent:
-    """Counts a request as outstanding on a node while it runs there (routing's least-outstanding choice)."""
-
-    def __init__(self, node: str) -> None:
-        self.node = node
-
-    def __enter__(self):
-        with _lock:
-            _sent[self.node] += 1
-
-    def __exit__(self, *exc):
-        with _lock:
-            _sent[self.node] -= 1
+def sent(node: str, change: int) -> None:
+    """Count a request sent to a node (+1) or ended there (-1): routing's least-outstanding choice."""
+    with _lock:
+        _sent[node] += change

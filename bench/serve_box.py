@@ -70,6 +70,10 @@ class Appliance:
     key: str = ""
     env: dict = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    # A node of several (bench/forwarding.py): its loopback address, and what it shares with the other nodes
+    # (their database, KEK and model store, its node name and address).
+    host: str = "127.0.0.1"
+    node_env: dict = field(default_factory=dict)
 
     @property
     def demo_dir(self) -> Path:
@@ -99,6 +103,10 @@ class Appliance:
             self.env["APPLIANCE_ENGINE_EXACT"] = self.exact
         self.env.pop("DATABASE_URL", None)  # the embedded SQLite of this throwaway home
         self.env.pop("CELERY_BROKER_URL", None)
+        port = free_port()
+        self.url = f"http://{self.host}:{port}"
+        if self.node_env:
+            self.env.update(self.node_env, APPLIANCE_NODE_ADDRESS=self.url)
         self.manage("migrate", "--verbosity", "0")
         self.manage("make_demo_models", str(self.demo_dir))
         logs = self.home / "logs"
@@ -108,11 +116,9 @@ class Appliance:
             [sys.executable, "-m", "celery", "-A", "appliance", "worker", "-Q", self.env["APPLIANCE_QUEUE"], "-c", "1",
              "-l", "WARNING", "--without-heartbeat", "--without-gossip", "--without-mingle"],
             cwd=ROOT, env=self.env, stdout=worker_log.open("wb"), stderr=subprocess.STDOUT))
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
         web_log = logs / "web.log"
         web = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "uvicorn", "appliance.asgi:application", "--host", self.host, "--port", str(port),
              "--lifespan", "off", "--log-level", "warning", "--no-access-log"],
             cwd=ROOT, env=self.env, stdout=web_log.open("wb"), stderr=subprocess.STDOUT)
         self.procs.append(web)

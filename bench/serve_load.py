@@ -8,11 +8,13 @@ is reported beside them. Tokens are counted from the `usage` the server reports,
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import torch
@@ -219,3 +221,39 @@ def engine_in_process(model_dir, levels: list[int], max_tokens: int, exact: bool
     with Engine(model_dir, device="cpu", stream_interval_s=0.0, exact=exact) as engine:
         asyncio.run(level(engine, 4))  # warm-up
         return [asyncio.run(level(engine, clients)) for clients in levels]
+
+
+def path_comparison_arguments(description: str, argv: list[str] | None, out: Path) -> argparse.Namespace:
+    """Parse the options of a comparison of paths to one model: client counts, tokens, rounds, where to write."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--levels", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=out)
+    return parser.parse_args(argv)
+
+
+def compare_paths(paths: dict[str, tuple[str, dict]], model: str, levels: list[int], max_tokens: int, rounds: int,
+                  extra: dict | None = None) -> list[dict]:
+    """Drive each path (name -> (URL, headers)) at each client count, the paths alternated per level so that drift
+    hits them alike; print each row as it comes and return the rows."""
+    for url, headers in paths.values():
+        warm_up(url, headers, model)
+    rows = []
+    for clients in levels:
+        for name, (url, headers) in paths.items():
+            row = asyncio.run(drive(url, headers, model, clients, max_tokens, rounds, extra))
+            rows.append({"path": name, **row})
+            print(f"{name:30s} {clients:3d} clients  {row['tokens_per_s']:8.1f} tok/s  "
+                  f"TTFT p50 {row['ttft_p50_ms']:7.1f} ms  ITL p50 {row['itl_p50_ms']:6.1f} ms  "
+                  f"errors {row['errors']}", flush=True)
+    return rows
+
+
+def write_report(out: Path, prefix: str, report: dict) -> Path:
+    """Write a benchmark's figures as JSON under out, named by prefix and the time; return the file."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return path

@@ -10,12 +10,8 @@ max_tokens tokens (ignore_eos, min_tokens), so they generate the same work; figu
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -24,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serve_box import PEERS_HOME, Appliance, temp_home  # noqa: E402
-from bench.serve_load import drive, warm_up  # noqa: E402
+from bench.serve_load import compare_paths, path_comparison_arguments, write_report  # noqa: E402
 
 MODEL = "demo-dense-vllm"
 
@@ -38,12 +34,7 @@ def engine_url(box: Appliance) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--levels", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    args = parser.parse_args(argv)
+    args = path_comparison_arguments(__doc__.split("\n\n")[0], argv, ROOT / "bench" / "out")
     os.environ.setdefault("APPLIANCE_VLLM_PYTHON", str(PEERS_HOME / "vllm-venv" / "bin" / "python"))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     box = Appliance(temp_home())
@@ -54,22 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         box.wait_for_fit_analyses([MODEL])
         paths = {"appliance": (box.url, {"Authorization": f"Bearer {box.key}"}), "vllm-direct": (engine_url(box), {})}
         extra = {"ignore_eos": True, "min_tokens": args.max_tokens}
-        report = {"model": MODEL, "max_tokens": args.max_tokens, "rows": []}
-        for name, (url, headers) in paths.items():
-            warm_up(url, headers, MODEL)
-        for clients in args.levels:
-            for name, (url, headers) in paths.items():  # alternated per level, so drift hits both alike
-                row = asyncio.run(drive(url, headers, MODEL, clients, args.max_tokens, args.rounds, extra))
-                report["rows"].append({"path": name, **row})
-                print(f"{name:12s} {clients:3d} clients  {row['tokens_per_s']:8.1f} tok/s  "
-                      f"TTFT p50 {row['ttft_p50_ms']:7.1f} ms  ITL p50 {row['itl_p50_ms']:6.1f} ms  "
-                      f"errors {row['errors']}", flush=True)
+        report = {"model": MODEL, "max_tokens": args.max_tokens,
+                  "rows": compare_paths(paths, MODEL, args.levels, args.max_tokens, args.rounds, extra)}
     finally:
         box.stop()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"vllm-passthrough-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_report(args.out, "vllm-passthrough", report)
     return 0
 
 

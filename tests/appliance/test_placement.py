@@ -118,3 +118,58 @@ def test_a_request_here_for_a_model_placed_elsewhere_names_that_node(settings):
     actions.do_deploy(sized("here", 1), actor="test")
     assert placement.placed_elsewhere("elsewhere") == box_b
     assert placement.placed_elsewhere("here") is None
+
+
+def test_replicas_are_named_up_nodes_and_may_change_while_it_runs(settings):
+    settings.APPLIANCE_NODE = "box-a"
+    node("box-b")
+    node("box-c")
+    node("box-d", silent_s=3600)
+    model = sized("m", 1)
+    deployment = actions.do_deploy(model, actor="test", node="box-b", replicas=["box-c", "box-b", "box-c"])
+    assert (deployment.node, deployment.replicas) == ("box-b", ["box-c"])  # no repeats, not its own node again
+    assert actions.do_deploy(model, actor="test").replicas == ["box-c"]  # a plain deploy keeps them
+    with pytest.raises(actions.ActionRefused, match="node box-d is down"):
+        actions.do_deploy(model, actor="test", replicas=["box-c", "box-d"])
+    with pytest.raises(actions.ActionRefused, match="node box-z is not a node of this appliance"):
+        actions.do_deploy(model, actor="test", replicas=["box-z"])
+    with pytest.raises(actions.ActionRefused, match="a replica is placed on a named node, not 'anywhere'"):
+        actions.do_deploy(model, actor="test", replicas=["anywhere"])
+    assert Deployment.objects.get(variant=model).replicas == ["box-c"]  # a refused deploy changed nothing
+    assert actions.do_deploy(model, actor="test", replicas=["box-a"]).replicas == ["box-a"]  # running: scaled
+    event = AuditEvent.objects.filter(action="deployment.deploy").order_by("-seq").first()
+    assert (event.details["placed_on"], event.details["replicas"]) == ("box-b", ["box-a"])
+
+
+def test_a_replica_counts_against_its_nodes_memory(settings):
+    settings.APPLIANCE_NODE = "box-a"
+    node("box-b", host_gb=10)
+    node("box-c", host_gb=10)
+    actions.do_deploy(sized("big", 8), actor="test", node="box-b", replicas=["box-c"])
+    assert placement.placed_bytes("box-c") == 8 * GB
+    with pytest.raises(actions.ActionRefused, match="fits on no up node"):
+        actions.do_deploy(sized("more", 4), actor="test", node="anywhere")
+
+
+def test_a_replica_node_serves_it_and_a_request_there_is_not_sent_elsewhere(settings):
+    settings.APPLIANCE_NODE = "box-a"
+    node("box-b")
+    actions.do_deploy(sized("twin", 1), actor="test", node="box-b", replicas=["box-a"])
+    assert [reconciler.here(d) for d in Deployment.objects.all()] == [True]
+    assert reconciler.is_replica(Deployment.objects.get())
+    assert placement.placed_elsewhere("twin") is None  # this node serves it: no 503 naming another node
+
+
+def test_a_replicas_failed_load_leaves_the_deployments_state_alone_and_is_not_retried_every_tick(settings):
+    settings.APPLIANCE_NODE = settings.AUDIT_NODE = "box-a"
+    node("box-b")
+    model = sized("twin", 1)  # no files in the store: its load is refused
+    actions.do_deploy(model, actor="test", node="box-b", replicas=["box-a"])
+    reconciler.reconcile_once()
+    reconciler.reconcile_once()  # not tried again every tick
+    loads = AuditEvent.objects.filter(action="deployment.load", target="twin")
+    assert [(e.outcome, e.details["replica"], e.details["node"]) for e in loads] == [("refused", True, "box-a")]
+    assert Deployment.objects.get(variant=model).actual == ActualState.UNDEPLOYED  # box-b's state, untouched
+    # Its files do not match the manifest: the store is shared, so the variant is quarantined for every node.
+    model.refresh_from_db()
+    assert model.status == "quarantined"

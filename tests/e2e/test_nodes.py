@@ -250,7 +250,21 @@ def test_a_node_killed_mid_answer_fails_only_its_requests_and_shows_down(applian
     third.manage("import_model", str(first.demo_dir / "demo-dense"), "--name", "doomed-dense", "--kind", "dense",
                  "--wait")
     third.manage("deploy", "doomed-dense", "--node", "node-3", "--wait")
-    wait_for(first, SERVING_SCRIPT, lambda nodes: "doomed-dense" in nodes["node-3"], "node-3 serving doomed-dense")
+    # twin-dense runs on node-2 and on node-3, a replica: a request reaching node-1 goes to the less busy one.
+    first.manage("import_model", str(first.demo_dir / "demo-dense"), "--name", "twin-dense", "--kind", "dense",
+                 "--wait")
+    deployed = first.manage("deploy", "twin-dense", "--node", "node-2", "--replica", "node-3", "--wait").stdout
+    assert "twin-dense served by replica node-3 too" in deployed
+    wait_for(first, SERVING_SCRIPT, lambda nodes: "doomed-dense" in nodes["node-3"] and all(
+        "twin-dense" in nodes[name] for name in ("node-2", "node-3")), "node-2 and node-3 serving what they run")
+    # Two streams of twin-dense, one after the other: the second goes to the replica the first did not take.
+    twin_key = first.new_key("twin")
+    twins = []
+    for _ in range(2):  # the stream's headers come once node-1 has sent it on, so the second choice counts it
+        twins.append(sdk(first, twin_key).chat.completions.create(
+            model="twin-dense", messages=HELLO, max_tokens=1500, extra_body={"ignore_eos": True}, stream=True,
+            stream_options={"include_usage": True}))
+    twin_chunks = [[next(iter(twin))] for twin in twins]
     long_answer = dict(model="doomed-dense", messages=HELLO, max_tokens=1500, extra_body={"ignore_eos": True})
     # A whole (not streamed) answer in flight too, under a team of its own.
     whole_key, whole = first.new_key("failover-whole"), {}
@@ -271,6 +285,24 @@ def test_a_node_killed_mid_answer_fails_only_its_requests_and_shows_down(applian
     # Whether node-3 had taken it or not when it died, the whole answer's caller gets a 503 naming the node.
     assert isinstance(whole["outcome"], openai.APIStatusError) and whole["outcome"].status_code == 503
     assert "node node-3" in whole["outcome"].message
+    # Of the twin streams, the one on node-3 failed naming it; the one on node-2 answered in full.
+    outcomes = []
+    for twin, chunks in zip(twins, twin_chunks):
+        try:
+            chunks.extend(twin)
+            outcomes.append(("ok", chunks[-1].usage.completion_tokens))
+        except openai.APIError as exc:
+            outcomes.append(("failed", "node node-3, which served this request, stopped answering" in str(exc)))
+    assert sorted(outcomes) == [("failed", True), ("ok", 1500)]
+    # Requests that follow go to the replica left: answered, not refused.
+    again = sdk(first, twin_key).chat.completions.create(model="twin-dense", messages=HELLO, max_tokens=3)
+    assert again.usage.completion_tokens == 3
+    twin_events = shell_json(first, CHAT_LEDGER_SCRIPT % "twin")
+    assert sorted((node, outcome) for _, node, outcome, _ in twin_events) == [
+        ("node-1", "failed"), ("node-1", "ok"), ("node-1", "ok")]
+    twin_usage = sorted(map(tuple, shell_json(first, USAGE_SCRIPT % "twin")))
+    assert [outcome for outcome, _ in twin_usage] == ["failed", "ok", "ok"] and twin_usage[1:] == [("ok", 3),
+                                                                                               ("ok", 1500)]
     # The next request is refused at once, naming the node; the other node's model is still answered.
     with pytest.raises(openai.APIStatusError) as refused:
         sdk(first, key).chat.completions.create(model="doomed-dense", messages=HELLO, max_tokens=2)
