@@ -1,6 +1,7 @@
 """Calls between the nodes of one appliance: how they are signed, checked, and let through the egress guard.
 
-A node that takes a chat request for a model another node serves sends it there as a signed call. The key is
+A node that takes a chat request for a model another node serves sends it there as a signed call, and the node
+that answers signs its answer. The key is
 derived from the appliance's KEK (which every node of an appliance shares already, for the ledger's digests), so
 no new secret has to be handed around, and nothing without the KEK can make one node act for another. Each call
 signs its method, path, sender, time, a one-time nonce and the body's hash; the receiver refuses a call whose
@@ -22,6 +23,8 @@ from urllib.parse import urlsplit
 
 from audit import egress, kek
 
+# The method an answer is signed under: a node's answer can never pass for a call, nor a call for an answer.
+ANSWER = "ANSWER"
 SKEW_S = 30  # the nodes' clocks agree to well within this (NTP, as the beat lease needs too)
 HEADERS = ("X-Appliance-Node", "X-Appliance-Time", "X-Appliance-Nonce", "X-Appliance-Signature")
 _SEEN_MAX = 100_000

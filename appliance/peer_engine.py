@@ -3,11 +3,12 @@
 This node tokenizes (from the variant's files in the shared model store), counts and refuses what it can, then
 sends the prompt's ids and sampling parameters to the serving node as a signed call (appliance.api.peer) and
 reads the chunks it streams back. Everything around the engine — the key, admission, usage, transcripts and the
-ledger event — happens here, on the node that took the request, once.
+ledger event — happens here, on the node that took the request, once. The serving node's answers are signed
+too (appliance.api.peer): a prompt goes only to an address that proves it is a node of this appliance.
 
 A serving node that cannot be reached before it took the request refuses it as EngineClosed (a 503 naming the
-node); one that stops answering mid-request ends it with an error chunk (the API's 500, or an error event in a
-stream). Either way the node is reported unreachable (appliance.routing), so requests that follow go to another
+node); one that stops answering mid-request ends it with an error chunk marked unavailable (the API's 503, or an
+error event in a stream). Either way the node is reported unreachable (appliance.routing), so requests that follow go to another
 node that serves the variant, or are refused at once naming why.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def signed(method: str, url: str, path: str, body: bytes, sender: str) -> dict:
             "headers": {"Content-Type": "application/json", **node_link.sign(method, path, body, sender)}}
 
 
-def engine_facts(address: str, name: str, sender: str) -> dict:
+def engine_facts(node: str, address: str, name: str, sender: str) -> dict:
     """Return the serving node's facts of its engine for `name` (vocabulary, limits), or raise PeerUnreachable."""
     node_link.allow_egress_to(address)
     try:
@@ -56,7 +57,18 @@ def engine_facts(address: str, name: str, sender: str) -> dict:
         raise PeerUnreachable(f"{type(exc).__name__}: {exc}") from exc
     if response.status_code != 200:
         raise PeerUnreachable(f"answered {response.status_code}: {response.text[:200]}")
+    answered_by(node, f"/node/v1/engines/{name}", response.headers, response.content)
     return response.json()
+
+
+def answered_by(node: str, path: str, headers, body: bytes) -> None:
+    """Check that an answer is signed by `node` of this appliance; raise PeerUnreachable if not."""
+    try:
+        sender = node_link.verify(node_link.ANSWER, path, headers, body)
+    except node_link.LinkRefused as exc:
+        raise PeerUnreachable(f"the answer is not a node's of this appliance: {exc}") from exc
+    if sender != node:
+        raise PeerUnreachable(f"the answer is signed by node {sender}, not by {node}")
 
 
 class PeerEngine(ClientBasics):
@@ -85,8 +97,9 @@ class PeerEngine(ClientBasics):
                                 f"exceeds this deployment's limit of {self._max_request_tokens} tokens")
         body = json.dumps({"prompt_ids": prompt_ids, "params": wire.params_fields(params),
                            "cache_scope": cache_scope}).encode()
-        call = signed("POST", self.url, f"/node/v1/engines/{self.name}/generate", body, self.sender)
-        return PeerHandle(self._client(), call, self.node, self._lost, self._sent)
+        path = f"/node/v1/engines/{self.name}/generate"
+        return PeerHandle(self._client(), signed("POST", self.url, path, body, self.sender), path, self.node,
+                          self._lost, self._sent)
 
     def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -102,9 +115,9 @@ class PeerHandle(TaskHandle):
     """A request sent to another node: `await accepted()`, then `async for` yields its Chunks; leaving early
     closes the connection, and the serving node cancels the request."""
 
-    def __init__(self, http: httpx.AsyncClient, call: dict, node: str, lost: Callable[[str], None],
+    def __init__(self, http: httpx.AsyncClient, call: dict, path: str, node: str, lost: Callable[[str], None],
                  sent: Callable[[str, int], None]) -> None:
-        self.node, self._lost = node, lost
+        self.path, self.node, self._lost = path, node, lost
         super().__init__(lambda: self._run(http, call))
         # Counted from now, not from when the task first runs: the next request's choice must see this one. The
         # task's end (even a cancel before it ran) uncounts it.
@@ -131,6 +144,12 @@ class PeerHandle(TaskHandle):
         async with http.stream(**call) as response:
             if response.status_code != 200:
                 self._settle(refusal(response.status_code, await response.aread(), self.node))
+                return
+            try:
+                answered_by(self.node, self.path, response.headers, b"")
+            except PeerUnreachable as exc:
+                self._lost(self.node)
+                self._settle(EngineClosed(f"node {self.node} cannot serve this request: {exc}"))
                 return
             self._settle(None)
             async for line in response.aiter_lines():

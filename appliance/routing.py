@@ -89,7 +89,7 @@ def peer_engine(node: Node, model: str, store_path: str) -> PeerEngine | None:
                     store_path)
         return None
     try:
-        facts = engine_facts(node.address, model, settings.APPLIANCE_NODE)
+        facts = engine_facts(node.name, node.address, model, settings.APPLIANCE_NODE)
     except PeerUnreachable as exc:
         log.warning("node %s did not answer for its engine of %s: %s", node.name, model, exc)
         lost(node.name)

@@ -185,7 +185,7 @@ class TextAnswer:
         if error_message:
             details["error"] = error_message[:500]
         return dict(action="chat.completion", actor=f"team:{self.flight.caller.team}", target=self.body.model,
-                    outcome=outcome, details=details)
+                    outcome=outcome, details=self.flight.noted(details))
 
     def settle(self, outcome: str) -> None:
         self.finished = True

@@ -7,6 +7,7 @@ engine's chunks back, one JSON line each, as they come. So every API feature wor
 exactly as on the node that serves the model, and nothing is charged or recorded twice.
 
 Every call must be signed by a node of this appliance (appliance.node_link); anything else is a 403 naming why.
+Every answer is signed too, so the calling node knows that the address it called is a node of this appliance.
 Only engines this node loaded itself are reachable: a call never hops on to a third node.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ import functools
 import json
 import logging
 
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from appliance import engine_client, http_limits, node_link
@@ -74,8 +76,9 @@ async def engine_facts(request: HttpRequest, name: str):
     engine = engine_client.get(name)
     if engine is None or not engine.alive:
         return refused(f"This node does not serve '{name[:200]}'.", 404, "closed")
-    return JsonResponse({"engine": engine.engine, "exact": engine.exact, "vocab_size": engine.vocab_size,
-                         "context_length": engine.context_length, "max_request_tokens": engine.max_request_tokens()})
+    facts = json.dumps({"engine": engine.engine, "exact": engine.exact, "vocab_size": engine.vocab_size,
+                        "context_length": engine.context_length, "max_request_tokens": engine.max_request_tokens()})
+    return signed_response(HttpResponse(facts, content_type="application/json"), request.path, facts.encode())
 
 
 @node_call("POST")
@@ -101,6 +104,14 @@ async def generate(request: HttpRequest, name: str):
         return refused(str(exc), REFUSAL_STATUS[kind], kind)
     response = StreamingHttpResponse(chunk_lines(handle), content_type="application/x-ndjson")
     response["Cache-Control"] = "no-cache"
+    return signed_response(response, request.path, b"")  # a stream's body is not known yet: its headers are signed
+
+
+def signed_response(response: HttpResponse, path: str, body: bytes) -> HttpResponse:
+    """Sign an answer as this node's, so the calling node knows it reached a node of this appliance: a Node row
+    with a forged address (it takes only database access) cannot draw prompts out to a host without the KEK."""
+    for name, value in node_link.sign(node_link.ANSWER, path, body, settings.APPLIANCE_NODE).items():
+        response[name] = value
     return response
 
 

@@ -187,6 +187,11 @@ class InFlight:
     request_id: str
     started: float = field(default_factory=time.monotonic)
     settled: bool = False
+    served_by: str = ""  # the node whose engine ran it, when that is another node than the one that took it
+
+    def noted(self, details: dict) -> dict:
+        """Return a ledger event's details with where the request ran, when another node's engine ran it."""
+        return {**details, "served_by": self.served_by} if self.served_by else details
 
     def settle(self, outcome: str, prompt_tokens: int = 0, completion_tokens: int = 0,
                ttft_ms: int | None = None) -> None:

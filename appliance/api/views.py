@@ -322,7 +322,10 @@ def token_ids_outside(engine, params: SamplingParams) -> tuple[str, str] | None:
 
 async def loaded_engine(model: str, flight: InFlight):
     """Return (engine, None) for a loaded variant, else (None, the 503 or 404 that says why), settled."""
-    engine = engine_client.get(model) or await routing.engine_for(model, on_gate)
+    engine = engine_client.get(model)
+    if engine is None:
+        engine = await routing.engine_for(model, on_gate)
+        flight.served_by = engine.node if engine is not None else ""
     if engine is not None:
         return engine, None
     if await on_gate(gatekeeper().exists, flight.caller, model):
@@ -476,8 +479,9 @@ class Exchange:
                 choice_cached_tokens=[choice.cached_tokens for choice in self.choices])
         if error_message:
             details["error"] = error_message[:500]
+        details = {"key": self.caller.key_prefix, "request_id": self.id, **details}
         return dict(action="chat.completion", actor=f"team:{self.caller.team}", target=self.model,
-                    outcome=outcome, details={"key": self.caller.key_prefix, "request_id": self.id, **details})
+                    outcome=outcome, details=details if self.flight is None else self.flight.noted(details))
 
     def settle(self, outcome: str) -> None:
         """Report what this request used to the registry (quotas, usage), without waiting for it."""

@@ -1,12 +1,14 @@
 """Node-to-node calls: only a call signed with the appliance's key, fresh and not replayed, is taken; the engine
 endpoint refuses anything else (and records it), and reaches only engines this node loaded itself."""
 import asyncio
+import http.server
 import json
+import threading
 
 import pytest
 from django.test import AsyncClient
 
-from appliance import node_link
+from appliance import node_link, peer_engine
 from audit.models import AuditEvent
 from inference.engine import wire
 from inference.engine.request import SamplingParams
@@ -99,3 +101,49 @@ def test_a_signed_call_that_is_not_a_generation_request_is_a_400(ledger_db):
     body = b'{"prompt_ids": "x"}'
     response = call("POST", PATH, body, node_link.sign("POST", PATH, body, "node-1"))
     assert response.status_code == 400 and "Not a generation request" in response.json()["error"]["message"]
+
+
+class FakeNode(http.server.BaseHTTPRequestHandler):
+    """Answers the engine-facts call as a node would, signed as `signer` (unsigned for None)."""
+
+    signer: str | None = None
+
+    def do_GET(self):
+        body = json.dumps({"engine": "builtin", "exact": False, "vocab_size": 10, "context_length": 64,
+                           "max_request_tokens": 64}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if self.signer:
+            for name, value in node_link.sign(node_link.ANSWER, self.path, body, self.signer).items():
+                self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_node():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeNode)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("signer, refusal", [
+    (None, "not a node's of this appliance: not a node-to-node call"),  # a forged Node row's address
+    ("node-3", "signed by node node-3, not by node-2"),
+])
+def test_an_address_that_cannot_prove_it_is_the_node_gets_no_prompt(fake_node, monkeypatch, signer, refusal):
+    monkeypatch.setattr(FakeNode, "signer", signer)
+    address = f"http://127.0.0.1:{fake_node.server_address[1]}"
+    with pytest.raises(peer_engine.PeerUnreachable, match=refusal):
+        peer_engine.engine_facts("node-2", address, "demo-dense", "node-1")
+
+
+def test_the_named_node_signing_its_answer_is_believed(fake_node, monkeypatch):
+    monkeypatch.setattr(FakeNode, "signer", "node-2")
+    address = f"http://127.0.0.1:{fake_node.server_address[1]}"
+    assert peer_engine.engine_facts("node-2", address, "demo-dense", "node-1")["max_request_tokens"] == 64

@@ -142,7 +142,7 @@ def test_only_the_lease_holders_beat_acts_and_another_takes_over_when_it_dies(ap
 CHAT_LEDGER_SCRIPT = """
 import json
 from audit.models import AuditEvent
-print(json.dumps([[e.details["request_id"], e.details["node"], e.outcome, e.details["completion_digest"]]
+print(json.dumps([[e.details["request_id"], e.details["node"], e.outcome, e.details.get("served_by")]
                   for e in AuditEvent.objects.filter(action="chat.completion", actor="team:%s").order_by("seq")]))
 """
 USAGE_SCRIPT = """
@@ -155,6 +155,11 @@ import json
 from audit.models import AuditEvent
 print(json.dumps([[e.details["node"], e.details["to"]] for e in AuditEvent.objects.filter(
     action="egress.policy_changed").order_by("seq")]))
+"""
+OUTSTANDING_SCRIPT = """
+import json
+from appliance.models import Node
+print(json.dumps({n.name: n.outstanding for n in Node.objects.all()}))
 """
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -205,7 +210,8 @@ def test_a_request_to_another_node_is_forwarded_and_answered_as_the_serving_node
     assert completion.usage.completion_tokens == 3 and completion.choices[0].finish_reason == "length"
     # Each request is recorded once, by the node that took it, and charged once, to the caller's team.
     events = shell_json(first, CHAT_LEDGER_SCRIPT % "forwarded")
-    assert [node for _, node, _, _ in events] == ["node-2", "node-1", "node-3", "node-1"]
+    assert [(node, served_by) for _, node, _, served_by in events] == [
+        ("node-2", None), ("node-1", "node-2"), ("node-3", "node-2"), ("node-1", "node-2")]
     assert len({request_id for request_id, *_ in events}) == len(events)
     assert sorted(map(tuple, shell_json(first, USAGE_SCRIPT % "forwarded"))) == [
         ("ok", 3), ("ok", 6), ("ok", 6), ("ok", 6)]
@@ -257,12 +263,18 @@ def test_a_node_killed_mid_answer_fails_only_its_requests_and_shows_down(applian
     assert "twin-dense served by replica node-3 too" in deployed
     wait_for(first, SERVING_SCRIPT, lambda nodes: "doomed-dense" in nodes["node-3"] and all(
         "twin-dense" in nodes[name] for name in ("node-2", "node-3")), "node-2 and node-3 serving what they run")
-    # Two streams of twin-dense, one after the other: the second goes to the replica the first did not take.
+    # node-1 reaches doomed-dense once first, so that what follows the twins' start (the doomed requests, then
+    # the kill) is quick: a first request to a node's variant waits for its tokenizer to load here.
+    warm_key = first.new_key("warm-up")
+    assert sdk(first, warm_key).chat.completions.create(model="doomed-dense", messages=HELLO, max_tokens=1).usage
+    # Two streams of twin-dense, one after the other: the second goes to the replica the first did not take
+    # (once both replicas' heartbeats say they are idle, so that the choice counts only these two).
+    wait_for(first, OUTSTANDING_SCRIPT, lambda nodes: nodes["node-2"] == nodes["node-3"] == 0, "idle replicas")
     twin_key = first.new_key("twin")
     twins = []
     for _ in range(2):  # the stream's headers come once node-1 has sent it on, so the second choice counts it
         twins.append(sdk(first, twin_key).chat.completions.create(
-            model="twin-dense", messages=HELLO, max_tokens=1500, extra_body={"ignore_eos": True}, stream=True,
+            model="twin-dense", messages=HELLO, max_tokens=1800, extra_body={"ignore_eos": True}, stream=True,
             stream_options={"include_usage": True}))
     twin_chunks = [[next(iter(twin))] for twin in twins]
     long_answer = dict(model="doomed-dense", messages=HELLO, max_tokens=1500, extra_body={"ignore_eos": True})
@@ -293,16 +305,17 @@ def test_a_node_killed_mid_answer_fails_only_its_requests_and_shows_down(applian
             outcomes.append(("ok", chunks[-1].usage.completion_tokens))
         except openai.APIError as exc:
             outcomes.append(("failed", "node node-3, which served this request, stopped answering" in str(exc)))
-    assert sorted(outcomes) == [("failed", True), ("ok", 1500)]
+    assert sorted(outcomes) == [("failed", True), ("ok", 1800)]
     # Requests that follow go to the replica left: answered, not refused.
     again = sdk(first, twin_key).chat.completions.create(model="twin-dense", messages=HELLO, max_tokens=3)
     assert again.usage.completion_tokens == 3
     twin_events = shell_json(first, CHAT_LEDGER_SCRIPT % "twin")
-    assert sorted((node, outcome) for _, node, outcome, _ in twin_events) == [
-        ("node-1", "failed"), ("node-1", "ok"), ("node-1", "ok")]
+    # Recorded by node-1, which took them, each naming the replica whose engine ran it.
+    assert sorted((node, outcome, served_by) for _, node, outcome, served_by in twin_events) == [
+        ("node-1", "failed", "node-3"), ("node-1", "ok", "node-2"), ("node-1", "ok", "node-2")]
     twin_usage = sorted(map(tuple, shell_json(first, USAGE_SCRIPT % "twin")))
     assert [outcome for outcome, _ in twin_usage] == ["failed", "ok", "ok"] and twin_usage[1:] == [("ok", 3),
-                                                                                               ("ok", 1500)]
+                                                                                               ("ok", 1800)]
     # The next request is refused at once, naming the node; the other node's model is still answered.
     with pytest.raises(openai.APIStatusError) as refused:
         sdk(first, key).chat.completions.create(model="doomed-dense", messages=HELLO, max_tokens=2)
@@ -317,8 +330,8 @@ def test_a_node_killed_mid_answer_fails_only_its_requests_and_shows_down(applian
     rows = console_rows(console)
     assert ">Up<" in rows["node-1"] and ">Up<" in rows["node-2"]
     # The failed request is recorded once, as failed, by node-1, which took it; charged once; the ledger verifies.
-    assert [(node, outcome) for _, node, outcome, _ in shell_json(first, CHAT_LEDGER_SCRIPT % "failover")] == [
-        ("node-1", "failed"), ("node-1", "ok")]
+    assert [(node, outcome, served_by) for _, node, outcome, served_by in shell_json(
+        first, CHAT_LEDGER_SCRIPT % "failover")] == [("node-1", "failed", "node-3"), ("node-1", "ok", "node-2")]
     usage = sorted(map(tuple, shell_json(first, USAGE_SCRIPT % "failover")))
     assert [outcome for outcome, _ in usage] == ["failed", "failed", "ok"]
     assert [outcome for outcome, _ in shell_json(first, USAGE_SCRIPT % "failover-whole")] == ["failed"]
