@@ -21,7 +21,8 @@ api_application = ApiHandler()
 
 
 async def application(scope, receive, send):
-    """Send chat API requests and other nodes' calls to the lean handler and everything else (console, /metrics) to Django's."""
+    """Send chat API requests and other nodes' calls to the lean handler, everything else (console, /metrics) to
+    Django's."""
     if scope["type"] != "http":
         await console_application(scope, receive, send)
     elif scope["path"].startswith((API_PREFIX, PEER_PREFIX)):

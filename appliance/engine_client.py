@@ -22,10 +22,12 @@ import subprocess
 import sys
 import threading
 import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 
+import httpx
 from django.conf import settings
 
 from appliance.names import is_valid_name
@@ -169,6 +171,18 @@ class ClientBasics:
     def max_request_tokens(self) -> int:
         """Return the most tokens (prompt + max_tokens) one request may use: context and KV budget."""
         return self._max_request_tokens
+
+
+def loop_client(clients: weakref.WeakKeyDictionary, **options) -> httpx.AsyncClient:
+    """Return the running event loop's AsyncClient in `clients` (event loop -> client), made with `options` on
+    first use: a client's connections belong to the loop that opened them. No proxy variable is read
+    (trust_env=False), so an engine's or a node's traffic goes only where it is sent."""
+    loop = asyncio.get_running_loop()
+    client = clients.get(loop)
+    if client is None:
+        client = clients[loop] = httpx.AsyncClient(
+            trust_env=False, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64), **options)
+    return client
 
 
 class TaskHandle:

@@ -8,8 +8,8 @@ too (appliance.api.peer): a prompt goes only to an address that proves it is a n
 
 A serving node that cannot be reached before it took the request refuses it as EngineClosed (a 503 naming the
 node); one that stops answering mid-request ends it with an error chunk marked unavailable (the API's 503, or an
-error event in a stream). Either way the node is reported unreachable (appliance.routing), so requests that follow go to another
-node that serves the variant, or are refused at once naming why.
+error event in a stream). Either way the node is reported unreachable (appliance.routing), so requests that
+follow go to another node that serves the variant, or are refused at once naming why.
 """
 from __future__ import annotations
 
@@ -23,17 +23,15 @@ from pathlib import Path
 import httpx
 
 from appliance import node_link
-from appliance.engine_client import ClientBasics, TaskHandle
+from appliance.engine_client import ClientBasics, TaskHandle, loop_client
 from inference.engine import wire
 from inference.engine.prompt import load_tokenizer
-from inference.engine.request import (Chunk, EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong,
-                                      SamplingParams)
+from inference.engine.request import Chunk, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
 
 # Connecting is quick on a working network; reading waits as long as a generation may take (the serving node
 # streams a chunk per step), and a node that dies mid-answer closes the connection, which ends the read.
 HTTP_TIMEOUT = httpx.Timeout(connect=3.0, read=None, write=30.0, pool=None)
 FACTS_TIMEOUT_S = 10.0
-REFUSALS = {"busy": EngineBusy, "too_long": PromptTooLong, "closed": EngineClosed}
 
 
 class PeerUnreachable(RuntimeError):
@@ -102,13 +100,7 @@ class PeerEngine(ClientBasics):
                           self._lost, self._sent)
 
     def _client(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        client = self._http.get(loop)
-        if client is None:
-            client = self._http[loop] = httpx.AsyncClient(
-                timeout=HTTP_TIMEOUT, trust_env=False,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-        return client
+        return loop_client(self._http, timeout=HTTP_TIMEOUT)
 
 
 class PeerHandle(TaskHandle):
@@ -173,6 +165,6 @@ def refusal(status: int, body: bytes, node: str) -> Exception:
         kind, message, param = None, body.decode(errors="replace")[:300], None
     if kind == "field":
         return FieldNotHonoured(message, param or "")
-    if kind in REFUSALS:
-        return REFUSALS[kind](message)
+    if kind in wire.REFUSALS and kind != "invalid":  # as the engine's own wire names them; "invalid" is a bug here
+        return wire.REFUSALS[kind](message)
     return RuntimeError(f"node {node} refused the forwarded request ({status}): {message}")

@@ -30,6 +30,12 @@ def serves_here(deployment: Deployment, node_name: str) -> bool:
     return deployment.node == node_name or node_name in deployment.replicas
 
 
+def served_by_this_node(deployment: Deployment) -> bool:
+    """Return whether this node serves the deployment: its node, one of its replicas, or (a deployment without a
+    node, made before placement existed) wherever it is reconciled, as then."""
+    return deployment.node == "" or serves_here(deployment, settings.APPLIANCE_NODE)
+
+
 def placed_bytes(node_name: str, *, leaving_out: ModelVariant | None = None) -> int:
     """Return the store size of the variants deployed (or being deployed) on the node, as its node or a replica."""
     deployments = Deployment.objects.filter(desired=DesiredState.DEPLOYED).select_related("variant")
@@ -85,7 +91,6 @@ def placed_elsewhere(model: str) -> Node | None:
     """Return a node a deployed variant is placed on (its own node, else a replica's) when none is this one
     (else None)."""
     deployment = Deployment.objects.filter(variant__name=model, desired=DesiredState.DEPLOYED).first()
-    if deployment is None or deployment.node in ("", settings.APPLIANCE_NODE) or \
-            settings.APPLIANCE_NODE in deployment.replicas:
+    if deployment is None or served_by_this_node(deployment):
         return None
     return Node.objects.filter(name=deployment.node).first()

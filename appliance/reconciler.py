@@ -39,7 +39,7 @@ def reconcile_once() -> None:
     """Load what should be deployed on this node (as its node or a replica) and is not, unload what should not be."""
     wanted = {}
     for dep in Deployment.objects.filter(desired=DesiredState.DEPLOYED).select_related("variant"):
-        if here(dep) and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED):
+        if placement.served_by_this_node(dep) and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED):
             wanted[dep.variant.name] = dep
     for name in engine_client.names():
         if name not in wanted:
@@ -49,12 +49,6 @@ def reconcile_once() -> None:
     for name, dep in wanted.items():
         if engine_client.get(name) is None and not failed_here(dep):
             load(dep)
-
-
-def here(dep: Deployment) -> bool:
-    """Return whether this node serves the deployment: its node, one of its replicas, or (a deployment without a
-    node, made before placement existed) wherever it is reconciled, as then."""
-    return dep.node == "" or placement.serves_here(dep, settings.APPLIANCE_NODE)
 
 
 def is_replica(dep: Deployment) -> bool:
@@ -174,7 +168,7 @@ def still_wanted(dep: Deployment) -> bool:
     """Return whether the registry still asks for this deployment's variant to be served here."""
     now = Deployment.objects.filter(pk=dep.pk, desired=DesiredState.DEPLOYED, variant__status__in=(
         VariantStatus.READY, VariantStatus.DEPLOYED)).first()
-    return now is not None and here(now)
+    return now is not None and placement.served_by_this_node(now)
 
 
 def unload(name: str) -> None:

@@ -38,7 +38,7 @@ from django.conf import settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.engine_client import (CLOSE_TIMEOUT_S, ClientBasics, EngineStartFailed, TaskHandle, exit_description,
-                                     log_tail, notify_gone)
+                                     log_tail, loop_client, notify_gone)
 from appliance.names import is_valid_name
 from audit import egress
 from inference.engine.prompt import load_tokenizer
@@ -255,14 +255,7 @@ class VllmClient(ClientBasics):
         return self.tokenizer.decode([token])
 
     def _client(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        client = self._http.get(loop)
-        if client is None:
-            # trust_env=False: no proxy variable may route the engine's loopback traffic anywhere else.
-            client = self._http[loop] = httpx.AsyncClient(
-                base_url=self.url, timeout=HTTP_TIMEOUT, trust_env=False,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-        return client
+        return loop_client(self._http, base_url=self.url, timeout=HTTP_TIMEOUT)
 
     # ---- figures ---------------------------------------------------------------------------------
 

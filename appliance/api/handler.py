@@ -40,8 +40,9 @@ class ApiHandler(ASGIHandler):
         async with ThreadSensitiveContext(executor=_sync_thread):
             try:
                 # A call from another node carries no key but a signature, which its view checks over the body.
+                token = views.bearer_token(http_limits.header(scope, b"authorization"))
                 known = (not http_limits.has_body(scope) or peer.claims_a_signature(scope)
-                         or await views.key_may_send_body(views.bearer_token(http_limits.header(scope, b"authorization"))))
+                         or await views.key_may_send_body(token))
             except Exception:  # the gatekeeper could not answer (a database outage): a 5xx, counted like any
                 log.exception("checking the key of %s %s failed", scope["method"], scope["path"])
                 await self.send_response(views.server_error(scope["path"], "key check"), http_limits.closing(send))

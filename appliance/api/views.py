@@ -136,7 +136,8 @@ async def list_models(request: HttpRequest):
         return unauthorized()
     cards = await on_gate(gatekeeper().models, caller)
     # What the caller can use now: a variant it may use (ready or deployed, never quarantined) that this process
-    # has loaded or another up node serves. Administrators see every variant, loaded or not, on the console's Model variants page.
+    # has loaded or another up node serves. Administrators see every variant, loaded or not, on the console's
+    # Model variants page.
     loaded = set(engine_client.names()) | await on_gate(routing.served_elsewhere)
     return JsonResponse({"object": "list", "data": [card_object(c) for c in cards if c.name in loaded]})
 

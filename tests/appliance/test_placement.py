@@ -155,7 +155,7 @@ def test_a_replica_node_serves_it_and_a_request_there_is_not_sent_elsewhere(sett
     settings.APPLIANCE_NODE = "box-a"
     node("box-b")
     actions.do_deploy(sized("twin", 1), actor="test", node="box-b", replicas=["box-a"])
-    assert [reconciler.here(d) for d in Deployment.objects.all()] == [True]
+    assert [placement.served_by_this_node(d) for d in Deployment.objects.all()] == [True]
     assert reconciler.is_replica(Deployment.objects.get())
     assert placement.placed_elsewhere("twin") is None  # this node serves it: no 503 naming another node
 
