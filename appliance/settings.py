@@ -167,8 +167,10 @@ STATIC_ROOT = APPLIANCE_HOME / "static"
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://localhost//")
 BROKER_DIR = APPLIANCE_HOME / "broker"
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    for sub in ("queue", "processed", "control"):
+    for sub in ("queue", "processed", "control", "unreadable"):
         (BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
+    # kombu's filesystem transport with its races closed (see appliance/broker_transport.py).
+    CELERY_BROKER_TRANSPORT = "appliance.broker_transport:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(BROKER_DIR / "queue"),
         "data_folder_out": str(BROKER_DIR / "queue"),
@@ -176,6 +178,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         # Broadcast (remote control) messages; kombu's default is ./control in the working directory.
         "control_folder": str(BROKER_DIR / "control"),
         "store_processed": False,
+        # Message files that cannot be decoded are kept here, out of every queue, for an administrator.
+        "unreadable_folder": str(BROKER_DIR / "unreadable"),
     }
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
