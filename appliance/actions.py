@@ -27,9 +27,11 @@ from .models import (
     Deployment,
     FitAnalysis,
     Lease,
+    CopyState,
     LoginFailure,
     ModelVariant,
     Node,
+    NodeCopy,
     Team,
     VariantKind,
     VariantStatus,
@@ -148,6 +150,7 @@ def do_finish_import(variant_id: int, *, owner: str, work: Path, final: Path, ma
         variant.provenance = provenance
         variant.progress, variant.progress_detail = 100, ""
         variant.save()
+        _set_copy(variant, settings.APPLIANCE_NODE, CopyState.READY, "imported here")  # this worker's node
         ledger.append("variant.import", actor=actor, target=variant.name, outcome="ok", details={
             "files": len(manifest), "size_bytes": variant.size_bytes, "params_total": summary.params_total,
             "duration_ms": duration_ms, "format": provenance.get("format", ""),
@@ -196,34 +199,88 @@ def _record_failure(variant: ModelVariant, reason: str, *, outcome: str, actor: 
     ledger.append("variant.import", actor=actor, target=variant.name, outcome=outcome, details={"reason": reason})
 
 
-def do_quarantine(variant_id: int, problems: list[str], *, actor: str) -> None:
-    """Mark a variant whose files no longer match its manifest and undeploy it; it will not be loaded."""
+def _set_copy(variant: ModelVariant, node: str, state: str, detail: str = "") -> NodeCopy:
+    copy, _ = NodeCopy.objects.update_or_create(variant=variant, node=node,
+                                                defaults={"state": state, "detail": detail[:2000]})
+    return copy
+
+
+def do_quarantine(variant_id: int, problems: list[str], *, node: str, actor: str) -> None:
+    """Quarantine `node`'s copy of a variant whose files there no longer match its manifest: that node stops
+    serving it. When no node has a ready copy left, the variant itself is quarantined and undeployed."""
     with transaction.atomic(durable=True):
         variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
-        if variant.status != VariantStatus.QUARANTINED:
-            variant.transition(VariantStatus.QUARANTINED, "; ".join(problems))
-            variant.save()
-        Deployment.objects.filter(variant=variant).update(desired=DesiredState.UNDEPLOYED)
+        _set_copy(variant, node, CopyState.QUARANTINED, "; ".join(problems))
+        whole = not variant.copies.filter(state=CopyState.READY).exists()
+        if whole:
+            if variant.status != VariantStatus.QUARANTINED:
+                variant.transition(VariantStatus.QUARANTINED, "; ".join(problems))
+                variant.save()
+            Deployment.objects.filter(variant=variant).update(desired=DesiredState.UNDEPLOYED)
         ledger.append("variant.quarantine", actor=actor, target=variant.name, outcome="refused",
-                      details={"problems": problems[:20]})
+                      details={"copy_on": node, "variant_quarantined": whole, "problems": problems[:20]})
 
 
-def do_record_verified(variant_id: int, *, actor: str) -> None:
-    """Record that a variant's stored files match its manifest; a quarantined variant is ready again."""
+def do_record_verified(variant_id: int, *, node: str, actor: str) -> None:
+    """Record that `node`'s copy of a variant matches its manifest; a quarantined variant is ready again."""
     with transaction.atomic(durable=True):
         variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
+        _set_copy(variant, node, CopyState.READY, "verified")
         if variant.status == VariantStatus.QUARANTINED:
             variant.transition(VariantStatus.READY)
             variant.save()
         ledger.append("variant.verify", actor=actor, target=variant.name, outcome="ok",
-                      details={"files": len(variant.manifest)})
+                      details={"copy_on": node, "files": len(variant.manifest)})
+
+
+def do_request_copy(variant: ModelVariant, node: Node, *, actor: str) -> None:
+    """Ask `node`'s worker to fetch a copy of the variant's files from a node whose copy is ready."""
+    # Imported here, as in _queue_after_commit: tasks runs the copier, which records through these actions.
+    from . import tasks
+
+    with transaction.atomic():
+        _set_copy(variant, node.name, CopyState.COPYING, "queued")
+        ledger.append("variant.copy", actor=actor, target=variant.name, outcome="queued", details={"copy_on": node.name})
+        transaction.on_commit(lambda: tasks.copy_variant.apply_async((variant.pk,), queue=node.queue or None))
+
+
+def do_record_copy(variant_id: int, *, node: str, source: str, problem: str = "", size_bytes: int = 0,
+                   duration_ms: int = 0, actor: str) -> None:
+    """Record the end of a copy to `node` from `source`: ready, or failed with the problem that stopped it."""
+    with transaction.atomic():
+        variant = ModelVariant.objects.filter(pk=variant_id).first()
+        if variant is None:
+            return  # deleted while copying; its copy's removal was queued with the delete
+        state = CopyState.FAILED if problem else CopyState.READY
+        _set_copy(variant, node, state, problem or f"copied from {source}")
+        ledger.append("variant.copy", actor=actor, target=variant.name, outcome="failed" if problem else "ok",
+                      details={"copy_on": node, "source": source, "size_bytes": size_bytes, "duration_ms": duration_ms,
+                               **({"problem": problem[:500]} if problem else {})})
 
 
 def do_verify(variant: ModelVariant, *, actor: str) -> None:
-    """Enqueue a re-hash of the variant's stored files against its manifest."""
+    """Enqueue a re-hash of the variant's files against its manifest on every node that holds a copy."""
     with transaction.atomic():
-        ledger.append("variant.verify", actor=actor, target=variant.name, outcome="queued")
-        _queue_after_commit("verify_variant", variant.pk)
+        ledger.append("variant.verify", actor=actor, target=variant.name, outcome="queued",
+                      details={"nodes": sorted(copy_queues(variant))})
+        queue_verification(variant)
+
+
+def queue_verification(variant: ModelVariant) -> None:
+    """Queue the re-hash of the variant on each node that holds a copy (once the transaction commits, if any)."""
+    from . import tasks  # deferred, as in _queue_after_commit
+
+    for queue in copy_queues(variant).values():
+        transaction.on_commit(lambda queue=queue: tasks.verify_variant.apply_async((variant.pk,), queue=queue))
+
+
+def copy_queues(variant: ModelVariant) -> dict[str, str | None]:
+    """Return {node: its worker's queue} for the nodes that hold a copy of the variant (this node's at least: a
+    variant from before copies were recorded lies in its store); None is this node's own queue."""
+    nodes = set(variant.copies.exclude(state=CopyState.COPYING).values_list("node", flat=True))
+    nodes.add(settings.APPLIANCE_NODE)
+    queues = dict(Node.objects.filter(name__in=nodes).values_list("name", "queue"))
+    return {node: (None if node == settings.APPLIANCE_NODE else queues.get(node) or None) for node in nodes}
 
 
 def do_analyse_fit(variant: ModelVariant, *, actor: str) -> None:
@@ -407,12 +464,19 @@ def do_delete(variant: ModelVariant, *, actor: str) -> None:
         except OSError:
             log.exception("removing the files of deleted variant %s failed", variant.name)
 
+    from . import tasks  # deferred, as in _queue_after_commit
+
+    elsewhere = {node: queue for node, queue in copy_queues(variant).items() if node != settings.APPLIANCE_NODE}
     with transaction.atomic():
         ledger.append("variant.delete", actor=actor, target=variant.name,
-                      details={"store_path": store_path, "size_bytes": variant.size_bytes})
+                      details={"store_path": store_path, "size_bytes": variant.size_bytes,
+                               "copies_on": sorted(elsewhere)})
         variant.delete()
-        # The reconciler unloads engines whose variant is gone; files go after commit.
+        # The reconciler unloads engines whose variant is gone; files go after commit, here and on every node
+        # that holds a copy (each node's worker removes its own).
         transaction.on_commit(remove_files)
+        for queue in elsewhere.values():
+            transaction.on_commit(lambda queue=queue: tasks.remove_copy.apply_async((variant.name,), queue=queue))
 
 
 def do_create_team(name: str, *, actor: str) -> Team:
@@ -563,11 +627,12 @@ def do_record_password_change(user) -> None:
         ledger.append("console.password_change", actor=f"admin:{user.get_username()}", target=user.get_username())
 
 
-def do_register_node(name: str, *, address: str, version: str, gpus: list, memory_bytes: int, actor: str) -> Node:
+def do_register_node(name: str, *, address: str, version: str, gpus: list, memory_bytes: int, actor: str,
+                     queue: str = "") -> Node:
     """Record that a node's web process started: its row created or refreshed, with a node.register event."""
     check_name(name, field="node name")
     now = timezone.now()
-    facts = {"address": address, "version": version, "gpus": gpus, "memory_bytes": memory_bytes}
+    facts = {"address": address, "version": version, "gpus": gpus, "memory_bytes": memory_bytes, "queue": queue}
     with transaction.atomic():
         node, created = Node.objects.update_or_create(
             name=name, defaults={**facts, "started_at": now, "last_heartbeat": now, "serving": [], "outstanding": 0})

@@ -18,7 +18,7 @@ from .console.charts import expert_heatmap
 from .templatetags.humanize_fit import count
 from .actions import do_update_api_key, do_update_team
 from .modelfiles import InvalidModelDir, OutsideStore, validate_gguf_file
-from .models import ApiKey, Deployment, Engine, ModelVariant, Relation, Team
+from .models import ApiKey, Deployment, Engine, ModelVariant, Node, NodeCopy, Relation, Team
 from .names import InvalidName
 
 admin.site.site_header = "LLM appliance console"
@@ -118,11 +118,39 @@ def deploy_on(engine: str, label: str):
     return admin.action(description=f"Deploy on {label}")(action)
 
 
+class PlacementForm(forms.Form):
+    """Where the selected variants run: a node or anywhere, and the nodes that serve them too (replicas)."""
+
+    node = forms.ChoiceField(label="Run on")
+    replicas = forms.MultipleChoiceField(label="Replicas on", required=False, widget=forms.CheckboxSelectMultiple,
+                                         help_text="The checked nodes serve it too; none checked drops the replicas.")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        names = [(name, name) for name in Node.objects.values_list("name", flat=True)]
+        self.fields["node"].choices = [(placement.ANYWHERE, "anywhere (the up node with the most memory left)"),
+                                       *names]
+        self.fields["replicas"].choices = names
+
+
 class DeploymentInline(admin.StackedInline):
     model = Deployment
     can_delete = False
     readonly_fields = ["desired", "actual", "engine", "node", "replicas", "device", "detail", "updated_at"]
     fields = readonly_fields
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class NodeCopyInline(admin.TabularInline):
+    """Each node's copy of the variant's files and whether it matches the manifest (appliance.copies)."""
+
+    model = NodeCopy
+    verbose_name, verbose_name_plural = "copy on a node", "copies on the nodes"
+    can_delete = False
+    fields = readonly_fields = ["node", "state", "detail", "updated_at"]
+    extra = 0
 
     def has_add_permission(self, request, obj=None):
         return False
@@ -134,9 +162,9 @@ class ModelVariantAdmin(admin.ModelAdmin):
                     "serving", "fit_verdict"]
     list_filter = ["kind", "status", "random_weights"]
     search_fields = ["name", "architecture"]
-    actions = ["verify_files", "analyse_fit", "deploy", "deploy_anywhere", *(deploy_on(engine, label) for engine, label in Engine.choices),
+    actions = ["verify_files", "analyse_fit", "deploy", "deploy_anywhere", "deploy_on_nodes", *(deploy_on(engine, label) for engine, label in Engine.choices),
                "undeploy", "delete_variants"]
-    inlines = [DeploymentInline]
+    inlines = [DeploymentInline, NodeCopyInline]
     readonly_fields = ["name", "kind", "origin", "lineage_tree", "provenance_table", "architecture", "model_type",
                        "params_total", "params_active", "dtype", "context_length", "source_path", "store_path",
                        "size_bytes", "status", "status_detail", "progress", "progress_detail", "random_weights",
@@ -293,6 +321,20 @@ class ModelVariantAdmin(admin.ModelAdmin):
     def deploy_anywhere(self, request, queryset):
         self._each(request, queryset, functools.partial(actions.do_deploy, node=placement.ANYWHERE),
                    "deploy requested")
+
+    @admin.action(description="Deploy on chosen nodes (a node or anywhere, and replicas)")
+    def deploy_on_nodes(self, request, queryset):
+        # The first post shows the form; its own post (post=yes) deploys through do_deploy, which checks each node.
+        form = PlacementForm(request.POST if request.POST.get("post") == "yes" else None)
+        if form.is_bound and form.is_valid():
+            self._each(request, queryset, functools.partial(actions.do_deploy, node=form.cleaned_data["node"],
+                                                            replicas=form.cleaned_data["replicas"]),
+                       "deploy requested")
+            return None
+        return TemplateResponse(request, "admin/appliance/modelvariant/deploy_on_nodes.html", {
+            **self.admin_site.each_context(request), "title": "Deploy on chosen nodes", "form": form,
+            "opts": self.model._meta, "variants": queryset, "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        })
 
     @admin.action(description="Undeploy (unload from the engine)")
     def undeploy(self, request, queryset):

@@ -10,13 +10,13 @@ settled by the same code whichever engine generated the tokens.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from django.conf import settings
 
 from inference.engine.config import EngineConfig
 
 from . import engine_client
+from .importer import store_path
 
 
 class EngineUnavailable(RuntimeError):
@@ -43,7 +43,8 @@ def resolve(engine: str) -> str:
 
 def start(deployment, config: EngineConfig):
     """Start the engine of one deployment and return its client once it is ready; raise EngineUnavailable."""
-    name, model_dir = deployment.variant.name, Path(deployment.variant.store_path)
+    name = deployment.variant.name
+    model_dir = store_path(name)  # this node's copy
     chosen = resolve(deployment.engine)
     if chosen == "builtin":
         return engine_client.start_engine(name, model_dir, config)

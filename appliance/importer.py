@@ -239,23 +239,24 @@ def _convert_gguf(source: Path, work: Path, store: Path, lease: Lease) -> dict:
 
 
 def check_store(variant: ModelVariant) -> list[str]:
-    """Return how the variant's stored files differ from its manifest (empty when intact)."""
-    if not variant.store_path or not Path(variant.store_path).is_dir():
-        return [f"store directory {variant.store_path or '(none)'} is missing"]
+    """Return how this node's copy of the variant's files differs from its manifest (empty when intact)."""
     try:
-        stored = hash_dir(in_store(Path(settings.MODEL_STORE), variant.store_path))
-    except (InvalidModelDir, OutsideStore) as exc:  # a link or special file planted in the store is a mismatch
+        local = store_path(variant.name)
+        if not local.is_dir():
+            return [f"store directory {local} is missing"]
+        stored = hash_dir(local)
+    except (InvalidModelDir, OutsideStore, InvalidName) as exc:  # a link or special file planted there: a mismatch
         return [str(exc)]
     return manifest_mismatches(variant.manifest, stored)
 
 
 def run_verify(variant_id: int) -> None:
-    """Re-hash a variant's store; quarantine it on mismatch, release it from quarantine when intact."""
+    """Re-hash this node's copy of a variant; quarantine that copy on mismatch, release it when intact."""
     variant = ModelVariant.objects.filter(pk=variant_id).first()
     if variant is None or variant.status in (VariantStatus.IMPORTING, VariantStatus.FAILED):
         return
     problems = check_store(variant)
     if problems:
-        actions.do_quarantine(variant_id, problems, actor=ACTOR)
+        actions.do_quarantine(variant_id, problems, node=settings.APPLIANCE_NODE, actor=ACTOR)
     else:
-        actions.do_record_verified(variant_id, actor=ACTOR)
+        actions.do_record_verified(variant_id, node=settings.APPLIANCE_NODE, actor=ACTOR)

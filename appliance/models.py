@@ -399,6 +399,8 @@ class Node(models.Model):
     # As of the last heartbeat: the variants its engines serve, and requests running or waiting in them.
     serving = models.JSONField(default=list, blank=True)
     outstanding = models.PositiveIntegerField(default=0)
+    # The Celery queue its worker consumes: jobs on this node's files (copies, verification) are sent there.
+    queue = models.CharField(max_length=200, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -414,6 +416,36 @@ class Node(models.Model):
         if silent_s >= settings.NODE_STALE_AFTER * settings.NODE_HEARTBEAT_S:
             return NodeState.STALE
         return NodeState.UP
+
+
+class CopyState(models.TextChoices):
+    COPYING = "copying", "Copying"
+    READY = "ready", "Ready"
+    QUARANTINED = "quarantined", "Quarantined"
+    FAILED = "failed", "Failed"
+
+
+class NodeCopy(models.Model):
+    """One node's copy of a variant's files, in that node's own model store, and whether it matches the manifest.
+
+    The importing node's copy is ready when the import is; a node that is to serve the variant and has none fetches
+    one from a node whose copy is ready (appliance.copies), hashing it against the one manifest. A copy found
+    altered is quarantined alone: the other nodes' copies serve on, and the variant itself is quarantined only
+    when no ready copy is left.
+    """
+
+    variant = models.ForeignKey(ModelVariant, on_delete=models.CASCADE, related_name="copies")
+    node = models.CharField(max_length=64, validators=[validate_node_name])
+    state = models.CharField(max_length=16, choices=CopyState.choices)
+    detail = models.TextField(blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["variant__name", "node"]
+        constraints = [models.UniqueConstraint(fields=["variant", "node"], name="one_copy_per_node")]
+
+    def __str__(self) -> str:
+        return f"{self.variant.name} on {self.node}: {self.state}"
 
 
 class Lease(models.Model):

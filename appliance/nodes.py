@@ -71,5 +71,6 @@ def start() -> None:
         return
     _started.set()
     actions.do_register_node(settings.APPLIANCE_NODE, address=settings.APPLIANCE_NODE_ADDRESS,
-                             version=software_version(), actor=ACTOR, **inventory())
+                             version=software_version(), queue=settings.CELERY_TASK_DEFAULT_QUEUE, actor=ACTOR,
+                             **inventory())
     threading.Thread(target=_heartbeat_forever, name="node-heartbeat", daemon=True).start()

@@ -10,7 +10,6 @@ import json
 import logging
 import threading
 import time
-from pathlib import Path
 
 from django.conf import settings
 from django.db import close_old_connections
@@ -19,9 +18,9 @@ from audit import attestation, egress, ledger
 from inference.engine import EngineConfig
 
 from . import actions, engine_client, engines, fitting, fp8, placement
-from .importer import check_store
+from .importer import check_store, store_path
 from .modelfiles import InvalidModelDir
-from .models import ActualState, DesiredState, Deployment, ModelVariant, VariantStatus
+from .models import ActualState, CopyState, DesiredState, Deployment, ModelVariant, Node, NodeCopy, VariantStatus
 from .provenance import verify_manifest
 from .weightcheck import check_model_dir
 
@@ -38,8 +37,12 @@ _crashes: dict[str, collections.deque] = collections.defaultdict(collections.deq
 def reconcile_once() -> None:
     """Load what should be deployed on this node (as its node or a replica) and is not, unload what should not be."""
     wanted = {}
+    # This node's copies found altered: their variant is not served here, whatever other nodes do.
+    quarantined = set(NodeCopy.objects.filter(node=settings.APPLIANCE_NODE, state=CopyState.QUARANTINED)
+                      .values_list("variant_id", flat=True))
     for dep in Deployment.objects.filter(desired=DesiredState.DEPLOYED).select_related("variant"):
-        if placement.served_by_this_node(dep) and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED):
+        if (placement.served_by_this_node(dep) and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED)
+                and dep.variant_id not in quarantined):
             wanted[dep.variant.name] = dep
     for name in engine_client.names():
         if name not in wanted:
@@ -97,17 +100,23 @@ def restart_or_fail(dep: Deployment) -> None:
 def load(dep: Deployment) -> None:
     """Verify, bound and load a deployment's variant; drop the engine if it was undeployed while building."""
     variant = dep.variant
+    if not files_here(dep):
+        return
     if not is_replica(dep):  # the row's state is its own node's
         actions.do_record_loading(dep.pk, "verifying files")
     problems = check_store(variant)
     if problems:
-        actions.do_quarantine(variant.pk, problems, actor=ACTOR)
+        actions.do_quarantine(variant.pk, problems, node=settings.APPLIANCE_NODE, actor=ACTOR)
         record_load(dep, "refused", detail="; ".join(problems),
                     details={"reason": "files do not match the manifest", "problems": problems[:20]})
         return
+    if not variant.copies.filter(node=settings.APPLIANCE_NODE, state=CopyState.READY).exists():
+        # Files this node holds without a record (a shared store, or a store from before copies were recorded):
+        # the hash above proved them, so they are this node's ready copy.
+        actions.do_record_verified(variant.pk, node=settings.APPLIANCE_NODE, actor=ACTOR)
     try:
         # A variant imported before the weight checks existed may still lie; a build cannot be stopped.
-        check_model_dir(Path(variant.store_path))
+        check_model_dir(store_path(variant.name))
         refusal = refuse_before_build(variant)
     except InvalidModelDir as exc:
         refusal = str(exc)
@@ -138,6 +147,28 @@ def load(dep: Deployment) -> None:
         fitting.record_measurement(dep.pk, engine.measured)
 
 
+def files_here(dep: Deployment) -> bool:
+    """Return whether this node's store holds the variant's files; if not, see that its worker fetches a copy from
+    a node that has one (appliance.copies), and record why the deployment waits or cannot load here."""
+    variant = dep.variant
+    if store_path(variant.name).is_dir():  # a copy moves into place whole, so a directory there is complete
+        return True
+    copy = variant.copies.filter(node=settings.APPLIANCE_NODE).first()
+    if copy is not None and copy.state == CopyState.COPYING:
+        return False  # this node's worker is fetching it
+    if copy is not None and copy.state == CopyState.FAILED and copy.updated_at >= dep.updated_at:
+        record_load(dep, "refused", detail=f"no copy of the files on this node: {copy.detail}",
+                    details={"reason": "copying the files to this node failed", "problem": copy.detail[:500]})
+        return False
+    node = Node.objects.filter(name=settings.APPLIANCE_NODE).first()
+    if node is None:
+        return False  # not registered yet: its worker's queue is not known
+    actions.do_request_copy(variant, node, actor=ACTOR)
+    if not is_replica(dep):
+        actions.do_record_loading(dep.pk, "copying the files to this node")
+    return False
+
+
 # The variants this node loaded as a replica, so that their unload, too, leaves the deployment's row alone.
 _replicas: set[str] = set()
 
@@ -158,7 +189,7 @@ def refuse_before_build(variant: ModelVariant) -> str | None:
         problem = verify_manifest(variant.name, variant.manifest, variant.provenance, variant.parents)
         if problem:
             return problem
-    config = json.loads((Path(variant.store_path) / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((store_path(variant.name) / "config.json").read_text(encoding="utf-8"))
     if fp8.fp8_scheme(config) is None:
         return None
     return fp8.deploy_refusal(config, fp8.serving_device(settings.ENGINE_DEVICE))

@@ -20,8 +20,12 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from .modelfiles import OutsideStore, in_store
-from .models import DesiredState, Deployment, Node, NodeState
+from . import copies
+from .copies import CopyFailed
+from .importer import store_path
+from .modelfiles import OutsideStore
+from .models import CopyState, DesiredState, Deployment, ModelVariant, Node, NodeState
+from .names import InvalidName
 from .peer_engine import PeerEngine, PeerUnreachable, engine_facts
 
 log = logging.getLogger(__name__)
@@ -61,18 +65,27 @@ def served_elsewhere() -> set[str]:
     return {name for node in serving_nodes() for name in node.serving}
 
 
-def route(model: str) -> tuple[Node, str] | None:
-    """Return the node to send a request for `model` to and the variant's store path, or None (runs on the
-    gatekeeper thread: it reads the database)."""
+def route(model: str) -> Node | None:
+    """Return the node to send a request for `model` to, or None (runs on the gatekeeper thread: it reads the
+    database)."""
     nodes = serving_nodes(model)
-    if not nodes:
+    if not nodes or not Deployment.objects.filter(variant__name=model, desired=DesiredState.DEPLOYED).exists():
         return None
-    store_path = (Deployment.objects.filter(variant__name=model, desired=DesiredState.DEPLOYED)
-                  .values_list("variant__store_path", flat=True).first())
-    return (nodes[0], store_path) if store_path else None
+    return nodes[0]
 
 
-def peer_engine(node: Node, model: str, store_path: str) -> PeerEngine | None:
+def tokenizer_dir(model: str, node: Node) -> Path:
+    """Return where this node reads the variant's tokenizer: its ready copy, else the files other than weights,
+    fetched from the serving node once (appliance.copies)."""
+    variant = ModelVariant.objects.get(name=model)
+    if variant.copies.filter(node=settings.APPLIANCE_NODE, state=CopyState.READY).exists() or (
+            not variant.copies.filter(node=settings.APPLIANCE_NODE).exists()
+            and (store_path(model) / "config.json").is_file()):  # a store from before copies were recorded
+        return store_path(model)
+    return copies.tokenizer_dir(variant, node)
+
+
+def peer_engine(node: Node, model: str) -> PeerEngine | None:
     """Return the PeerEngine for `model` on `node`, made on first use (call it off the event loop); None when the
     node does not answer, or this node cannot read the variant's tokenizer."""
     key = (model, node.name, node.started_at.isoformat())
@@ -81,12 +94,9 @@ def peer_engine(node: Node, model: str, store_path: str) -> PeerEngine | None:
     if engine is not None:
         return engine
     try:
-        model_dir = in_store(Path(settings.MODEL_STORE), store_path)
-    except OutsideStore:
-        model_dir = None
-    if model_dir is None or not (model_dir / "config.json").is_file():
-        log.warning("node %s serves %s, but its files are not in this node's model store (%s)", node.name, model,
-                    store_path)
+        model_dir = tokenizer_dir(model, node)
+    except (InvalidName, OutsideStore, CopyFailed, OSError) as exc:
+        log.warning("node %s serves %s, but this node cannot read its tokenizer: %s", node.name, model, exc)
         return None
     try:
         facts = engine_facts(node.name, node.address, model, settings.APPLIANCE_NODE)
@@ -101,11 +111,10 @@ def peer_engine(node: Node, model: str, store_path: str) -> PeerEngine | None:
 
 async def engine_for(model: str, on_gate) -> PeerEngine | None:
     """Return an engine on another node that serves `model`, or None."""
-    chosen = await on_gate(route, model)
-    if chosen is None:
+    node = await on_gate(route, model)
+    if node is None:
         return None
-    node, store_path = chosen
-    return await asyncio.to_thread(peer_engine, node, model, store_path)
+    return await asyncio.to_thread(peer_engine, node, model)
 
 
 def sent(node: str, change: int) -> None:

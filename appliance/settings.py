@@ -165,7 +165,8 @@ STATIC_ROOT = APPLIANCE_HOME / "static"
 # Celery: the embedded default is kombu's filesystem transport, so `make run`
 # needs no broker server. Tasks carry ids only and reload rows in the worker.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://localhost//")
-BROKER_DIR = APPLIANCE_HOME / "broker"
+# The embedded broker's folder; nodes of one appliance on one file system may share it as they would a broker server.
+BROKER_DIR = Path(env_str("APPLIANCE_BROKER_DIR", str(APPLIANCE_HOME / "broker"))).resolve()
 if CELERY_BROKER_URL.startswith("filesystem://"):
     for sub in ("queue", "processed", "control", "unreadable"):
         (BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from celery.signals import worker_ready
 from django.conf import settings
 from django.utils import timezone
 
-from . import actions, fitting, importer, quotas, usage
+from . import actions, copies, fitting, importer, quotas, usage
 from .models import LoginFailure, ModelVariant, VariantStatus
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,16 @@ def import_variant(variant_id: int) -> None:
 @shared_task(acks_late=True)
 def verify_variant(variant_id: int) -> None:
     importer.run_verify(variant_id)
+
+
+@shared_task(acks_late=True)
+def copy_variant(variant_id: int) -> None:
+    copies.run_copy(variant_id)
+
+
+@shared_task(acks_late=True)
+def remove_copy(name: str) -> None:
+    copies.remove_copy(name)
 
 
 @shared_task(acks_late=True)
@@ -45,11 +55,10 @@ def reclaim_at_worker_start(**kwargs) -> None:
 
 @shared_task
 def verify_all_variants() -> None:
-    """Queue a re-hash of every stored variant (beat runs this daily)."""
-    for pk in ModelVariant.objects.filter(
-            status__in=[VariantStatus.READY, VariantStatus.DEPLOYED, VariantStatus.QUARANTINED]
-    ).values_list("pk", flat=True):
-        verify_variant.delay(pk)
+    """Queue a re-hash of every stored variant on every node that holds a copy (beat runs this daily)."""
+    for variant in ModelVariant.objects.filter(
+            status__in=[VariantStatus.READY, VariantStatus.DEPLOYED, VariantStatus.QUARANTINED]):
+        actions.queue_verification(variant)
 
 
 @shared_task

@@ -49,6 +49,7 @@ urlpatterns = [
     # Other nodes of the appliance reach this node's engines here (signed calls only: appliance.api.peer).
     path("node/v1/engines/<str:name>", peer.engine_facts, name="node-engine"),
     path("node/v1/engines/<str:name>/generate", peer.generate, name="node-engine-generate"),
+    path("node/v1/variants/<str:name>/files/<path:rel>", peer.variant_file, name="node-variant-file"),
     # The console's CSS and scripts come from the apps' static folders: the box serves
     # itself, with no web server in front and nothing fetched from the internet.
     re_path(r"^static/(?P<path>.*)$", serve_static, {"insecure": True}),

@@ -138,18 +138,21 @@ def start_box(tmp_path_factory, **extra_env: str):
             database.drop()
 
 
-def start_nodes(tmp_path_factory, count: int, **extra_env: str):
+def start_nodes(tmp_path_factory, count: int, *, shared_store: bool = True, **extra_env: str):
     """Start count boxes as the nodes node-1.. of one appliance: one database (a shared SQLite file by default), one
-    KEK, one model store, each its own APPLIANCE_HOME, queue, port and processes; yield them, then stop them."""
+    KEK, one model store (or, without shared_store, each its own under its home), each its own APPLIANCE_HOME,
+    queue, port and processes; yield them, then stop them."""
     import base64
     import secrets
 
     url, database = own_database_url()
     if url is None:
         url = f"sqlite:///{tmp_path_factory.mktemp('appliance-db') / 'appliance.sqlite3'}"
-    # One model store too, as on boxes that share a file system: any node can load what another imported.
-    shared = {"DATABASE_URL": url, "APPLIANCE_AUDIT_KEK": base64.b64encode(secrets.token_bytes(32)).decode(),
-              "APPLIANCE_MODEL_STORE": str(tmp_path_factory.mktemp("model-store"))}
+    shared = {"DATABASE_URL": url, "APPLIANCE_AUDIT_KEK": base64.b64encode(secrets.token_bytes(32)).decode()}
+    if not os.environ.get("CELERY_BROKER_URL"):  # the embedded broker: one folder for the appliance, as one server
+        shared["APPLIANCE_BROKER_DIR"] = str(tmp_path_factory.mktemp("broker"))
+    if shared_store:  # as on boxes that share a file system: each node finds what another imported in place
+        shared["APPLIANCE_MODEL_STORE"] = str(tmp_path_factory.mktemp("model-store"))
     boxes: list[Box] = []
     running: list[dict] = []
     try:

@@ -12,16 +12,23 @@ Only engines this node loaded itself are reachable: a call never hops on to a th
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
 import logging
+import os
+from pathlib import Path
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from appliance import engine_client, http_limits, node_link
+from appliance.importer import store_path
+from appliance.modelfiles import OutsideStore, in_store
+from appliance.models import CopyState, ModelVariant
+from appliance.names import NAME_MAX
 from inference.engine import wire
 from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong
 
@@ -59,11 +66,11 @@ def node_call(method: str):
     def wrap(view):
         @csrf_exempt
         @functools.wraps(view)
-        async def checked(request: HttpRequest, name: str):
+        async def checked(request: HttpRequest, name: str, **path_parts):
             if request.method != method:
                 return refused(f"Method {request.method} not allowed; use {method}", 405)
             refusal = await unsigned_refusal(request)
-            return refusal if refusal is not None else await view(request, name)
+            return refusal if refusal is not None else await view(request, name, **path_parts)
 
         return checked
 
@@ -105,6 +112,37 @@ async def generate(request: HttpRequest, name: str):
     response = StreamingHttpResponse(chunk_lines(handle), content_type="application/x-ndjson")
     response["Cache-Control"] = "no-cache"
     return signed_response(response, request.path, b"")  # a stream's body is not known yet: its headers are signed
+
+
+@node_call("GET")
+async def variant_file(request: HttpRequest, name: str, rel: str):
+    """One file of this node's ready copy of variant `name`, for a node fetching its own copy (appliance.copies).
+    Only the manifest's files of a copy that is ready here are sent; the calling node hashes what it receives
+    against the manifest, so the answer's headers are signed and its bytes need not be."""
+    opened = await asyncio.to_thread(open_copy_file, name, rel)
+    if isinstance(opened, str):
+        return refused(opened, 404)
+    response = FileResponse(opened, content_type="application/octet-stream")
+    return signed_response(response, request.path, b"")
+
+
+def open_copy_file(name: str, rel: str):
+    """Return the open file `rel` of this node's ready copy of `name`, or the reason it cannot be sent."""
+    variant = ModelVariant.objects.filter(name=name[:NAME_MAX]).first()
+    shown = f"'{name[:64]}'"
+    if variant is None:
+        return f"No variant {shown}."
+    if rel not in variant.manifest:
+        return f"{rel[:200]!r} is not a file of {shown}'s manifest."
+    if not variant.copies.filter(node=settings.APPLIANCE_NODE, state=CopyState.READY).exists():
+        return f"This node holds no ready copy of {shown}."
+    try:
+        path = in_store(Path(settings.MODEL_STORE), str(store_path(variant.name)), *rel.split("/"))
+        # The store's files are regular files (links are refused at import and by every hash); O_NOFOLLOW keeps
+        # one planted since from being followed.
+        return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+    except (OutsideStore, OSError) as exc:
+        return f"{rel[:200]!r} of {shown} cannot be read here: {exc}"
 
 
 def signed_response(response: HttpResponse, path: str, body: bytes) -> HttpResponse:

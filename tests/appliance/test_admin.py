@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from django.urls import reverse
 
-from appliance import importer
+from appliance import actions, importer
 from appliance.models import ApiKey, Deployment, DesiredState, ModelVariant, Team, VariantStatus
 from audit.models import AuditEvent
 
@@ -115,3 +115,23 @@ def test_audit_events_are_read_only_in_the_console(ready_variant, console):
     assert console.get(reverse("admin:audit_auditevent_changelist")).status_code == 200
     page = console.get(reverse("admin:audit_auditevent_change", args=[event.pk])).content.decode()
     assert 'name="_save"' not in page
+
+
+def test_deploy_on_chosen_nodes_asks_where_then_places_the_deployment_and_its_replicas(ready_variant, console):
+    for name in ("node-2", "node-3"):
+        actions.do_register_node(name, address="http://127.0.0.2:8000", version="0.1.0", gpus=[],
+                                 memory_bytes=2**34, actor="test")
+    url = reverse("admin:appliance_modelvariant_changelist")
+    asked = console.post(url, {"action": "deploy_on_nodes", "_selected_action": [ready_variant.pk]})
+    assert asked.status_code == 200 and b'id="placement"' in asked.content
+    assert b'value="anywhere"' in asked.content and b'value="node-3"' in asked.content
+    assert not Deployment.objects.filter(variant=ready_variant).exists()  # nothing happens before the form's post
+    console.post(url, {"action": "deploy_on_nodes", "_selected_action": [ready_variant.pk], "post": "yes",
+                       "node": "node-2", "replicas": ["node-3"]})
+    deployment = Deployment.objects.get(variant=ready_variant)
+    assert (deployment.node, deployment.replicas, deployment.desired) == ("node-2", ["node-3"], DesiredState.DEPLOYED)
+    event = AuditEvent.objects.filter(action="deployment.deploy").latest("seq")
+    assert event.actor == "admin:root" and event.details["placed_on"] == "node-2"
+    refused = console.post(url, {"action": "deploy_on_nodes", "_selected_action": [ready_variant.pk], "post": "yes",
+                                 "node": "elsewhere"})
+    assert refused.status_code == 200 and b"Select a valid choice" in refused.content

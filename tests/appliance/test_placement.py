@@ -160,16 +160,20 @@ def test_a_replica_node_serves_it_and_a_request_there_is_not_sent_elsewhere(sett
     assert placement.placed_elsewhere("twin") is None  # this node serves it: no 503 naming another node
 
 
-def test_a_replicas_failed_load_leaves_the_deployments_state_alone_and_is_not_retried_every_tick(settings):
+def test_a_replicas_failed_load_leaves_the_deployments_state_alone_and_is_not_retried_every_tick(settings, tmp_path):
     settings.APPLIANCE_NODE = settings.AUDIT_NODE = "box-a"
+    settings.MODEL_STORE = tmp_path
     node("box-b")
-    model = sized("twin", 1)  # no files in the store: its load is refused
+    model = sized("twin", 1)
+    (tmp_path / "twin").mkdir()
+    (tmp_path / "twin" / "config.json").write_text("{}")  # box-a's copy, which its (empty) manifest lacks
     actions.do_deploy(model, actor="test", node="box-b", replicas=["box-a"])
     reconciler.reconcile_once()
     reconciler.reconcile_once()  # not tried again every tick
     loads = AuditEvent.objects.filter(action="deployment.load", target="twin")
     assert [(e.outcome, e.details["replica"], e.details["node"]) for e in loads] == [("refused", True, "box-a")]
     assert Deployment.objects.get(variant=model).actual == ActualState.UNDEPLOYED  # box-b's state, untouched
-    # Its files do not match the manifest: the store is shared, so the variant is quarantined for every node.
+    # Its files do not match the manifest, and no node has a ready copy: the variant is quarantined for every node.
     model.refresh_from_db()
     assert model.status == "quarantined"
+    assert dict(model.copies.values_list("node", "state")) == {"box-a": "quarantined"}
