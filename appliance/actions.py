@@ -233,15 +233,37 @@ def do_record_verified(variant_id: int, *, node: str, actor: str) -> None:
                       details={"copy_on": node, "files": len(variant.manifest)})
 
 
-def do_request_copy(variant: ModelVariant, node: Node, *, actor: str) -> None:
-    """Ask `node`'s worker to fetch a copy of the variant's files from a node whose copy is ready."""
+def do_request_copy(variant: ModelVariant, node: Node, *, actor: str, replace: bool = False) -> None:
+    """Ask `node`'s worker to fetch a copy of the variant's files from a node whose copy is ready; with replace,
+    its worker first removes the copy it holds (one quarantined as altered, or a failed one)."""
     # Imported here, as in _queue_after_commit: tasks runs the copier, which records through these actions.
     from . import tasks
 
     with transaction.atomic():
         _set_copy(variant, node.name, CopyState.COPYING, "queued")
-        ledger.append("variant.copy", actor=actor, target=variant.name, outcome="queued", details={"copy_on": node.name})
-        transaction.on_commit(lambda: tasks.copy_variant.apply_async((variant.pk,), queue=node.queue or None))
+        ledger.append("variant.copy", actor=actor, target=variant.name, outcome="queued",
+                      details={"copy_on": node.name, "replace": replace})
+        transaction.on_commit(lambda: tasks.copy_variant.apply_async((variant.pk, replace), queue=node.queue or None))
+
+
+def do_replace_bad_copies(variant: ModelVariant, *, actor: str) -> None:
+    """Fetch anew every node's copy of the variant that is quarantined or failed, from a node whose copy is ready
+    (the quarantine's event keeps what was found altered)."""
+    bad = list(variant.copies.filter(state__in=[CopyState.QUARANTINED, CopyState.FAILED])
+               .values_list("node", flat=True))
+    if not bad:
+        raise ActionRefused(f"{variant.name}: no node's copy is quarantined or failed")
+    if not variant.copies.filter(state=CopyState.READY).exists():
+        raise ActionRefused(f"{variant.name}: no node holds a ready copy to fetch from; import it again")
+    with transaction.atomic():
+        for node in Node.objects.filter(name__in=bad):
+            do_request_copy(variant, node, actor=actor, replace=True)
+        # A deployment whose load those copies refused is tried again once they are in (a replica's refusal is
+        # remembered against the row's updated_at, its own node's as the row's failed state).
+        for dep in Deployment.objects.filter(variant=variant, desired=DesiredState.DEPLOYED):
+            if dep.node in bad and dep.actual == ActualState.FAILED:
+                dep.actual, dep.detail = ActualState.UNDEPLOYED, "waiting for a fresh copy of the files"
+            dep.save()
 
 
 def do_record_copy(variant_id: int, *, node: str, source: str, problem: str = "", size_bytes: int = 0,

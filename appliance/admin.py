@@ -162,7 +162,8 @@ class ModelVariantAdmin(admin.ModelAdmin):
                     "serving", "fit_verdict"]
     list_filter = ["kind", "status", "random_weights"]
     search_fields = ["name", "architecture"]
-    actions = ["verify_files", "analyse_fit", "deploy", "deploy_anywhere", "deploy_on_nodes", *(deploy_on(engine, label) for engine, label in Engine.choices),
+    actions = ["verify_files", "replace_bad_copies", "analyse_fit", "deploy", "deploy_anywhere", "deploy_on_nodes",
+               *(deploy_on(engine, label) for engine, label in Engine.choices),
                "undeploy", "delete_variants"]
     inlines = [DeploymentInline, NodeCopyInline]
     readonly_fields = ["name", "kind", "origin", "lineage_tree", "provenance_table", "architecture", "model_type",
@@ -308,6 +309,10 @@ class ModelVariantAdmin(admin.ModelAdmin):
     @admin.action(description="Verify files against the manifest")
     def verify_files(self, request, queryset):
         self._each(request, queryset, actions.do_verify, "verification queued")
+
+    @admin.action(description="Replace altered or failed copies on nodes (fetch them again from a ready copy)")
+    def replace_bad_copies(self, request, queryset):
+        self._each(request, queryset, actions.do_replace_bad_copies, "fresh copies requested")
 
     @admin.action(description="Analyse fit for this box")
     def analyse_fit(self, request, queryset):

@@ -58,13 +58,16 @@ def sources(variant: ModelVariant) -> list[Node]:
     return [node for node in Node.objects.filter(name__in=ready) if node.state(now) == NodeState.UP]
 
 
-def run_copy(variant_id: int) -> None:
-    """Give this node a copy of the variant's files that matches its manifest, and record how that went."""
+def run_copy(variant_id: int, replace: bool = False) -> None:
+    """Give this node a copy of the variant's files that matches its manifest, and record how that went; with
+    replace, remove the copy this node holds first."""
     variant = ModelVariant.objects.filter(pk=variant_id).first()
     if variant is None:
         return
     me, started = settings.APPLIANCE_NODE, time.monotonic()
     final = store_path(variant.name)
+    if replace and sources(variant):  # never remove a copy while no other node could give a new one
+        remove_in_store(Path(settings.MODEL_STORE), str(final))
     if final.is_dir():  # a store shared with the node that imported it, or a copy made before
         problems = check_store(variant)
         if problems:

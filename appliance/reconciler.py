@@ -151,11 +151,11 @@ def files_here(dep: Deployment) -> bool:
     """Return whether this node's store holds the variant's files; if not, see that its worker fetches a copy from
     a node that has one (appliance.copies), and record why the deployment waits or cannot load here."""
     variant = dep.variant
-    if store_path(variant.name).is_dir():  # a copy moves into place whole, so a directory there is complete
-        return True
     copy = variant.copies.filter(node=settings.APPLIANCE_NODE).first()
     if copy is not None and copy.state == CopyState.COPYING:
-        return False  # this node's worker is fetching it
+        return False  # this node's worker is fetching it (or replacing the copy there)
+    if store_path(variant.name).is_dir():  # a copy moves into place whole, so a directory there is complete
+        return True
     if copy is not None and copy.state == CopyState.FAILED and copy.updated_at >= dep.updated_at:
         record_load(dep, "refused", detail=f"no copy of the files on this node: {copy.detail}",
                     details={"reason": "copying the files to this node failed", "problem": copy.detail[:500]})

@@ -24,8 +24,8 @@ def verify_variant(variant_id: int) -> None:
 
 
 @shared_task(acks_late=True)
-def copy_variant(variant_id: int) -> None:
-    copies.run_copy(variant_id)
+def copy_variant(variant_id: int, replace: bool = False) -> None:
+    copies.run_copy(variant_id, replace=replace)
 
 
 @shared_task(acks_late=True)

@@ -236,3 +236,26 @@ def test_a_node_without_the_files_asks_its_worker_for_a_copy_once_and_reports_a_
     deployment.refresh_from_db()
     assert deployment.actual == "failed" and "config.json from node node-a" in deployment.detail
     assert AuditEvent.objects.filter(action="variant.copy", outcome="queued").count() == 1
+
+
+@pytest.mark.django_db
+def test_an_altered_copy_is_replaced_by_a_fresh_one_when_the_administrator_asks(store, source, source_files):
+    shutil.copytree(source_files, store / NAME)
+    (store / NAME / "config.json").write_text("{}")
+    variant = ready_variant(source_files, {"node-a": CopyState.READY})
+    register("node-b", "http://127.0.0.2:8000")
+    actions.do_quarantine(variant.pk, ["config.json has changed"], node="node-b", actor="test")
+    deployment = Deployment.objects.create(variant=variant, desired=DesiredState.DEPLOYED, node="node-b",
+                                           actual="failed", detail="config.json has changed")
+    actions.do_replace_bad_copies(variant, actor="admin:root")
+    assert NodeCopy.objects.get(variant=variant, node="node-b").state == CopyState.COPYING
+    deployment.refresh_from_db()
+    assert deployment.actual == "undeployed"  # tried again once the copy is in
+    copies.run_copy(variant.pk, replace=True)  # what node-b's worker runs
+    assert hash_dir(store / NAME) == variant.manifest
+    assert NodeCopy.objects.get(variant=variant, node="node-b").state == CopyState.READY
+    with pytest.raises(actions.ActionRefused, match="no node's copy is quarantined or failed"):
+        actions.do_replace_bad_copies(variant, actor="admin:root")
+    NodeCopy.objects.filter(variant=variant).update(state=CopyState.QUARANTINED)
+    with pytest.raises(actions.ActionRefused, match="no node holds a ready copy to fetch from"):
+        actions.do_replace_bad_copies(variant, actor="admin:root")

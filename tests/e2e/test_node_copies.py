@@ -1,6 +1,7 @@
 """Nodes that share no model store: each node that serves a variant gets its own copy, fetched from the node that
 imported it and hashed there against the one manifest; a node whose copy is altered quarantines its copy alone and
-stops serving it, while the other node serves on; a deleted variant's copies go from every node."""
+stops serving it, while the other node serves on, until a fresh copy replaces it; a deleted variant's copies go
+from every node."""
 import json
 import time
 
@@ -31,6 +32,12 @@ VERIFY_SCRIPT = """
 from appliance import actions
 from appliance.models import ModelVariant
 actions.do_verify(ModelVariant.objects.get(name=%r), actor="admin:e2e")
+print("{}")
+""" % NAME
+REPLACE_SCRIPT = """
+from appliance import actions
+from appliance.models import ModelVariant
+actions.do_replace_bad_copies(ModelVariant.objects.get(name=%r), actor="admin:e2e")
 print("{}")
 """ % NAME
 DELETE_SCRIPT = """
@@ -105,6 +112,12 @@ def test_a_replica_gets_its_own_copy_and_an_altered_copy_is_quarantined_alone(tw
     assert [(e[2], e[3], e[5]) for e in quarantines] == [("node-2", "node-2", False)]
     assert NAME in seen["serving"]["node-1"]
     assert sdk(first, key).chat.completions.create(model=NAME, messages=HELLO, max_tokens=3).usage.completion_tokens
+
+    # The administrator has node-2 fetch a fresh copy; node-2 serves the variant again.
+    first.manage("shell", "--no-imports", "-c", REPLACE_SCRIPT)
+    seen = wait_for(first, lambda s: s["copies"].get("node-2") == "ready" and NAME in s["serving"]["node-2"],
+                    "node-2 serving again from a fresh copy")
+    assert hash_dir(second.home / "models" / NAME) == seen["manifest"]
 
     # Deleting the variant removes its copy from every node, not only from the node that ran the delete.
     first.manage("undeploy", NAME)
