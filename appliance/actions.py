@@ -266,6 +266,13 @@ def do_replace_bad_copies(variant: ModelVariant, *, actor: str) -> None:
             dep.save()
 
 
+def do_record_copy_progress(variant_id: int, *, node: str, detail: str) -> None:
+    """Refresh a running copy's progress (and so its liveness: the reconciler asks again for a copy whose worker
+    stopped reporting); no ledger event, as for heartbeats."""
+    NodeCopy.objects.filter(variant_id=variant_id, node=node, state=CopyState.COPYING).update(
+        detail=detail[:2000], updated_at=timezone.now())
+
+
 def do_record_copy(variant_id: int, *, node: str, source: str, problem: str = "", size_bytes: int = 0,
                    duration_ms: int = 0, actor: str) -> None:
     """Record the end of a copy to `node` from `source`: ready, or failed with the problem that stopped it."""
@@ -488,14 +495,16 @@ def do_delete(variant: ModelVariant, *, actor: str) -> None:
 
     from . import tasks  # deferred, as in _queue_after_commit
 
-    elsewhere = {node: queue for node, queue in copy_queues(variant).items() if node != settings.APPLIANCE_NODE}
+    # Every other node, not only those with a copy: a node that forwarded requests for it keeps its tokenizer.
+    elsewhere = dict(Node.objects.exclude(name=settings.APPLIANCE_NODE).exclude(queue="")
+                     .values_list("name", "queue"))
     with transaction.atomic():
         ledger.append("variant.delete", actor=actor, target=variant.name,
                       details={"store_path": store_path, "size_bytes": variant.size_bytes,
-                               "copies_on": sorted(elsewhere)})
+                               "removed_on": sorted(elsewhere)})
         variant.delete()
-        # The reconciler unloads engines whose variant is gone; files go after commit, here and on every node
-        # that holds a copy (each node's worker removes its own).
+        # The reconciler unloads engines whose variant is gone; files go after commit, here and on every other
+        # node (each node's worker removes its own).
         transaction.on_commit(remove_files)
         for queue in elsewhere.values():
             transaction.on_commit(lambda queue=queue: tasks.remove_copy.apply_async((variant.name,), queue=queue))

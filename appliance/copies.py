@@ -39,6 +39,9 @@ from .peer_engine import PeerUnreachable, answered_by, signed
 log = logging.getLogger(__name__)
 # A file's bytes come as fast as the source's disk and the link allow; a source silent this long has stopped.
 HTTP_TIMEOUT = httpx.Timeout(connect=3.0, read=60.0, write=30.0, pool=None)
+PROGRESS_EVERY_S = 5.0
+# A started copy whose progress is older than this lost its worker (killed mid-copy): the reconciler asks again.
+STALLED_AFTER_S = 3 * 60.0
 
 
 class CopyFailed(Exception):
@@ -98,29 +101,52 @@ def copy_from(variant: ModelVariant, source: Node, final: Path) -> int:
     check_space(variant.size_bytes, store)
     for parts in ((INCOMING,), (INCOMING, variant.name)):
         make_store_dir(in_store(store, *parts))
+    for stale in in_store(store, INCOMING, variant.name).glob("copy-*"):  # a worker killed mid-copy left these
+        if time.time() - stale.stat().st_mtime > STALLED_AFTER_S:
+            remove_in_store(store, INCOMING, variant.name, stale.name)
     attempt = f"copy-{secrets.token_hex(8)}"
     work = in_store(store, INCOMING, variant.name, attempt)
     make_store_dir(work, exist_ok=False)
     try:
-        size = fetch_files(variant, source, variant.manifest, work)
+        size = fetch_files(variant, source, variant.manifest, work, Progress(variant, source))
         work.replace(final)
         return size
     finally:
         remove_in_store(store, INCOMING, variant.name, attempt)  # gone already when it moved into place
 
 
-def fetch_files(variant: ModelVariant, source: Node, files: dict[str, str], work: Path) -> int:
-    """Fetch `files` ({relative path: sha256}) of the variant from `source` into work; return the bytes written."""
+def fetch_files(variant: ModelVariant, source: Node, files: dict[str, str], work: Path,
+                progress=lambda done: None) -> int:
+    """Fetch `files` ({relative path: sha256}) of the variant from `source` into work; return the bytes written.
+    progress(bytes so far) is called after each chunk."""
     node_link.allow_egress_to(source.address)
     budget = variant.size_bytes  # what the source may send in all
     with httpx.Client(timeout=HTTP_TIMEOUT, trust_env=False) as client:  # no proxy variable redirects it
         for rel, digest in sorted(files.items()):
-            budget -= fetch_file(client, variant.name, source, rel, digest, work, budget)
+            budget -= fetch_file(client, variant.name, source, rel, digest, work, budget,
+                                 lambda size: progress(variant.size_bytes - budget + size))
     return variant.size_bytes - budget
 
 
+class Progress:
+    """Report a copy's bytes every PROGRESS_EVERY_S, which keeps the copy alive in the reconciler's eyes."""
+
+    def __init__(self, variant: ModelVariant, source: Node):
+        self.variant, self.source, self.last = variant, source, 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        total = max(self.variant.size_bytes, 1)
+        actions.do_record_copy_progress(self.variant.pk, node=settings.APPLIANCE_NODE,
+                                        detail=f"copying from {self.source.name}: {done / 1e9:.2f} of "
+                                               f"{total / 1e9:.2f} GB ({100 * done // total}%)")
+
+
 def fetch_file(client: httpx.Client, name: str, source: Node, rel: str, digest: str, work: Path,
-               budget: int) -> int:
+               budget: int, progress=lambda size: None) -> int:
     """Write one file from `source` under work, checking its hash against the manifest's; return its size."""
     relative = PurePosixPath(rel)
     if relative.is_absolute() or any(part in ("", ".", "..") for part in rel.split("/")):
@@ -143,6 +169,7 @@ def fetch_file(client: httpx.Client, name: str, source: Node, rel: str, digest: 
                                          f"{name} size in all")
                     sha256.update(chunk)
                     out.write(chunk)
+                    progress(size)
                 out.flush()
                 os.fsync(out.fileno())
     except (httpx.HTTPError, PeerUnreachable) as exc:
@@ -186,8 +213,9 @@ def tokenizer_dir(variant: ModelVariant, source: Node) -> Path:
 
 
 def remove_copy(name: str) -> None:
-    """Remove this node's copy of a deleted variant, unless a variant of that name has a copy here again."""
-    if ModelVariant.objects.filter(name=name, copies__node=settings.APPLIANCE_NODE).exists():
+    """Remove this node's copy of a deleted variant, unless a variant of that name exists again (imported anew
+    meanwhile: in a store shared with the node that imported it, the files there are the new variant's)."""
+    if ModelVariant.objects.filter(name=name).exists():
         return
     store = Path(settings.MODEL_STORE)
     remove_in_store(store, str(store_path(name)))  # store_path checks the name

@@ -13,11 +13,12 @@ import time
 
 from django.conf import settings
 from django.db import close_old_connections
+from django.utils import timezone
 
 from audit import attestation, egress, ledger
 from inference.engine import EngineConfig
 
-from . import actions, engine_client, engines, fitting, fp8, placement
+from . import actions, copies, engine_client, engines, fitting, fp8, placement
 from .importer import check_store, store_path
 from .modelfiles import InvalidModelDir
 from .models import ActualState, CopyState, DesiredState, Deployment, ModelVariant, Node, NodeCopy, VariantStatus
@@ -152,8 +153,8 @@ def files_here(dep: Deployment) -> bool:
     a node that has one (appliance.copies), and record why the deployment waits or cannot load here."""
     variant = dep.variant
     copy = variant.copies.filter(node=settings.APPLIANCE_NODE).first()
-    if copy is not None and copy.state == CopyState.COPYING:
-        return False  # this node's worker is fetching it (or replacing the copy there)
+    if copy is not None and copy.state == CopyState.COPYING and not stalled(copy):
+        return False  # this node's worker is fetching it (or replacing the copy there), or will once free
     if store_path(variant.name).is_dir():  # a copy moves into place whole, so a directory there is complete
         return True
     if copy is not None and copy.state == CopyState.FAILED and copy.updated_at >= dep.updated_at:
@@ -167,6 +168,13 @@ def files_here(dep: Deployment) -> bool:
     if not is_replica(dep):
         actions.do_record_loading(dep.pk, "copying the files to this node")
     return False
+
+
+def stalled(copy: NodeCopy) -> bool:
+    """Return whether a started copy stopped reporting progress: its worker was killed mid-copy. (One still queued
+    waits for the worker, which takes it when free or, restarted, from the broker.)"""
+    age_s = (timezone.now() - copy.updated_at).total_seconds()
+    return copy.detail != "queued" and age_s > copies.STALLED_AFTER_S
 
 
 # The variants this node loaded as a replica, so that their unload, too, leaves the deployment's row alone.

@@ -97,9 +97,20 @@ def nothing_partial(store: Path) -> bool:
 
 
 @pytest.mark.django_db
-def test_a_copy_from_a_ready_node_is_hashed_and_moved_into_place(store, source, source_files):
+def test_a_copy_from_a_ready_node_is_hashed_and_moved_into_place(store, source, source_files, monkeypatch):
     variant = ready_variant(source_files, {"node-a": CopyState.READY})
+    NodeCopy.objects.create(variant=variant, node="node-b", state=CopyState.COPYING, detail="queued")
+    reported = []
+    record_progress = actions.do_record_copy_progress
+
+    def recorded(variant_id, *, node, detail):
+        record_progress(variant_id, node=node, detail=detail)
+        reported.append(NodeCopy.objects.get(variant_id=variant_id, node=node).detail)
+
+    monkeypatch.setattr(copies, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(actions, "do_record_copy_progress", recorded)
     copies.run_copy(variant.pk)
+    assert reported and reported[-1].startswith("copying from node-a: ") and reported[-1].endswith("(100%)")
     assert hash_dir(store / NAME) == variant.manifest
     assert NodeCopy.objects.get(variant=variant, node="node-b").state == CopyState.READY
     event = AuditEvent.objects.filter(action="variant.copy").latest("seq")
@@ -168,12 +179,12 @@ def test_an_altered_copy_is_quarantined_alone_until_no_ready_copy_is_left(store,
 
 
 @pytest.mark.django_db
-def test_a_deleted_variants_copy_goes_unless_the_name_has_a_copy_here_again(store, source_files):
+def test_a_deleted_variants_copy_goes_unless_a_variant_of_that_name_exists_again(store, source_files):
     shutil.copytree(source_files, store / NAME)
     copies.remove_copy(NAME)
     assert not (store / NAME).exists()
     shutil.copytree(source_files, store / NAME)
-    ready_variant(source_files, {"node-b": CopyState.READY})  # imported again under the same name
+    ready_variant(source_files, {"node-a": CopyState.READY})  # imported again under the same name, on node-a
     copies.remove_copy(NAME)
     assert (store / NAME).is_dir()
 
@@ -259,3 +270,27 @@ def test_an_altered_copy_is_replaced_by_a_fresh_one_when_the_administrator_asks(
     NodeCopy.objects.filter(variant=variant).update(state=CopyState.QUARANTINED)
     with pytest.raises(actions.ActionRefused, match="no node holds a ready copy to fetch from"):
         actions.do_replace_bad_copies(variant, actor="admin:root")
+
+
+@pytest.mark.django_db
+def test_a_copy_whose_worker_stopped_reporting_is_asked_for_again_but_a_queued_one_waits(store, source_files):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from appliance import reconciler
+
+    register("node-b", "http://127.0.0.2:8000")
+    variant = ready_variant(source_files, {"node-a": CopyState.READY})
+    Deployment.objects.create(variant=variant, desired=DesiredState.DEPLOYED, node="node-b")
+    long_ago = timezone.now() - timedelta(seconds=copies.STALLED_AFTER_S + 1)
+    NodeCopy.objects.create(variant=variant, node="node-b", state=CopyState.COPYING, detail="queued")
+    NodeCopy.objects.filter(node="node-b").update(updated_at=long_ago)
+    reconciler.reconcile_once()  # queued an age ago: the worker is busy, or restarted and takes it from the broker
+    assert not AuditEvent.objects.filter(action="variant.copy", outcome="queued").exists()
+    NodeCopy.objects.filter(node="node-b").update(detail="copying from node-a: 0.01 of 0.02 GB (50%)",
+                                                  updated_at=long_ago)
+    reconciler.reconcile_once()  # started, then silent: its worker died mid-copy
+    assert [e.details["copy_on"] for e in AuditEvent.objects.filter(action="variant.copy", outcome="queued")] == [
+        "node-b"]
+    assert NodeCopy.objects.get(node="node-b").detail == "queued"

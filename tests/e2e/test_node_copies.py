@@ -1,7 +1,7 @@
 """Nodes that share no model store: each node that serves a variant gets its own copy, fetched from the node that
-imported it and hashed there against the one manifest; a node whose copy is altered quarantines its copy alone and
-stops serving it, while the other node serves on, until a fresh copy replaces it; a deleted variant's copies go
-from every node."""
+imported it and hashed there against the one manifest (a node that only forwards requests for it fetches its
+tokenizer alone); a node whose copy is altered quarantines its copy alone and stops serving it, while the other
+nodes serve on, until a fresh copy replaces it; a deleted variant's copies go from every node."""
 import json
 import time
 
@@ -50,9 +50,9 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    """Two nodes of one appliance, each with a model store of its own (under its home)."""
-    yield from start_nodes(tmp_path_factory, 2, shared_store=False, APPLIANCE_NODE_HEARTBEAT_S="1")
+def three_nodes(tmp_path_factory):
+    """Three nodes of one appliance, each with a model store of its own (under its home)."""
+    yield from start_nodes(tmp_path_factory, 3, shared_store=False, APPLIANCE_NODE_HEARTBEAT_S="1")
 
 
 def state(box) -> dict:
@@ -73,18 +73,18 @@ def sdk(box, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{box.url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def test_a_replica_gets_its_own_copy_and_an_altered_copy_is_quarantined_alone(two_nodes):
-    first, second = two_nodes
+def test_a_replica_gets_its_own_copy_and_an_altered_copy_is_quarantined_alone(three_nodes):
+    first, second, third = three_nodes
     first.manage("import_model", str(first.demo_dir / "demo-dense"), "--name", NAME, "--kind", "dense", "--wait")
     first.manage("deploy", NAME, "--node", "node-1", "--wait")
     wait_for(first, lambda s: NAME in s["serving"]["node-1"], "node-1's heartbeat naming what it serves")
     key = first.new_key("copies")
-    # node-2 forwards to node-1 without a copy of the weights: it fetched the tokenizer and configs alone.
-    forwarded = sdk(second, key).chat.completions.create(model=NAME, messages=HELLO, max_tokens=3, temperature=0)
+    # node-3 forwards to node-1 without a copy of the weights: it fetched the tokenizer and configs alone.
+    forwarded = sdk(third, key).chat.completions.create(model=NAME, messages=HELLO, max_tokens=3, temperature=0)
     direct = sdk(first, key).chat.completions.create(model=NAME, messages=HELLO, max_tokens=3, temperature=0)
     assert forwarded.choices[0].message.content == direct.choices[0].message.content
-    assert not (second.home / "models" / NAME).exists()
-    [fetched] = (second.home / "models" / ".tokenizers").iterdir()
+    assert not (third.home / "models" / NAME).exists()
+    [fetched] = (third.home / "models" / ".tokenizers").iterdir()
     names = sorted(path.name for path in fetched.iterdir())
     assert "tokenizer.json" in names and "config.json" in names and not any(n.endswith(".safetensors") for n in names)
 
@@ -92,11 +92,11 @@ def test_a_replica_gets_its_own_copy_and_an_altered_copy_is_quarantined_alone(tw
     seen = wait_for(first, lambda s: all(NAME in s["serving"][node] for node in ("node-1", "node-2")),
                     "both nodes serving the variant")
     # node-2's worker fetched its copy from node-1 and checked it against the one manifest.
-    assert seen["copies"] == {"node-1": "ready", "node-2": "ready"}
+    assert seen["copies"] == {"node-1": "ready", "node-2": "ready"}  # node-3 serves nothing: no copy
     assert hash_dir(second.home / "models" / NAME) == seen["manifest"]
     copied = [e for e in seen["events"] if e[0] == "variant.copy" and e[1] == "ok"]
     assert copied == [["variant.copy", "ok", "node-2", "node-2", "node-1", None]]  # written on node-2
-    for box in two_nodes:
+    for box in three_nodes:
         assert sdk(box, key).chat.completions.create(model=NAME, messages=HELLO, max_tokens=3).usage.completion_tokens
 
     # Someone alters node-2's copy; the next verification (every node re-hashes its own) quarantines it there only.
@@ -124,7 +124,7 @@ def test_a_replica_gets_its_own_copy_and_an_altered_copy_is_quarantined_alone(tw
     wait_for(first, lambda s: not any(NAME in serving for serving in s["serving"].values()), "both engines unloaded")
     first.manage("shell", "--no-imports", "-c", DELETE_SCRIPT)
     deadline = time.monotonic() + 60
-    while any((box.home / "models" / NAME).exists() for box in two_nodes) or any(
-            (second.home / "models" / ".tokenizers").iterdir()):
+    while any((box.home / "models" / NAME).exists() for box in three_nodes) or any(
+            (third.home / "models" / ".tokenizers").iterdir()):
         assert time.monotonic() < deadline, "a deleted variant's copy is still in a node's store"
         time.sleep(0.5)
