@@ -475,19 +475,24 @@ def do_record_engine_exit(deployment_id: int, name: str, *, reason: str, pid: in
 
 
 def do_delete(variant: ModelVariant, *, actor: str) -> None:
-    """Remove the variant from the registry and its files from the store (refused if they lie outside it)."""
+    """Remove the variant from the registry and its files from every node's store (refused if the files of a
+    variant from before copies were recorded lie outside this node's store)."""
     store = Path(settings.MODEL_STORE)
     store_path = variant.store_path
-    if store_path:
+    if variant.copies.exists():  # this node's copy is at its name in this node's store (the path recorded is the
+        local = str(in_store(store, check_name(variant.name, field="variant name")))  # importing node's)
+    else:
+        local = store_path
         try:
-            in_store(store, store_path)
+            if local:
+                in_store(store, local)
         except OutsideStore as exc:
             raise ActionRefused(f"variant {variant.name} not deleted: {exc}") from exc
 
     def remove_files():
         try:
-            if store_path:
-                remove_in_store(store, store_path)
+            if local:
+                remove_in_store(store, local)
             if variant.lease_owner:  # an import in progress: its worker stops at its next renewal
                 discard_attempt(variant.name, variant.lease_owner)
         except OSError:

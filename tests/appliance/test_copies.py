@@ -294,3 +294,15 @@ def test_a_copy_whose_worker_stopped_reporting_is_asked_for_again_but_a_queued_o
     assert [e.details["copy_on"] for e in AuditEvent.objects.filter(action="variant.copy", outcome="queued")] == [
         "node-b"]
     assert NodeCopy.objects.get(node="node-b").detail == "queued"
+
+
+@pytest.mark.django_db
+def test_a_variant_imported_on_another_node_is_deleted_from_this_one_with_its_copy_here(
+        store, source_files, django_capture_on_commit_callbacks):
+    shutil.copytree(source_files, store / NAME)
+    variant = ready_variant(source_files, {"node-a": CopyState.READY, "node-b": CopyState.READY})
+    assert not variant.store_path.startswith(str(store))  # the importing node's path, outside this node's store
+    with django_capture_on_commit_callbacks(execute=True):
+        actions.do_delete(variant, actor="admin:root")
+    assert not ModelVariant.objects.filter(name=NAME).exists()
+    assert not (store / NAME).exists() and (source_files / "config.json").is_file()  # node-a's own worker's job
