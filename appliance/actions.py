@@ -4,6 +4,7 @@ Views, admin actions and management commands validate their input and then
 call one of these; nothing else writes registry rows.
 """
 import logging
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .models import (
     ModelVariant,
     Node,
     NodeCopy,
+    NodeState,
     Team,
     VariantKind,
     VariantStatus,
@@ -52,12 +54,13 @@ class LeaseLost(ActionRefused):
 
 
 def do_start_import(*, name: str, kind: str, source_path: str, actor: str, provenance: dict | None = None,
-                    parents: list[dict] | None = None) -> ModelVariant:
+                    parents: list[dict] | None = None, node: str | None = None) -> ModelVariant:
     """Register a variant as importing and enqueue its import once the row is committed.
 
     provenance: what the caller knows of the origin (a license, an upstream repository, the digest a registry
     promised); what the files state is added by the worker. parents: [{"name", "relation"}] of registered
-    variants (appliance.provenance.parse_parent validates each).
+    variants (appliance.provenance.parse_parent validates each). node: the node whose worker imports it, the one
+    that can read the path (default: this node); its copy is the variant's first.
     """
     check_name(name, field="variant name")
     if kind not in VariantKind.values:
@@ -69,9 +72,15 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str, prove
         if not ModelVariant.objects.filter(name=parent["name"]).exists():
             raise ActionRefused(f"parent {parent['name']} ({parent['relation']}) is not a registered variant; "
                                 "import it first")
-    # The source itself may be a link to a directory (a mount's alias): it is resolved once, here, and
-    # recorded; nothing inside it may be a link (appliance.modelfiles refuses them).
-    source = str(Path(source_path).expanduser().resolve())
+    remote = importing_node(node)
+    if remote is None:
+        # The source itself may be a link to a directory (a mount's alias): it is resolved once, here, and
+        # recorded; nothing inside it may be a link (appliance.modelfiles refuses them).
+        source = str(Path(source_path).expanduser().resolve())
+    elif not Path(source_path).is_absolute():
+        raise ActionRefused(f"give the path on node {remote.name} as an absolute path, not {source_path!r}")
+    else:  # a path on another box: that node's worker resolves and checks it
+        source = os.path.normpath(source_path)
     requested = {**(provenance or {}), "source_path": source, "imported_by": actor}
     do_reclaim_stale_imports(name, actor=WORKER)  # an import whose worker died is failed now, so it may be retried
     with transaction.atomic():
@@ -88,18 +97,34 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str, prove
         else:
             raise ActionRefused(f"variant {name} already exists (status {variant.status})")
         ledger.append("variant.import", actor=actor, target=name, outcome="queued",
-                      details={"source": source, "kind": kind, "parents": parents})
-        _queue_after_commit("import_variant", variant.pk)
+                      details={"source": source, "kind": kind, "parents": parents,
+                               "on_node": remote.name if remote else settings.APPLIANCE_NODE})
+        _queue_after_commit("import_variant", variant.pk, queue=remote.queue if remote else None)
     return variant
 
 
-def _queue_after_commit(task: str, variant_id: int) -> None:
-    """Queue the worker's task (a name in appliance.tasks) for variant_id once the transaction commits."""
+def importing_node(name: str | None) -> Node | None:
+    """Return the other node that is to import a variant (registered, up, its queue known); None for this node."""
+    if name in (None, "", settings.APPLIANCE_NODE):
+        return None
+    node = Node.objects.filter(name=name).first()
+    if node is None:
+        known = ", ".join(Node.objects.values_list("name", flat=True)) or "none"
+        raise ActionRefused(f"node {name} is not a node of this appliance (nodes: {known})")
+    if node.state() != NodeState.UP or not node.queue:
+        raise ActionRefused(f"node {name} cannot import now: it is {node.state()}"
+                            + ("" if node.queue else ", and has not said which queue its worker takes"))
+    return node
+
+
+def _queue_after_commit(task: str, variant_id: int, queue: str | None = None) -> None:
+    """Queue the worker's task (a name in appliance.tasks) for variant_id once the transaction commits, on
+    `queue` (another node's worker) or on this node's own."""
     # Imported here, the one deferred import of this module: tasks runs the importer and the fit advisor,
     # which record their outcomes through these actions (a real cycle).
     from . import tasks
 
-    transaction.on_commit(lambda: getattr(tasks, task).delay(variant_id))
+    transaction.on_commit(lambda: getattr(tasks, task).apply_async((variant_id,), queue=queue))
 
 
 def do_reclaim_stale_imports(name: str | None = None, *, actor: str) -> list[str]:

@@ -47,6 +47,9 @@ class ImportForm(forms.ModelForm):
     upstream = forms.CharField(required=False, max_length=200, label="upstream repository",
                                help_text="e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
     revision = forms.CharField(required=False, max_length=100, label="upstream revision")
+    node = forms.ChoiceField(required=False, label="imported by node",
+                             help_text="The box that can read the path: its worker copies and hashes the files, and "
+                                       "its copy is the variant's first.")
 
     class Meta:
         model = ModelVariant
@@ -55,16 +58,33 @@ class ImportForm(forms.ModelForm):
                                      "*.safetensors weights, or a .gguf file (llama.cpp, Ollama). The worker copies "
                                      "and hashes a directory; it hashes a GGUF and converts it to safetensors."}
 
-    EXTRA = ["ollama_ref", "parent", "relation", "license", "upstream", "revision"]
+    EXTRA = ["ollama_ref", "parent", "relation", "license", "upstream", "revision", "node"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["source_path"].required = False
+        here = settings.APPLIANCE_NODE
+        self.fields["node"].choices = [(here, f"{here} (this node)"), *(
+            (name, name) for name in Node.objects.exclude(name=here).values_list("name", flat=True))]
         self.provenance: dict = {}
+
+    def on_another_node(self) -> bool:
+        return self.data.get("node", "") not in ("", settings.APPLIANCE_NODE)
+
+    def clean_node(self):
+        try:
+            actions.importing_node(self.cleaned_data["node"])
+        except actions.ActionRefused as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return self.cleaned_data["node"]
 
     def clean_source_path(self):
         path = self.cleaned_data["source_path"]
         if not path:
+            return path
+        if self.on_another_node():  # a path on that box: its worker checks it, as this one checks its own
+            if not Path(path).is_absolute():
+                raise forms.ValidationError("give the path on that node as an absolute path")
             return path
         where = Path(path).expanduser()
         if where.is_dir():
@@ -82,6 +102,9 @@ class ImportForm(forms.ModelForm):
         ref, path = data.get("ollama_ref"), data.get("source_path")
         if ref and path:
             raise forms.ValidationError("give a path or an Ollama model, not both")
+        if ref and self.on_another_node():
+            raise forms.ValidationError("an Ollama model is read from this box's Ollama models: import it on the "
+                                        "node that has them")
         if ref:
             try:
                 blob, self.provenance = ollama.resolve(ref)
@@ -225,7 +248,7 @@ class ModelVariantAdmin(admin.ModelAdmin):
             return  # every field is read-only; state changes go through the actions
         variant = actions.do_start_import(name=obj.name, kind=obj.kind, source_path=form.cleaned_data["source_path"],
                                           actor=actor_of(request), provenance=form.provenance,
-                                          parents=form.parents())
+                                          parents=form.parents(), node=form.cleaned_data.get("node") or None)
         obj.pk = variant.pk
 
     def get_actions(self, request):

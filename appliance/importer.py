@@ -200,7 +200,8 @@ def _copy_in(variant: ModelVariant, owner: str, lease: Lease):
     """
     final = store_path(variant.name)
     store = Path(settings.MODEL_STORE)
-    source = Path(variant.source_path)
+    # Resolved where it is read: a path given for another node's worker arrives as typed (a mount's alias).
+    source = Path(variant.source_path).resolve()
     make_store_dir(store)
     make_store_dir(in_store(store, INCOMING))
     make_store_dir(in_store(store, INCOMING, variant.name))

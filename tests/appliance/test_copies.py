@@ -306,3 +306,58 @@ def test_a_variant_imported_on_another_node_is_deleted_from_this_one_with_its_co
         actions.do_delete(variant, actor="admin:root")
     assert not ModelVariant.objects.filter(name=NAME).exists()
     assert not (store / NAME).exists() and (source_files / "config.json").is_file()  # node-a's own worker's job
+
+
+@pytest.fixture
+def sent_imports(monkeypatch):
+    """The import tasks sent, with the queue each went to (the broker is not what these tests are about)."""
+    from appliance import tasks
+
+    sent = []
+    monkeypatch.setattr(tasks.import_variant, "apply_async", lambda args, queue=None: sent.append((args, queue)))
+    return sent
+
+
+@pytest.mark.django_db
+def test_an_import_asked_for_another_node_goes_to_that_nodes_worker(store, sent_imports,
+                                                                     django_capture_on_commit_callbacks):
+    register("node-a", "http://127.0.0.2:8000")
+    with django_capture_on_commit_callbacks(execute=True):
+        variant = actions.do_start_import(name=NAME, kind="dense", source_path="/media/usb/../usb/model",
+                                          actor="admin:root", node="node-a")
+    assert sent_imports == [((variant.pk,), "q-node-a")]
+    assert variant.source_path == "/media/usb/model"  # as typed, normalised: node-a's worker resolves it
+    event = AuditEvent.objects.filter(action="variant.import", outcome="queued").latest("seq")
+    assert event.details["on_node"] == "node-a"
+    with pytest.raises(actions.ActionRefused, match="as an absolute path"):
+        actions.do_start_import(name="other", kind="dense", source_path="model", actor="t", node="node-a")
+    with pytest.raises(actions.ActionRefused, match=r"node node-z is not a node of this appliance \(nodes: node-a\)"):
+        actions.do_start_import(name="other", kind="dense", source_path="/m", actor="t", node="node-z")
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from appliance.models import Node
+    Node.objects.filter(name="node-a").update(last_heartbeat=timezone.now() - timedelta(hours=1))
+    with pytest.raises(actions.ActionRefused, match="node node-a cannot import now: it is down"):
+        actions.do_start_import(name="other", kind="dense", source_path="/m", actor="t", node="node-a")
+
+
+@pytest.mark.django_db
+def test_the_console_imports_through_the_node_that_can_read_the_path(store, sent_imports, client,
+                                                                     django_user_model,
+                                                                     django_capture_on_commit_callbacks):
+    from django.urls import reverse
+
+    client.force_login(django_user_model.objects.create_superuser("root", password="a-long-password"))
+    register("node-a", "http://127.0.0.2:8000")
+    url = reverse("admin:appliance_modelvariant_add")
+    form = client.get(url).content.decode()
+    assert '<option value="node-a">node-a</option>' in form and "node-b (this node)" in form
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(url, {"name": NAME, "kind": "dense", "source_path": "/mnt/only-on-node-a/model",
+                          "node": "node-a"})
+    variant = ModelVariant.objects.get(name=NAME)
+    assert sent_imports == [((variant.pk,), "q-node-a")]
+    refused = client.post(url, {"name": "other", "kind": "dense", "source_path": "/mnt/not-here", "node": "node-b"})
+    assert b"is not a directory or a GGUF file on this box" in refused.content

@@ -28,14 +28,18 @@ class Command(BaseCommand):
         parser.add_argument("--license", help="the license, when the files do not state it")
         parser.add_argument("--upstream", metavar="OWNER/REPO", help="the upstream repository, e.g. on Hugging Face")
         parser.add_argument("--revision", help="the upstream revision (commit) the files are from")
+        parser.add_argument("--node", help="the node whose worker imports it: the box that can read PATH "
+                                           "(default: this one)")
         parser.add_argument("--wait", action="store_true", help="wait until the worker has finished")
         parser.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
         parser.add_argument("--timeout", type=float, default=3600)
 
-    def handle(self, path, from_ollama, name, kind, parent, license, upstream, revision, wait, no_progress,
+    def handle(self, path, from_ollama, name, kind, parent, license, upstream, revision, node, wait, no_progress,
                timeout, **options):
         if bool(path) == bool(from_ollama):
             raise CommandError("give either PATH or --from-ollama NAME:TAG")
+        if from_ollama and node:
+            raise CommandError("--from-ollama reads this box's Ollama models; run it on the node that has them")
         provenance = {}
         try:
             parents = [parse_parent(spec) for spec in parent]
@@ -50,7 +54,7 @@ class Command(BaseCommand):
             provenance["upstream"] = {k: v for k, v in (("repository", upstream), ("revision", revision)) if v}
         with refusals_as_errors():
             variant = do_start_import(name=name, kind=kind, source_path=path, actor=cli_actor(),
-                                      provenance=provenance, parents=parents)
+                                      provenance=provenance, parents=parents, node=node)
         self.stdout.write(f"import of {name} queued from {variant.source_path}")
         if not wait:
             return
