@@ -128,3 +128,17 @@ def test_a_replica_gets_its_own_copy_and_an_altered_copy_is_quarantined_alone(th
             (third.home / "models" / ".tokenizers").iterdir()):
         assert time.monotonic() < deadline, "a deleted variant's copy is still in a node's store"
         time.sleep(0.5)
+
+
+def test_an_import_asked_on_one_node_runs_on_the_node_that_can_read_the_path(three_nodes):
+    first, _, third = three_nodes
+    script = ("import json; from appliance.models import ModelVariant; v = ModelVariant.objects.get(name='far-dense');"
+              " print(json.dumps([v.status, dict(v.copies.values_list('node', 'state')), v.manifest]))")
+    # Asked through node-1's CLI; node-3's worker copies and hashes it into node-3's store.
+    first.manage("import_model", str(third.demo_dir / "demo-dense"), "--name", "far-dense", "--kind", "dense",
+                 "--node", "node-3", "--wait")
+    answer = first.manage("shell", "--no-imports", "-c", script).stdout.strip().splitlines()[-1]
+    status, copies_on, manifest = json.loads(answer)
+    assert (status, copies_on) == ("ready", {"node-3": "ready"})
+    assert hash_dir(third.home / "models" / "far-dense") == manifest
+    assert not (first.home / "models" / "far-dense").exists()
