@@ -236,7 +236,7 @@ def do_quarantine(variant_id: int, problems: list[str], *, node: str, actor: str
     with transaction.atomic(durable=True):
         variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
         _set_copy(variant, node, CopyState.QUARANTINED, "; ".join(problems))
-        whole = not variant.copies.filter(state=CopyState.READY).exists()
+        whole = not variant.has_ready_copy()
         if whole:
             if variant.status != VariantStatus.QUARANTINED:
                 variant.transition(VariantStatus.QUARANTINED, "; ".join(problems))
@@ -278,7 +278,7 @@ def do_replace_bad_copies(variant: ModelVariant, *, actor: str) -> None:
                .values_list("node", flat=True))
     if not bad:
         raise ActionRefused(f"{variant.name}: no node's copy is quarantined or failed")
-    if not variant.copies.filter(state=CopyState.READY).exists():
+    if not variant.has_ready_copy():
         raise ActionRefused(f"{variant.name}: no node holds a ready copy to fetch from; import it again")
     with transaction.atomic():
         for node in Node.objects.filter(name__in=bad):

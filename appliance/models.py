@@ -105,6 +105,11 @@ class ModelVariant(models.Model):
         self.status = status
         self.status_detail = detail
 
+    def has_ready_copy(self, node: str | None = None) -> bool:
+        """Return whether `node` (any node, for None) holds a copy of the files that matches the manifest."""
+        ready = self.copies.filter(state=CopyState.READY)
+        return (ready if node is None else ready.filter(node=node)).exists()
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,

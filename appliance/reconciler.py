@@ -111,7 +111,7 @@ def load(dep: Deployment) -> None:
         record_load(dep, "refused", detail="; ".join(problems),
                     details={"reason": "files do not match the manifest", "problems": problems[:20]})
         return
-    if not variant.copies.filter(node=settings.APPLIANCE_NODE, state=CopyState.READY).exists():
+    if not variant.has_ready_copy(settings.APPLIANCE_NODE):
         # Files this node holds without a record (a shared store, or a store from before copies were recorded):
         # the hash above proved them, so they are this node's ready copy.
         actions.do_record_verified(variant.pk, node=settings.APPLIANCE_NODE, actor=ACTOR)

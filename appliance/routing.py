@@ -24,7 +24,7 @@ from . import copies
 from .copies import CopyFailed
 from .importer import store_path
 from .modelfiles import OutsideStore
-from .models import CopyState, DesiredState, Deployment, ModelVariant, Node, NodeState
+from .models import DesiredState, Deployment, ModelVariant, Node, NodeState
 from .names import InvalidName
 from .peer_engine import PeerEngine, PeerUnreachable, engine_facts
 
@@ -78,7 +78,7 @@ def tokenizer_dir(model: str, node: Node) -> Path:
     """Return where this node reads the variant's tokenizer: its ready copy, else the files other than weights,
     fetched from the serving node once (appliance.copies)."""
     variant = ModelVariant.objects.get(name=model)
-    if variant.copies.filter(node=settings.APPLIANCE_NODE, state=CopyState.READY).exists() or (
+    if variant.has_ready_copy(settings.APPLIANCE_NODE) or (
             not variant.copies.filter(node=settings.APPLIANCE_NODE).exists()
             and (store_path(model) / "config.json").is_file()):  # a store from before copies were recorded
         return store_path(model)

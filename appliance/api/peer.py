@@ -27,7 +27,7 @@ from django.views.decorators.csrf import csrf_exempt
 from appliance import engine_client, http_limits, node_link
 from appliance.importer import store_path
 from appliance.modelfiles import OutsideStore, in_store
-from appliance.models import CopyState, ModelVariant
+from appliance.models import ModelVariant
 from appliance.names import NAME_MAX
 from inference.engine import wire
 from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong
@@ -134,7 +134,7 @@ def open_copy_file(name: str, rel: str):
         return f"No variant {shown}."
     if rel not in variant.manifest:
         return f"{rel[:200]!r} is not a file of {shown}'s manifest."
-    if not variant.copies.filter(node=settings.APPLIANCE_NODE, state=CopyState.READY).exists():
+    if not variant.has_ready_copy(settings.APPLIANCE_NODE):
         return f"This node holds no ready copy of {shown}."
     try:
         path = in_store(Path(settings.MODEL_STORE), str(store_path(variant.name)), *rel.split("/"))
