@@ -128,7 +128,7 @@ def _charge_checked(owners: dict, wanted: list[tuple], now: datetime, requests: 
         ignore_conflicts=True)
     # Lock in one fixed order (by primary key) so two admissions never deadlock on PostgreSQL;
     # on SQLite the transaction already holds the database's write lock (BEGIN IMMEDIATE).
-    locked = UsageCounter.objects.select_for_update().filter(
+    locked = UsageCounter.objects.select_for_update(no_key=True).filter(
         scope__in=SCOPES, scope_id__in={owners["key"].pk, owners["team"].pk},
         window_start__in={t for *_, t in wanted},
     ).order_by("pk")
