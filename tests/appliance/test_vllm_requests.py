@@ -3,11 +3,14 @@
 The end-to-end behaviour, with vLLM's CPU build, is tests/e2e/test_vllm_engine.py (`pytest -m vllm`).
 """
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from appliance.vllm_engine import (completion_body, engine_environment, lark_grammar, logprob_entries, refusal,
-                                   vllm_arguments)
+from appliance.vllm_engine import (completion_body, engine_environment, eplb_figures, lark_grammar, logprob_entries,
+                                   refusal, vllm_arguments)
 from inference.engine.grammar import json_schema_grammar
 from inference.engine.request import EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong, SamplingParams
 
@@ -75,6 +78,23 @@ def test_vllms_refusals_come_back_as_the_builtin_engines(status, text, kind):
     assert type(refusal(status, text)) is kind
 
 
+# vLLM's ErrorResponse, as its create_error_response writes it: `param` is the field of its own request body that a
+# VLLMValidationError names, null for the errors that name none.
+@pytest.mark.parametrize("error,param", [
+    ({"message": "Invalid grammar specification.", "param": "structured_outputs"}, "response_format"),
+    ({"message": "top_k must be -1 or at least 1", "param": None}, "top_k"),
+    ({"message": "logit_bias token 9999 is out of the vocabulary; presence_penalty is fine", "param": None},
+     "logit_bias"),
+    ({"message": "the stop list is too long", "param": "stop"}, "stop"),
+    ({"message": "something went wrong in the request", "param": None}, None),
+])
+def test_a_field_vllm_refuses_is_named_in_the_team_apis_words(error, param):
+    sent = completion_body("dense", [1, 2], SamplingParams(top_k=5, logit_bias={3: 1.0}, grammar="start: /x/"), "t")
+    exc = refusal(400, json.dumps({"error": {**error, "type": "BadRequestError", "code": 400}}), sent)
+    assert type(exc) is FieldNotHonoured and exc.param == param
+    assert error["message"] in str(exc)
+
+
 def test_the_engine_listens_on_loopback_and_gets_no_database_broker_or_proxy(settings, monkeypatch, tmp_path):
     for name, value in {"DATABASE_URL": "postgres://secret@db/x", "CELERY_BROKER_URL": "redis://r/0",
                         "HTTPS_PROXY": "http://proxy:3128", "VLLM_CPU_KVCACHE_SPACE": "2"}.items():
@@ -83,8 +103,85 @@ def test_the_engine_listens_on_loopback_and_gets_no_database_broker_or_proxy(set
     assert not {"DATABASE_URL", "CELERY_BROKER_URL", "HTTPS_PROXY"} & set(env)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HOME"] == str(tmp_path)
     assert env["VLLM_NO_USAGE_STATS"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    # Its own address is given, not found by a UDP socket towards 8.8.8.8; it reaches no other node.
+    assert (env["VLLM_HOST_IP"], env["APPLIANCE_ENGINE_PEERS"]) == ("127.0.0.1", "")
+    over_nodes = engine_environment(tmp_path, ["10.0.0.1"], "10.0.0.2")
+    assert (over_nodes["VLLM_HOST_IP"], over_nodes["APPLIANCE_ENGINE_PEERS"]) == ("10.0.0.2", "10.0.0.1")
     args = vllm_arguments("dense", tmp_path, 8000)
     assert args[args.index("--host") + 1] == "127.0.0.1"
     assert "--trust-remote-code" not in args
     assert args[args.index("--logprobs-mode") + 1] == "raw_logprobs"  # the model's own distribution, as builtin
     assert json.loads(args[args.index("--structured-outputs-config") + 1]) == {"backend": "guidance"}
+
+
+# vLLM's EPLB load report, in the words of its EplbState.step (checked against vLLM's own source in CI's vLLM step:
+# tests/e2e/test_vllm_engine.py). EPLB needs expert parallelism over GPUs, so no engine here writes one.
+def eplb_line(step: int, balancedness: float) -> str:
+    return (f"INFO 12-02 10:00:00 [eplb_state.py:635] EPLB step: {step} for model main: avg_tokens=1200.50, "
+            f"max_tokens=1500, balancedness={balancedness:.4f}, steps until the next rearrangement: 2900\n")
+
+
+def test_the_latest_eplb_report_of_this_engine_process_is_read_from_its_log(tmp_path):
+    log = tmp_path / "engine-moe.log"
+    log.write_text("an earlier run\n" + eplb_line(900, 0.5))
+    start = log.stat().st_size
+    assert eplb_figures(log, start) is None  # the earlier process's report is not this one's
+    with open(log, "a") as f:
+        f.write("INFO loading\n" + eplb_line(100, 0.8004) + "INFO a request\n" + eplb_line(200, 0.9123))
+        f.write("INFO 12-02 10:00:01 [eplb_state.py:635] EPLB step: 300 for model main: avg_tok")  # torn
+    assert eplb_figures(log, start) == {"step": 200, "avg_tokens": 1200.5, "max_tokens": 1500,
+                                        "balancedness": 0.9123}
+    assert eplb_figures(tmp_path / "missing.log", 0) is None
+
+
+class EplbEngine:
+    """Stands in for a VllmClient under expert parallelism (GPUs only): its scrape and its EPLB report."""
+
+    def __init__(self, report):
+        self.report = report
+
+    def scraped(self):
+        return []
+
+    def eplb(self):
+        return self.report
+
+
+def test_metrics_carry_vllms_eplb_report_per_variant():
+    from appliance import engine_client
+    from appliance.external_metrics import ExternalEngineCollector
+
+    engine_client.register("r1-ep", EplbEngine({"step": 200, "avg_tokens": 1200.5, "max_tokens": 1500,
+                                                "balancedness": 0.91}))
+    engine_client.register("dense-vllm", EplbEngine(None))
+    try:
+        families = {f.name: f.samples for f in ExternalEngineCollector().collect()}
+    finally:
+        engine_client.unregister("r1-ep")
+        engine_client.unregister("dense-vllm")
+    assert [(s.labels, s.value) for s in families["appliance_vllm_eplb_balancedness"]] == [({"model": "r1-ep"}, 0.91)]
+    assert families["appliance_vllm_eplb_max_tokens"][0].value == 1500
+    assert families["appliance_vllm_eplb_step"][0].value == 200
+
+
+GUARD_CHECK = """
+import sys
+from inference import vllm_guard
+if sys.argv[1] == "guarded":
+    vllm_guard.guard_this_interpreter()
+print(vllm_guard.outside_connection_refused())
+"""
+
+
+@pytest.mark.parametrize("interpreter", ["guarded", "bare"])
+def test_the_engines_guard_check_asks_the_guard_and_connects_nowhere(interpreter):
+    # The check raises socket.connect's audit event by hand: in an interpreter without the guard it must say so
+    # (nothing refused it) rather than connect, so no packet is ever aimed off loopback.
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run([sys.executable, "-c", GUARD_CHECK, interpreter], env=env, capture_output=True, text=True,
+                         timeout=60, check=True)
+    said = run.stdout.strip().splitlines()[-1]
+    if interpreter == "guarded":
+        assert said.startswith("refused: egress refused: socket.connect to 192.0.2.1:443"), run.stdout + run.stderr
+    else:
+        assert said == "not refused", run.stdout + run.stderr
