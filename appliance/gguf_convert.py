@@ -64,6 +64,28 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def _parse_each_file_once() -> None:
+    """Have every GGUFReader of this process for one file be the same parsed reader.
+
+    transformers parses the file anew for the config, the model's config, its tensors and the tokenizer, and the
+    header of a real model (its vocabulary and merges as hundreds of thousands of small fields) takes seconds each
+    time: on SmolLM2-135M's GGUF four parses were about half of the conversion. A reader only maps and reads the
+    file, so sharing it within this short-lived child changes nothing else; main() does this once per process.
+    """
+    import gguf
+
+    parse = gguf.GGUFReader
+    readers: dict = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader  # transformers imports it from the package at each call
+
+
 def convert(src: Path, out: Path) -> dict:
     """Write the dequantized model, its tokenizer and chat template into out; return what was converted."""
     facts = read_facts(src)
@@ -113,6 +135,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m appliance.gguf_convert SRC.gguf OUT_DIR", file=sys.stderr)
         return 2
     src, out = Path(argv[0]), Path(argv[1])
+    _parse_each_file_once()  # here, at the child's entry, so the shared readers never outlive this process
     try:
         emit(done=convert(src, out))
     except Refused as exc:
