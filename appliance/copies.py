@@ -2,7 +2,7 @@
 
 Nodes of one appliance need not share a file system: each keeps the variants it serves in its own model store.
 When the reconciler finds a variant placed on this node with no files here, it asks this node's worker for a copy
-(actions.do_request_copy). The worker fetches every file of the manifest from an up node whose copy is ready,
+(actions.do_request_copy). The worker fetches every file of the manifest from a node whose copy is ready,
 as signed node-to-node calls (appliance.api.peer.variant_file) answered by that node, hashing each file as it
 writes it into .incoming/ and comparing it with the one manifest. Only a copy whose every file matches moves
 into place, so a node that lies, a file altered on the way, or a disk that fills leaves nothing half-written in
@@ -44,8 +44,19 @@ PROGRESS_EVERY_S = 5.0
 STALLED_AFTER_S = 3 * 60.0
 
 
+# A node whose heartbeat says it is down may only be late (a box busy enough to miss a few beats still answers): it
+# is tried, after the others. When every source refuses the connection, the worker asks them again every
+# SOURCE_RETRY_S for up to SOURCE_WAIT_S (a source restarting comes back within that), then fails the copy.
+SOURCE_WAIT_S = 60.0
+SOURCE_RETRY_S = 3.0
+
+
 class CopyFailed(Exception):
     """A copy from one source node did not give the manifest's files; the message names the file and the node."""
+
+
+class SourceUnreachable(CopyFailed):
+    """No connection to the source node could be made, so nothing came from it: it may answer a moment later."""
 
 
 def file_path(name: str, rel: str) -> str:
@@ -54,11 +65,12 @@ def file_path(name: str, rel: str) -> str:
 
 
 def sources(variant: ModelVariant) -> list[Node]:
-    """Return the other up nodes whose copy of the variant is ready, by name."""
+    """Return the other nodes whose copy of the variant is ready: up ones first, then stale, then down ones (see
+    SOURCE_WAIT_S: one that is really down costs a refused or timed-out connection)."""
     ready = set(variant.copies.filter(state=CopyState.READY).exclude(node=settings.APPLIANCE_NODE)
                 .values_list("node", flat=True))
-    now = timezone.now()
-    return [node for node in Node.objects.filter(name__in=ready) if node.state(now) == NodeState.UP]
+    now, order = timezone.now(), {NodeState.UP: 0, NodeState.STALE: 1, NodeState.DOWN: 2}
+    return sorted(Node.objects.filter(name__in=ready).order_by("name"), key=lambda node: order[node.state(now)])
 
 
 def run_copy(variant_id: int, replace: bool = False) -> None:
@@ -69,33 +81,46 @@ def run_copy(variant_id: int, replace: bool = False) -> None:
         return
     me, started = settings.APPLIANCE_NODE, time.monotonic()
     final = store_path(variant.name)
-    if replace and sources(variant):  # never remove a copy while no other node could give a new one
-        remove_in_store(Path(settings.MODEL_STORE), str(final))
-    if final.is_dir():  # a store shared with the node that imported it, or a copy made before
+    if final.is_dir() and not replace:  # a store shared with the node that imported it, or a copy made before
         problems = check_store(variant)
         if problems:
             actions.do_quarantine(variant_id, problems, node=me, actor=ACTOR)
         else:
             actions.do_record_verified(variant_id, node=me, actor=ACTOR)
         return
-    problems = []
-    for source in sources(variant):
-        try:
-            size = copy_from(variant, source, final)
-        except (CopyFailed, NotEnoughSpace, OSError) as exc:
-            log.warning("copying %s from node %s failed: %s", variant.name, source.name, exc)
-            problems.append(f"from {source.name}: {exc}")
-            continue
-        actions.do_record_copy(variant_id, node=me, source=source.name, size_bytes=size,
-                               duration_ms=int((time.monotonic() - started) * 1000), actor=ACTOR)
-        return
-    problem = "; ".join(problems) or "no up node of the appliance holds a ready copy of its files"
+    while True:
+        source, size, problems, unreachable = copy_from_any(variant, final)
+        if source is not None:
+            actions.do_record_copy(variant_id, node=me, source=source.name, size_bytes=size,
+                                   duration_ms=int((time.monotonic() - started) * 1000), actor=ACTOR)
+            return
+        if not unreachable or time.monotonic() - started >= SOURCE_WAIT_S:
+            break
+        actions.do_record_copy_progress(variant_id, node=me,
+                                        detail=f"waiting for a node with a ready copy to answer: {'; '.join(problems)}")
+        time.sleep(SOURCE_RETRY_S)
+    problem = "; ".join(problems) or "no other node of the appliance holds a ready copy of its files"
     actions.do_record_copy(variant_id, node=me, source="", problem=problem,
                            duration_ms=int((time.monotonic() - started) * 1000), actor=ACTOR)
 
 
+def copy_from_any(variant: ModelVariant, final: Path) -> tuple[Node | None, int, list[str], bool]:
+    """Copy the variant from the first source that gives it whole; return (that source, its bytes, what each
+    source before it did wrong, whether every one of them was unreachable rather than wrong)."""
+    problems, errors = [], []
+    for source in sources(variant):
+        try:
+            return source, copy_from(variant, source, final), problems, False
+        except (CopyFailed, NotEnoughSpace, OSError) as exc:
+            log.warning("copying %s from node %s failed: %s", variant.name, source.name, exc)
+            problems.append(f"from {source.name}: {exc}")
+            errors.append(exc)
+    return None, 0, problems, bool(errors) and all(isinstance(exc, SourceUnreachable) for exc in errors)
+
+
 def copy_from(variant: ModelVariant, source: Node, final: Path) -> int:
-    """Fetch every manifest file from `source` into a partial copy, then move it into place; return its bytes."""
+    """Fetch every manifest file from `source` into a partial copy, then move it into place (in place of the copy
+    being replaced, if any: that one is removed only once the new one is whole); return its bytes."""
     store = Path(settings.MODEL_STORE)
     make_store_dir(store)
     check_space(variant.size_bytes, store)
@@ -109,10 +134,13 @@ def copy_from(variant: ModelVariant, source: Node, final: Path) -> int:
     make_store_dir(work, exist_ok=False)
     try:
         size = fetch_files(variant, source, variant.manifest, work, Progress(variant, source))
+        if final.is_dir():  # the copy being replaced moves aside first: a rename cannot land on a full directory
+            final.replace(in_store(store, INCOMING, variant.name, f"{attempt}-replaced"))
         work.replace(final)
         return size
     finally:
         remove_in_store(store, INCOMING, variant.name, attempt)  # gone already when it moved into place
+        remove_in_store(store, INCOMING, variant.name, f"{attempt}-replaced")
 
 
 def fetch_files(variant: ModelVariant, source: Node, files: dict[str, str], work: Path,
@@ -172,6 +200,8 @@ def fetch_file(client: httpx.Client, name: str, source: Node, rel: str, digest: 
                     progress(size)
                 out.flush()
                 os.fsync(out.fileno())
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise SourceUnreachable(f"{rel}: node {source.name}: {type(exc).__name__}: {exc}") from exc
     except (httpx.HTTPError, PeerUnreachable) as exc:
         raise CopyFailed(f"{rel}: node {source.name}: {type(exc).__name__}: {exc}") from exc
     if sha256.hexdigest() != digest:

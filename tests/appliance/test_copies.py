@@ -16,6 +16,7 @@ from appliance.modelfiles import hash_dir, tree_size
 from appliance.models import CopyState, DesiredState, Deployment, ModelVariant, NodeCopy, VariantStatus
 from audit.models import AuditEvent
 from tests.audit.tamper import wipe_ledger
+from tests.livebox import free_port
 
 NAME = "demo-dense"
 
@@ -92,6 +93,19 @@ def source(source_files, monkeypatch):
     server.server_close()
 
 
+def watch_progress(monkeypatch, then=lambda: None) -> list[str]:
+    """Return the list of the copy details the copier reports as progress (as stored), calling then() after each."""
+    reported, record = [], actions.do_record_copy_progress
+
+    def recorded(variant_id, *, node, detail):
+        record(variant_id, node=node, detail=detail)
+        reported.append(NodeCopy.objects.get(variant_id=variant_id, node=node).detail)
+        then()
+
+    monkeypatch.setattr(actions, "do_record_copy_progress", recorded)
+    return reported
+
+
 def nothing_partial(store: Path) -> bool:
     return not (store / NAME).exists() and not list((store / INCOMING).glob(f"{NAME}/*"))
 
@@ -100,15 +114,8 @@ def nothing_partial(store: Path) -> bool:
 def test_a_copy_from_a_ready_node_is_hashed_and_moved_into_place(store, source, source_files, monkeypatch):
     variant = ready_variant(source_files, {"node-a": CopyState.READY})
     NodeCopy.objects.create(variant=variant, node="node-b", state=CopyState.COPYING, detail="queued")
-    reported = []
-    record_progress = actions.do_record_copy_progress
-
-    def recorded(variant_id, *, node, detail):
-        record_progress(variant_id, node=node, detail=detail)
-        reported.append(NodeCopy.objects.get(variant_id=variant_id, node=node).detail)
-
     monkeypatch.setattr(copies, "PROGRESS_EVERY_S", 0.0)
-    monkeypatch.setattr(actions, "do_record_copy_progress", recorded)
+    reported = watch_progress(monkeypatch)
     copies.run_copy(variant.pk)
     assert reported and reported[-1].startswith("copying from node-a: ") and reported[-1].endswith("(100%)")
     assert hash_dir(store / NAME) == variant.manifest
@@ -138,7 +145,7 @@ def test_without_a_ready_copy_elsewhere_the_copy_fails_saying_so(store, source, 
     variant = ready_variant(source_files, {"node-a": CopyState.QUARANTINED})
     copies.run_copy(variant.pk)
     copy = NodeCopy.objects.get(variant=variant, node="node-b")
-    assert copy.state == CopyState.FAILED and "no up node of the appliance holds a ready copy" in copy.detail
+    assert copy.state == CopyState.FAILED and "no other node of the appliance holds a ready copy" in copy.detail
     assert nothing_partial(store)
 
 
@@ -270,6 +277,83 @@ def test_an_altered_copy_is_replaced_by_a_fresh_one_when_the_administrator_asks(
     NodeCopy.objects.filter(variant=variant).update(state=CopyState.QUARANTINED)
     with pytest.raises(actions.ActionRefused, match="no node holds a ready copy to fetch from"):
         actions.do_replace_bad_copies(variant, actor="admin:root")
+
+
+@pytest.mark.django_db
+def test_a_replacement_comes_from_a_node_whose_heartbeat_is_late_and_the_old_copy_goes_only_once_it_is_in(
+        store, source, source_files, settings, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from appliance.models import Node, NodeState
+
+    shutil.copytree(source_files, store / NAME)
+    (store / NAME / "config.json").write_text("{}")
+    variant = ready_variant(source_files, {"node-a": CopyState.READY, "node-b": CopyState.QUARANTINED})
+    late = timezone.now() - timedelta(seconds=settings.NODE_STALE_AFTER * settings.NODE_HEARTBEAT_S + 1)
+    Node.objects.filter(name="node-a").update(last_heartbeat=late)
+    assert Node.objects.get(name="node-a").state() == NodeState.STALE  # late under load, not down
+
+    monkeypatch.setattr(Source, "mode", "altered")  # the fetch fails: the copy it would replace stays as it was
+    copies.run_copy(variant.pk, replace=True)
+    copy = NodeCopy.objects.get(variant=variant, node="node-b")
+    assert copy.state == CopyState.FAILED and "config.json from node node-a" in copy.detail
+    assert (store / NAME / "config.json").read_text() == "{}"
+    assert not list((store / INCOMING).glob(f"{NAME}/*"))
+
+    monkeypatch.setattr(Source, "mode", "honest")
+    copies.run_copy(variant.pk, replace=True)
+    assert hash_dir(store / NAME) == variant.manifest
+    assert NodeCopy.objects.get(variant=variant, node="node-b").state == CopyState.READY
+    assert not list((store / INCOMING).glob(f"{NAME}/*"))  # the replaced copy went with its move aside
+
+
+@pytest.mark.django_db
+def test_a_source_whose_heartbeat_says_down_is_still_tried(store, source, source_files, settings):
+    # Under load a node can miss enough beats to be counted down while it still answers (clean-clone CI: node-2's
+    # replacement found no source, and the fresh copy never came).
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from appliance.models import Node, NodeState
+
+    variant = ready_variant(source_files, {"node-a": CopyState.READY})
+    silent = timezone.now() - timedelta(seconds=settings.NODE_DOWN_AFTER * settings.NODE_HEARTBEAT_S + 1)
+    Node.objects.filter(name="node-a").update(last_heartbeat=silent)
+    assert Node.objects.get(name="node-a").state() == NodeState.DOWN
+    copies.run_copy(variant.pk)
+    assert NodeCopy.objects.get(variant=variant, node="node-b").state == CopyState.READY
+    assert hash_dir(store / NAME) == variant.manifest
+
+
+@pytest.mark.django_db
+def test_a_copy_waits_for_a_source_that_refuses_connections_and_takes_it_once_it_answers(
+        store, source, source_files, monkeypatch):
+    live = f"http://127.0.0.1:{source.server_address[1]}"
+    register("node-a", f"http://127.0.0.1:{free_port()}")  # restarting: nothing listens there yet
+    variant = ready_variant(source_files, {"node-a": CopyState.READY})
+    NodeCopy.objects.create(variant=variant, node="node-b", state=CopyState.COPYING, detail="queued")
+    monkeypatch.setattr(copies, "SOURCE_RETRY_S", 0.01)
+    reported = watch_progress(monkeypatch, then=lambda: register("node-a", live))  # back up for the next round
+    copies.run_copy(variant.pk)
+    waits = [detail for detail in reported if detail.startswith("waiting")]
+    assert len(waits) == 1 and "from node-a: " in waits[0] and "ConnectError" in waits[0], waits
+    assert NodeCopy.objects.get(variant=variant, node="node-b").state == CopyState.READY
+    assert hash_dir(store / NAME) == variant.manifest
+
+
+@pytest.mark.django_db
+def test_a_copy_whose_only_source_never_answers_fails_after_the_wait_naming_it(store, source_files, monkeypatch):
+    register("node-a", f"http://127.0.0.1:{free_port()}")
+    variant = ready_variant(source_files, {"node-a": CopyState.READY})
+    monkeypatch.setattr(copies, "SOURCE_WAIT_S", 0.3)
+    monkeypatch.setattr(copies, "SOURCE_RETRY_S", 0.05)
+    copies.run_copy(variant.pk)
+    copy = NodeCopy.objects.get(variant=variant, node="node-b")
+    assert copy.state == CopyState.FAILED and "from node-a: " in copy.detail and "ConnectError" in copy.detail
+    assert nothing_partial(store)
 
 
 @pytest.mark.django_db
