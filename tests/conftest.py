@@ -22,19 +22,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 HOSTILE = Path(__file__).resolve().parent / "hostile"
+EXTERNAL_ENGINES = ("vllm", "sglang")  # the markers of tests that need an external engine's virtualenv
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if HOSTILE in item.path.parents:  # the adversarial suite attacks a live box: real processes
             item.add_marker(pytest.mark.e2e)
-    if "vllm" not in (config.getoption("markexpr") or ""):
-        # The vLLM tests need vLLM's own virtualenv and a minute to start it: only a run that names them
-        # (`pytest -m vllm`, CI's step of its own) collects them, so `make test` never needs vLLM.
-        vllm = [item for item in items if item.get_closest_marker("vllm")]
-        if vllm:
-            config.hook.pytest_deselected(items=vllm)
-            items[:] = [item for item in items if not item.get_closest_marker("vllm")]
+    for engine in EXTERNAL_ENGINES:
+        if engine in (config.getoption("markexpr") or ""):
+            continue
+        # These tests need the engine's own virtualenv (and vLLM's a minute to start): only a run that names them
+        # (`pytest -m "vllm or sglang"`, CI's step of its own) collects them, so `make test` never needs either.
+        needing = [item for item in items if item.get_closest_marker(engine)]
+        if needing:
+            config.hook.pytest_deselected(items=needing)
+            items[:] = [item for item in items if not item.get_closest_marker(engine)]
     if not config.getoption("--integration"):
         return
     kept, dropped = [], []

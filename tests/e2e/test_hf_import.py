@@ -15,7 +15,8 @@ from appliance import fp8
 from tests.hostile.probes import shell
 from tests.livebox import ROOT
 
-pytestmark = pytest.mark.e2e
+# What the importer makes of a directory, not what the database or broker can change: CI runs it once.
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_neutral]
 
 FP8_SCHEME = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
