@@ -2,6 +2,11 @@
 
 Views, admin actions and management commands validate their input and then
 call one of these; nothing else writes registry rows.
+
+Rows are locked FOR NO KEY UPDATE (select_for_update(no_key=True)): no action changes a key, and on PostgreSQL
+a plain FOR UPDATE also blocks the foreign-key check of any row that points at the locked one. Those checks
+are deferred to COMMIT, where the other transaction already holds the ledger's append lock, so a deploy
+locking its variant and a fit analysis committing its report for that variant deadlocked (seen in CI).
 """
 import logging
 import os
@@ -10,7 +15,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -26,6 +31,7 @@ from .models import (
     ConsolePassword,
     DesiredState,
     Deployment,
+    Engine,
     FitAnalysis,
     Lease,
     CopyState,
@@ -84,7 +90,7 @@ def do_start_import(*, name: str, kind: str, source_path: str, actor: str, prove
     requested = {**(provenance or {}), "source_path": source, "imported_by": actor}
     do_reclaim_stale_imports(name, actor=WORKER)  # an import whose worker died is failed now, so it may be retried
     with transaction.atomic():
-        variant = ModelVariant.objects.select_for_update().filter(name=name).first()
+        variant = ModelVariant.objects.select_for_update(no_key=True).filter(name=name).first()
         if variant is None:
             variant = ModelVariant.objects.create(name=name, kind=kind, source_path=source, provenance=requested,
                                                   parents=parents)
@@ -142,7 +148,7 @@ def do_reclaim_stale_imports(name: str | None = None, *, actor: str) -> list[str
 
 def _held(variant_id: int, owner: str) -> ModelVariant:
     """Return the variant locked for update, or raise LeaseLost unless import attempt owner still holds it."""
-    variant = ModelVariant.objects.select_for_update().filter(pk=variant_id).first()
+    variant = ModelVariant.objects.select_for_update(no_key=True).filter(pk=variant_id).first()
     if variant is None or variant.status != VariantStatus.IMPORTING or variant.lease_owner != owner:
         raise LeaseLost(f"import attempt {owner} no longer holds variant {variant_id}")
     return variant
@@ -234,7 +240,7 @@ def do_quarantine(variant_id: int, problems: list[str], *, node: str, actor: str
     """Quarantine `node`'s copy of a variant whose files there no longer match its manifest: that node stops
     serving it. When no node has a ready copy left, the variant itself is quarantined and undeployed."""
     with transaction.atomic(durable=True):
-        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
+        variant = ModelVariant.objects.select_for_update(no_key=True).get(pk=variant_id)
         _set_copy(variant, node, CopyState.QUARANTINED, "; ".join(problems))
         whole = not variant.has_ready_copy()
         if whole:
@@ -249,7 +255,7 @@ def do_quarantine(variant_id: int, problems: list[str], *, node: str, actor: str
 def do_record_verified(variant_id: int, *, node: str, actor: str) -> None:
     """Record that `node`'s copy of a variant matches its manifest; a quarantined variant is ready again."""
     with transaction.atomic(durable=True):
-        variant = ModelVariant.objects.select_for_update().get(pk=variant_id)
+        variant = ModelVariant.objects.select_for_update(no_key=True).get(pk=variant_id)
         _set_copy(variant, node, CopyState.READY, "verified")
         if variant.status == VariantStatus.QUARANTINED:
             variant.transition(VariantStatus.READY)
@@ -372,20 +378,21 @@ def do_record_measurement(deployment_id: int, measured: dict) -> None:
 
 def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
               engine_flags: list[str] | None = None, node: str | None = None,
-              replicas: list[str] | None = None) -> Deployment:
+              replicas: list[str] | None = None, parts: list[str] | None = None) -> Deployment:
     """Ask a node's web process to load the variant, on `engine` (None keeps the deployment's engine, builtin at
     first) with `engine_flags`, the fit plan as that engine's arguments (None keeps them), on `node`: a node's name
     or placement.ANYWHERE (None keeps the deployment's node, this node at first), and on each of `replicas`, other
-    nodes by name that serve it too (None keeps them; [] drops them).
+    nodes by name that serve it too (None keeps them; [] drops them), or over `parts`, other nodes by name that
+    each run a part of its one vLLM engine (None keeps them; [] drops them; engine_flags then say how).
 
-    A running deployment keeps its engine and its node until it is undeployed: a change of either is refused, not
-    applied half-way (a web process would have to unload and load it behind the administrator's back). Its
-    replicas may change while it runs: a node added loads it, a node dropped unloads it.
+    A running deployment keeps its engine, its node and its parts until it is undeployed: a change of any is
+    refused, not applied half-way (a web process would have to unload and load it behind the administrator's
+    back). Its replicas may change while it runs: a node added loads it, a node dropped unloads it.
     """
     if engine is not None:
         check_engine_name(engine)
     with transaction.atomic():
-        variant = ModelVariant.objects.select_for_update().get(pk=variant.pk)
+        variant = ModelVariant.objects.select_for_update(no_key=True).get(pk=variant.pk)
         if variant.status not in (VariantStatus.READY, VariantStatus.DEPLOYED):
             raise ActionRefused(f"variant {variant.name} is {variant.status}; only a ready variant can be deployed")
         deployment, _ = Deployment.objects.get_or_create(variant=variant)
@@ -406,11 +413,19 @@ def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
                 raise ActionRefused(f"variant {variant.name} is deployed on node {deployment.node}; undeploy it "
                                     f"before deploying it on {chosen}")
             deployment.node = chosen
-        if replicas is not None:
-            try:
+        try:
+            if replicas is not None:
                 deployment.replicas = placement.choose_replicas(variant, replicas, deployment.node)
-            except placement.PlacementRefused as exc:
-                raise ActionRefused(f"deploy refused: {exc}") from exc
+            if parts is not None:
+                chosen_parts = placement.choose_replicas(variant, parts, deployment.node, role="part")
+                if running and chosen_parts != deployment.parts:
+                    raise ActionRefused(f"variant {variant.name} is deployed over nodes "
+                                        f"{', '.join([deployment.node, *deployment.parts])}; undeploy it before "
+                                        "changing its parts")
+                deployment.parts = chosen_parts
+        except placement.PlacementRefused as exc:
+            raise ActionRefused(f"deploy refused: {exc}") from exc
+        check_parts(deployment)
         deployment.desired = DesiredState.DEPLOYED
         if deployment.actual == ActualState.FAILED:
             # A new deploy is a new attempt: let the reconciler try again.
@@ -418,8 +433,29 @@ def do_deploy(variant: ModelVariant, *, actor: str, engine: str | None = None,
         deployment.save()
         ledger.append("deployment.deploy", actor=actor, target=variant.name, outcome="requested",
                       details={"engine": deployment.engine, "engine_flags": deployment.engine_flags,
-                               "placed_on": deployment.node, "replicas": deployment.replicas})
+                               "placed_on": deployment.node, "replicas": deployment.replicas,
+                               "parts": deployment.parts})
     return deployment
+
+
+def check_parts(deployment: Deployment) -> None:
+    """Refuse a deployment over several nodes that its engine and arguments cannot run: only vLLM's data-parallel
+    mode runs one engine over several boxes, each part needs the arguments that say so, and one engine over every
+    node leaves no node for a replica."""
+    if not deployment.parts:
+        return
+    name = deployment.variant.name
+    if deployment.engine != Engine.VLLM:
+        raise ActionRefused(f"deploy refused: {name} runs over nodes {', '.join(deployment.parts)} as parts of one "
+                            f"engine, which only vLLM's data-parallel mode does; deploy it with --engine vllm, not "
+                            f"{deployment.engine}")
+    if deployment.replicas:
+        raise ActionRefused(f"deploy refused: {name} cannot have replicas ({', '.join(deployment.replicas)}) and "
+                            "parts on other nodes at once; drop one or the other")
+    flags = deployment.engine_flags
+    if "--data-parallel-size-local" not in flags or "--data-parallel-address" not in flags:
+        raise ActionRefused(f"deploy refused: {name}'s engine arguments do not run it over several nodes (no "
+                            "--data-parallel-size-local and --data-parallel-address); deploy it with --part again")
 
 
 def do_undeploy(variant: ModelVariant, *, actor: str) -> None:
@@ -431,7 +467,7 @@ def do_undeploy(variant: ModelVariant, *, actor: str) -> None:
 
 def _move_variant(name: str, frm: str, to: str) -> None:
     """Move a variant from one status to another through its transition rule (in the caller's transaction)."""
-    variant = ModelVariant.objects.select_for_update().filter(name=name).first()
+    variant = ModelVariant.objects.select_for_update(no_key=True).filter(name=name).first()
     if variant is not None and variant.status == frm:
         variant.transition(to)
         variant.save(update_fields=["status", "status_detail"])
@@ -443,59 +479,70 @@ def do_record_loading(deployment_id: int, detail: str) -> None:
 
 
 def do_record_load(deployment_id: int, name: str, *, outcome: str, details: dict, actor: str, detail: str = "",
-                   device: str = "", engine_process: dict | None = None, replica: bool = False) -> None:
+                   device: str = "", engine_process: dict | None = None, replica: bool = False,
+                   part: int = 0) -> None:
     """Record how a load attempt ended, with its deployment.load event: ok (deployed), refused, failed, cancelled.
 
     A deployed variant moves from ready to deployed; `engine_process` (the engine process's own startup report)
-    becomes that process's process.start event. A replica's load (a node other than the deployment's own) leaves
-    the deployment's state to its node: the event, which names the replica's node, is its record.
+    becomes that process's process.start event. A replica's load (a node other than the deployment's own), or a
+    part's (`part`: its node's place among the deployment's nodes, from 1), leaves the deployment's state to its
+    node: the event, which names the replica's or part's node, is its record.
     """
     actual = {"ok": ActualState.DEPLOYED, "cancelled": ActualState.UNDEPLOYED}.get(outcome, ActualState.FAILED)
     with transaction.atomic():
-        if not replica:
+        if not (replica or part):
             Deployment.objects.filter(pk=deployment_id).update(actual=actual, device=device, detail=detail)
-        else:
-            details = {**details, "replica": True}
-        if outcome == "ok":
+        details = {**details, **_elsewhere(replica, part)}
+        if outcome == "ok" and not part:  # a part alone serves nothing: its head's load deploys the variant
             _move_variant(name, VariantStatus.READY, VariantStatus.DEPLOYED)
         if engine_process is not None:
             ledger.append("process.start", actor=f"system:engine:{name}"[:200], target=name, details=engine_process)
         ledger.append("deployment.load", actor=actor, target=name, outcome=outcome, details=details)
 
 
-def do_record_unload(name: str, *, actor: str, replica: bool = False) -> None:
+def do_record_unload(name: str, *, actor: str, replica: bool = False, part: int = 0) -> None:
     """Record that the web process unloaded a variant's engine: undeployed, the variant ready again (a replica's
-    unload leaves both to the deployment's own node)."""
+    or a part's unload leaves both to the deployment's own node)."""
     with transaction.atomic():
-        if not replica:
+        if not (replica or part):
             Deployment.objects.filter(variant__name=name).update(actual=ActualState.UNDEPLOYED, device="")
             _move_variant(name, VariantStatus.DEPLOYED, VariantStatus.READY)
-        ledger.append("deployment.unload", actor=actor, target=name, outcome="ok",
-                      details={"replica": True} if replica else {})
+        ledger.append("deployment.unload", actor=actor, target=name, outcome="ok", details=_elsewhere(replica, part))
+
+
+def _elsewhere(replica: bool, part: int) -> dict:
+    """Return what an engine event says of a node other than the deployment's own: a replica's, or a part's place."""
+    return {"part": part} if part else {"replica": True} if replica else {}
 
 
 def do_record_engine_exit(deployment_id: int, name: str, *, reason: str, pid: int, crashes: int,
-                          restarts_allowed: int, window_s: int, actor: str, replica: bool = False) -> bool:
+                          restarts_allowed: int, window_s: int, actor: str, replica: bool = False,
+                          part: int = 0) -> bool:
     """Record that a deployment's engine process ended unasked; return whether it may be started again.
 
     Within the restart budget the deployment goes back to loading (the reconciler starts a new process);
     past it, the deployment is failed with the reason, and the variant is no longer deployed. A replica's crash
     changes neither (the deployment's own node serves it still): the event, naming the replica's node, records it.
+    When the deployment runs over several nodes, the head's or a part's end restarts the whole engine (its
+    engine_epoch moves on: the head and every part start again); past the budget it is failed as a whole.
     """
     restart = crashes <= restarts_allowed
     detail = (f"restarting: the engine process {reason} (crash {crashes} of {restarts_allowed} allowed in "
               f"{window_s // 60} minutes)" if restart else
               f"failed: the engine process {reason}; {crashes} crashes in {window_s // 60} minutes, not restarted")
+    if part:
+        detail = f"{detail} (its part {part} on node {settings.APPLIANCE_NODE})"
     with transaction.atomic():
         if not replica:
             Deployment.objects.filter(pk=deployment_id).update(
-                actual=ActualState.LOADING if restart else ActualState.FAILED, detail=detail[:500])
+                actual=ActualState.LOADING if restart else ActualState.FAILED, detail=detail[:500],
+                engine_epoch=F("engine_epoch") + 1)
             if not restart:
                 _move_variant(name, VariantStatus.DEPLOYED, VariantStatus.READY)
         ledger.append("deployment.crashed", actor=actor, target=name, outcome="restarting" if restart else "failed",
                       details={"reason": reason, "pid": pid, "crashes_in_window": crashes,
                                "restarts_allowed": restarts_allowed, "window_s": window_s,
-                               **({"replica": True} if replica else {})})
+                               **_elsewhere(replica, part)})
     return restart
 
 
@@ -574,7 +621,7 @@ def forget_loaded_state() -> None:
     with transaction.atomic():
         Deployment.objects.exclude(actual=ActualState.UNDEPLOYED).update(
             actual=ActualState.UNDEPLOYED, device="", detail="")
-        for variant in ModelVariant.objects.select_for_update().filter(status=VariantStatus.DEPLOYED):
+        for variant in ModelVariant.objects.select_for_update(no_key=True).filter(status=VariantStatus.DEPLOYED):
             variant.transition(VariantStatus.READY)
             variant.save(update_fields=["status", "status_detail"])
 
@@ -614,7 +661,7 @@ def do_update_team(team: Team, *, actor: str, values: dict, variants=None) -> di
     if unknown:
         raise ActionRefused(f"cannot change {', '.join(sorted(unknown))} of a team")
     with transaction.atomic():
-        team = Team.objects.select_for_update().get(pk=team.pk)
+        team = Team.objects.select_for_update(no_key=True).get(pk=team.pk)
         changes = _apply_changes(team, values, variants)
         if changes:
             ledger.append("team.update", actor=actor, target=team.name, details={"changes": changes})
@@ -628,7 +675,7 @@ def do_update_api_key(key: ApiKey, *, actor: str, values: dict, variants=None) -
     if unknown:
         raise ActionRefused(f"cannot change {', '.join(sorted(unknown))} of an API key")
     with transaction.atomic():
-        key = ApiKey.objects.select_for_update().select_related("team").get(pk=key.pk)
+        key = ApiKey.objects.select_for_update(no_key=True).select_related("team").get(pk=key.pk)
         changes = _apply_changes(key, values, variants)
         if changes:
             ledger.append("apikey.update", actor=actor, target=key.team.name,
@@ -713,7 +760,7 @@ def do_take_lease(name: str, *, holder: str, ttl_s: int) -> bool:
     now = timezone.now()
     Lease.objects.get_or_create(name=name, defaults={"holder": "", "expires_at": now})
     with transaction.atomic():
-        previous = Lease.objects.select_for_update().filter(name=name).values_list("holder", "expires_at").get()
+        previous = Lease.objects.select_for_update(no_key=True).filter(name=name).values_list("holder", "expires_at").get()
         # The one conditional update decides: of two contenders, the second finds the row no longer free.
         taken = Lease.objects.filter(name=name).filter(Q(holder=holder) | Q(expires_at__lte=now)).update(
             holder=holder, expires_at=now + timedelta(seconds=ttl_s)) == 1

@@ -10,6 +10,7 @@ settled by the same code whichever engine generated the tokens.
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
 from django.conf import settings
 
@@ -17,6 +18,7 @@ from inference.engine.config import EngineConfig
 
 from . import engine_client
 from .importer import store_path
+from .models import Node
 
 
 class EngineUnavailable(RuntimeError):
@@ -49,10 +51,51 @@ def start(deployment, config: EngineConfig):
     if chosen == "builtin":
         return engine_client.start_engine(name, model_dir, config)
     if chosen == "vllm":
-        if not installed(settings.VLLM_PYTHON):
-            raise EngineUnavailable("vLLM is not installed on this box: set APPLIANCE_VLLM_PYTHON to the python of "
-                                    "its virtualenv (bash bench/peers_setup.sh vllm builds one)")
+        check_vllm()
         from . import vllm_engine  # here: its client loads the tokenizer stack, for a vLLM deployment only
 
+        if deployment.parts:  # the head of a deployment over several boxes
+            return vllm_engine.start_vllm(name, model_dir, settings.VLLM_PYTHON,
+                                          *across_nodes(deployment, settings.APPLIANCE_NODE))
         return vllm_engine.start_vllm(name, model_dir, settings.VLLM_PYTHON, deployment.engine_flags)
-    raise EngineUnavailable(f"the {chosen} engine is not supported by this appliance yet: deploy on builtin or vllm")
+    # SGLang: its PyPI build is CUDA-only, so no box this appliance is tested on could start it; what it has of SGLang
+    # is the plan as SGLang's flags, checked with SGLang's own parser (manage.py fit --engine-flags --engine sglang).
+    raise EngineUnavailable(f"the {chosen} engine is not supported by this appliance yet: deploy on builtin or vllm "
+                            "(`manage.py fit MODEL --engine-flags --engine sglang` prints SGLang's command lines)")
+
+
+def check_vllm() -> None:
+    """Raise EngineUnavailable unless vLLM is installed on this box."""
+    if not installed(settings.VLLM_PYTHON):
+        raise EngineUnavailable("vLLM is not installed on this box: set APPLIANCE_VLLM_PYTHON to the python of "
+                                "its virtualenv (bash bench/peers_setup.sh vllm builds one)")
+
+
+def start_part(deployment):
+    """Start this node's part of a deployment over several boxes and return it once started; raise
+    EngineUnavailable."""
+    check_vllm()
+    from . import vllm_engine
+
+    name = deployment.variant.name
+    return vllm_engine.start_vllm_part(name, store_path(name), settings.VLLM_PYTHON,
+                                       *across_nodes(deployment, settings.APPLIANCE_NODE))
+
+
+def across_nodes(deployment, node: str) -> tuple[list[str], list[str], str]:
+    """Return `node`'s vLLM arguments in a deployment over several boxes (the head first, then its parts), with the
+    head's address in them, the hosts of the deployment's other nodes (what its engine's guard lets it reach) and
+    `node`'s own host."""
+    from inference.fit.engine_flags import part_args, with_head
+
+    nodes = [deployment.node, *deployment.parts]
+    addresses = dict(Node.objects.filter(name__in=nodes).values_list("name", "address"))
+    hosts = {}
+    for other in nodes:
+        host = urlsplit(addresses.get(other, "")).hostname
+        if not host:
+            raise EngineUnavailable(f"node {other} of {deployment.variant.name}'s deployment has no registered "
+                                    "address; is its web process running?")
+        hosts[other] = host
+    arguments = with_head(part_args(deployment.engine_flags, nodes.index(node)), hosts[deployment.node])
+    return arguments, [hosts[other] for other in nodes if other != node], hosts[node]

@@ -162,6 +162,14 @@ class Deployment(models.Model):
     # busy). This row's actual state, device and detail are the node's above; a replica's is its heartbeat (what
     # it serves) and its ledger events (deployment.load and .crashed, each naming the node).
     replicas = models.JSONField(default=list, blank=True)
+    # The other nodes that each run a part of its one engine (vLLM's headless data-parallel ranks over several
+    # boxes), in rank order; the node above is the head, which serves the API. engine_flags are then the arguments
+    # every node shares, naming the head as inference.fit.engine_flags.HEAD_PLACEHOLDER.
+    parts = models.JSONField(default=list, blank=True)
+    # Counts the restarts of an engine over several nodes: when its head or a part ends unasked, the head and every
+    # part start again together, for vLLM's ranks join one engine only when they all start (a lone new rank would
+    # not rejoin the old ones).
+    engine_epoch = models.PositiveIntegerField(default=0)
     detail = models.TextField(blank=True)
     # What the loaded engine really allocated (measured in its engine process, appliance.fitting.record_measurement),
     # shown next to the fit advisor's prediction.

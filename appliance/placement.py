@@ -75,13 +75,14 @@ def choose_node(variant: ModelVariant, asked: str) -> str:
     return min(fitting, key=lambda c: (-c[0], c[1]))[1]
 
 
-def choose_replicas(variant: ModelVariant, asked: list[str], node: str) -> list[str]:
-    """Return the replicas' nodes, each checked as a named node is (registered, not down), in the order asked,
-    without repeats and without the deployment's own node; raise PlacementRefused naming the first bad one."""
+def choose_replicas(variant: ModelVariant, asked: list[str], node: str, role: str = "replica") -> list[str]:
+    """Return the nodes of the replicas (or of another `role`: the parts), each checked as a named node is
+    (registered, not down), in the order asked, without repeats and without the deployment's own node; raise
+    PlacementRefused naming the first bad one."""
     chosen: list[str] = []
     for name in asked:
         if name == ANYWHERE:
-            raise PlacementRefused("a replica is placed on a named node, not 'anywhere'")
+            raise PlacementRefused(f"a {role} is placed on a named node, not 'anywhere'")
         if name != node and name not in chosen:
             chosen.append(choose_node(variant, name))
     return chosen

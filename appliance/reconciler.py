@@ -48,11 +48,17 @@ def reconcile_once() -> None:
     for name in engine_client.names():
         if name not in wanted:
             unload(name)
+        elif wanted[name].parts and _epochs.get(name, 0) < wanted[name].engine_epoch:
+            # A part of its engine ended (its event says which): the head starts again, with every part. Ended
+            # too by now, or not, it is no crash of its own.
+            log.warning("restarting the head of %s: a part of its engine ended", name)
+            engine_client.unregister(name).close()
         elif not engine_client.get(name).alive:
             restart_or_fail(wanted[name])
     for name, dep in wanted.items():
         if engine_client.get(name) is None and not failed_here(dep):
             load(dep)
+    reconcile_parts(quarantined)
 
 
 def is_replica(dep: Deployment) -> bool:
@@ -79,21 +85,27 @@ def engine_config() -> EngineConfig:
                         exact=settings.ENGINE_EXACT, precision=settings.ENGINE_PRECISION)
 
 
+def crashes_in_window(key: str) -> int:
+    """Count one more crash of an engine process (key: its variant, or its variant's part) and return how many fell
+    within the restart window."""
+    now = time.monotonic()
+    crashes = _crashes[key]
+    crashes.append(now)
+    while crashes and now - crashes[0] > RESTART_WINDOW_S:
+        crashes.popleft()
+    return len(crashes)
+
+
 def restart_or_fail(dep: Deployment) -> None:
     """Record an engine process that ended unasked; the next load starts it again unless it crashes too often."""
     name = dep.variant.name
     client = engine_client.unregister(name)
-    now = time.monotonic()
-    crashes = _crashes[name]
-    crashes.append(now)
-    while crashes and now - crashes[0] > RESTART_WINDOW_S:
-        crashes.popleft()
     restart = actions.do_record_engine_exit(dep.pk, name, reason=client.exit_reason, pid=client.pid,
-                                            crashes=len(crashes), restarts_allowed=RESTARTS_ALLOWED,
+                                            crashes=crashes_in_window(name), restarts_allowed=RESTARTS_ALLOWED,
                                             window_s=RESTART_WINDOW_S, actor=ACTOR, replica=is_replica(dep))
     dep.refresh_from_db()
     if not restart:
-        crashes.clear()  # a new deploy is a new attempt with a fresh budget
+        _crashes[name].clear()  # a new deploy is a new attempt with a fresh budget
         if is_replica(dep):
             _replica_failed[name] = dep.updated_at
 
@@ -105,16 +117,8 @@ def load(dep: Deployment) -> None:
         return
     if not is_replica(dep):  # the row's state is its own node's
         actions.do_record_loading(dep.pk, "verifying files")
-    problems = check_store(variant)
-    if problems:
-        actions.do_quarantine(variant.pk, problems, node=settings.APPLIANCE_NODE, actor=ACTOR)
-        record_load(dep, "refused", detail="; ".join(problems),
-                    details={"reason": "files do not match the manifest", "problems": problems[:20]})
+    if not files_intact(dep, record_load):
         return
-    if not variant.has_ready_copy(settings.APPLIANCE_NODE):
-        # Files this node holds without a record (a shared store, or a store from before copies were recorded):
-        # the hash above proved them, so they are this node's ready copy.
-        actions.do_record_verified(variant.pk, node=settings.APPLIANCE_NODE, actor=ACTOR)
     try:
         # A variant imported before the weight checks existed may still lie; a build cannot be stopped.
         check_model_dir(store_path(variant.name))
@@ -139,6 +143,7 @@ def load(dep: Deployment) -> None:
                                                "duration_ms": duration_ms})
         return
     engine_client.register(variant.name, engine)
+    _epochs[variant.name] = dep.engine_epoch
     record_load(dep, "ok", device=engine.device, engine_process=engine.process_report,
                 details={"device": engine.device, "pid": engine.pid, "duration_ms": duration_ms,
                          "engine": engine.engine})
@@ -148,9 +153,28 @@ def load(dep: Deployment) -> None:
         fitting.record_measurement(dep.pk, engine.measured)
 
 
-def files_here(dep: Deployment) -> bool:
+def files_intact(dep: Deployment, record) -> bool:
+    """Re-hash this node's copy of the deployment's variant; on a mismatch quarantine it here, record the load as
+    refused with `record` (record_load or record_part) and return False."""
+    variant = dep.variant
+    problems = check_store(variant)
+    if problems:
+        actions.do_quarantine(variant.pk, problems, node=settings.APPLIANCE_NODE, actor=ACTOR)
+        record(dep, "refused", detail="; ".join(problems),
+               details={"reason": "files do not match the manifest", "problems": problems[:20]})
+        return False
+    if not variant.has_ready_copy(settings.APPLIANCE_NODE):
+        # Files this node holds without a record (a shared store, or a store from before copies were recorded):
+        # the hash above proved them, so they are this node's ready copy.
+        actions.do_record_verified(variant.pk, node=settings.APPLIANCE_NODE, actor=ACTOR)
+    return True
+
+
+def files_here(dep: Deployment, record=None) -> bool:
     """Return whether this node's store holds the variant's files; if not, see that its worker fetches a copy from
-    a node that has one (appliance.copies), and record why the deployment waits or cannot load here."""
+    a node that has one (appliance.copies), and record why the deployment waits or cannot load here (with
+    `record`: record_load, or record_part for a part)."""
+    record = record or record_load
     variant = dep.variant
     copy = variant.copies.filter(node=settings.APPLIANCE_NODE).first()
     if copy is not None and copy.state == CopyState.COPYING and not stalled(copy):
@@ -158,7 +182,7 @@ def files_here(dep: Deployment) -> bool:
     if store_path(variant.name).is_dir():  # a copy moves into place whole, so a directory there is complete
         return True
     if copy is not None and copy.state == CopyState.FAILED and copy.updated_at >= dep.updated_at:
-        record_load(dep, "refused", detail=f"no copy of the files on this node: {copy.detail}",
+        record(dep, "refused", detail=f"no copy of the files on this node: {copy.detail}",
                     details={"reason": "copying the files to this node failed", "problem": copy.detail[:500]})
         return False
     node = Node.objects.filter(name=settings.APPLIANCE_NODE).first()
@@ -179,6 +203,8 @@ def stalled(copy: NodeCopy) -> bool:
 
 # The variants this node loaded as a replica, so that their unload, too, leaves the deployment's row alone.
 _replicas: set[str] = set()
+# The engine_epoch each engine here was started in: a deployment over several nodes restarts as a whole.
+_epochs: dict[str, int] = {}
 
 
 def record_load(dep: Deployment, outcome: str, **record) -> None:
@@ -217,6 +243,91 @@ def unload(name: str) -> None:
     engine.close()
     actions.do_record_unload(name, actor=ACTOR, replica=name in _replicas)
     _replicas.discard(name)
+
+
+# This node's parts of deployments over several boxes (vLLM's headless data-parallel ranks), by variant name, with
+# the node's place among the deployment's nodes: they serve no API, so they are not among engine_client's engines
+# (which the heartbeat reports as what this node serves, and the API routes to).
+_parts: dict[str, tuple[object, int, int]] = {}  # name -> (the part, its place, the engine_epoch it started in)
+# Parts that could not start or crashed past the restart budget, with the deployment's updated_at then.
+_part_failed: dict[str, object] = {}
+
+
+def part_place(dep: Deployment) -> int:
+    """Return this node's place among the nodes of a deployment over several boxes (the head is 0)."""
+    return 1 + dep.parts.index(settings.APPLIANCE_NODE)
+
+
+def reconcile_parts(quarantined: set[int]) -> None:
+    """Start this node's parts of deployments over several boxes, stop those no longer asked for, and record and
+    restart (within the budget) those that ended unasked."""
+    wanted = {dep.variant.name: dep for dep in Deployment.objects.filter(desired=DesiredState.DEPLOYED)
+              .exclude(actual=ActualState.FAILED).select_related("variant")  # failed as a whole: parts stop too
+              if settings.APPLIANCE_NODE in dep.parts and dep.variant_id not in quarantined
+              and dep.variant.status in (VariantStatus.READY, VariantStatus.DEPLOYED)}
+    for name, (part, place, epoch) in list(_parts.items()):
+        if name not in wanted:
+            unload_part(name)
+        elif epoch < wanted[name].engine_epoch:
+            # The head or another part ended (its event says which): this part starts again with them. Ended too
+            # by now, or not, it is no crash of its own.
+            log.warning("restarting the part of %s: its engine restarts", name)
+            del _parts[name]
+            part.close()
+        elif not part.alive:
+            del _parts[name]
+            dep = wanted[name]
+            restart = actions.do_record_engine_exit(
+                dep.pk, name, reason=part.exit_reason, pid=part.pid, crashes=crashes_in_window(f"{name} part"),
+                restarts_allowed=RESTARTS_ALLOWED, window_s=RESTART_WINDOW_S, actor=ACTOR, part=place)
+            dep.refresh_from_db()  # its engine_epoch moved on: what the part starts again in
+            if not restart:
+                _crashes[f"{name} part"].clear()
+                _part_failed[name] = dep.updated_at
+    for name, dep in wanted.items():
+        if name not in _parts and _part_failed.get(name) != dep.updated_at:
+            load_part(dep)
+
+
+def load_part(dep: Deployment) -> None:
+    """Verify this node's copy of the files and start its part of the deployment's engine."""
+    name = dep.variant.name
+    if not files_here(dep, record_part) or not files_intact(dep, record_part):
+        return
+    dep.refresh_from_db()  # the engine_epoch it starts in: a restart of the engine meanwhile is then seen
+    refusal = refuse_before_build(dep.variant)  # a part loads the weights as its head does: the same checks
+    if refusal:
+        record_part(dep, "refused", details={"reason": refusal[:500]})
+        return
+    started = time.monotonic()
+    try:
+        part = engines.start_part(dep)
+    except Exception as exc:
+        log.exception("starting the part of %s failed", name)
+        record_part(dep, "failed", details={"error": str(exc)[:500]})
+        return
+    now = Deployment.objects.filter(pk=dep.pk, desired=DesiredState.DEPLOYED).first()
+    if now is None or settings.APPLIANCE_NODE not in now.parts:
+        part.close()
+        record_part(dep, "cancelled", details={"reason": "undeployed or deleted while starting"})
+        return
+    _parts[name] = (part, part_place(dep), dep.engine_epoch)
+    record_part(dep, "ok", engine_process=part.process_report,
+                details={"device": part.device, "pid": part.pid, "engine": part.engine, "head": dep.node,
+                         "duration_ms": int((time.monotonic() - started) * 1000)})
+
+
+def record_part(dep: Deployment, outcome: str, detail: str = "", **record) -> None:
+    """Record how starting this node's part ended; one that could not start waits for a new deploy."""
+    actions.do_record_load(dep.pk, dep.variant.name, outcome=outcome, actor=ACTOR, part=part_place(dep), **record)
+    if outcome in ("refused", "failed"):
+        _part_failed[dep.variant.name] = dep.updated_at
+
+
+def unload_part(name: str) -> None:
+    part, place, _ = _parts.pop(name)
+    part.close()
+    actions.do_record_unload(name, actor=ACTOR, part=place)
 
 
 def _loop() -> None:

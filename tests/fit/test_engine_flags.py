@@ -1,11 +1,12 @@
-"""The fit plan as vLLM's arguments: one box's flags, each node's command over several boxes, deploy's refusals."""
+"""The fit plan as vLLM's and SGLang's arguments: one box's flags, each node's command over several boxes, deploy's
+refusals."""
 import pytest
 from django.core.management import CommandError, call_command
 
 from appliance import actions, importer
-from appliance.engine_plan import vllm_plan
+from appliance.engine_plan import launch_plan
 from appliance.models import Deployment
-from inference.fit.engine_flags import NodeLaunch, missing_for, node_launches, vllm_flags
+from inference.fit.engine_flags import NodeLaunch, missing_for, node_launches, sglang_flags, vllm_flags
 from inference.fit.hardware import parse_hardware
 from inference.fit.parallel import PlanError, parse_plan
 
@@ -66,10 +67,10 @@ def test_a_box_without_gpus_is_told_what_it_lacks():
 
 def test_fit_prints_every_nodes_command(capsys, settings):
     settings.VLLM_PYTHON = ""
-    call_command("fit", "/models/r1", "--vllm-flags", "--plan", "dp16-ep16", "--hardware", "2x8xH200",
+    call_command("fit", "/models/r1", "--engine-flags", "--plan", "dp16-ep16", "--hardware", "2x8xH200",
                  "--context", "8192", "--head-address", "10.0.0.1")
     out = capsys.readouterr().out
-    planned = vllm_plan("2x8xH200", "dp16-ep16", 8192, head="10.0.0.1")
+    planned = launch_plan("vllm", "2x8xH200", "dp16-ep16", 8192, head="10.0.0.1")
     assert planned.describe("/models/r1") in out
     assert "node 0 (head: serves the API on 127.0.0.1): vllm serve /models/r1" in out
     assert "node 1: vllm serve /models/r1" in out and "--headless" in out
@@ -101,6 +102,53 @@ def test_deploy_with_a_plan_stores_its_flags_for_vllm(variant, capsys):
     assert flag(flags, "--tensor-parallel-size") == "1" and flag(flags, "--max-model-len") == "512"
 
 
-def test_a_plan_is_for_vllm_only(variant):
-    with pytest.raises(CommandError, match="deploy with --engine vllm"):
+def test_a_plan_is_for_an_external_engine_only(variant):
+    with pytest.raises(CommandError, match="deploy with --engine vllm or --engine sglang"):
         call_command("deploy", "demo-dense", "--plan", "tp1")
+
+
+@pytest.mark.parametrize("plan,tp,attn_dp,dp,ep", [("tp8", "8", None, None, None), ("dp8-ep8", "8", "8", None, "8"),
+                                                   ("ep8", "8", "8", None, "8"), ("tp8-dpattn", "8", "8", None, None),
+                                                   ("dp4-tp2", "2", None, "4", None), ("dp8", "1", None, "8", None)])
+def test_each_plan_becomes_sglangs_parallel_sizes(plan, tp, attn_dp, dp, ep):
+    flags = sglang_flags(parse_plan(plan, 8), 8192, "bf16", "fp8")
+    assert flag(flags, "--tp-size") == tp and flag(flags, "--attn-dp-size") == attn_dp
+    assert flag(flags, "--dp-size") == dp and flag(flags, "--ep-size") == ep
+    assert flag(flags, "--context-length") == "8192" and flag(flags, "--dtype") == "bfloat16"
+    assert flag(flags, "--kv-cache-dtype") == "fp8_e4m3" and flag(flags, "--mem-fraction-static") == "0.85"
+
+
+def test_an_offload_plan_is_refused_for_sglang():
+    with pytest.raises(PlanError, match="SGLang does not do"):
+        sglang_flags(parse_plan("tp8-offload", 8), 4096, "bf16")
+
+
+def test_sglang_over_two_boxes_is_one_group_with_a_rank_per_node():
+    hw = parse_hardware("2x8xH200")
+    launches = node_launches(parse_plan("ep16", hw.gpus), hw, 4096, "bf16", head="10.0.0.1", engine="sglang")
+    assert [flag(launch.args, "--node-rank") for launch in launches] == ["0", "1"]
+    for launch in launches:
+        assert flag(launch.args, "--nnodes") == "2" and flag(launch.args, "--dist-init-addr") == "10.0.0.1:25000"
+        assert flag(launch.args, "--tp-size") == "16" and flag(launch.args, "--ep-size") == "16"
+    assert launches[1].command("/models/r1").startswith("sglang serve --model-path /models/r1 --tp-size 16")
+    with pytest.raises(PlanError, match="deploy one replica per box instead"):
+        node_launches(parse_plan("dp2-tp8", hw.gpus), hw, 4096, "bf16", engine="sglang")
+
+
+def test_fit_prints_sglangs_commands_and_says_when_they_were_not_checked(capsys, settings):
+    settings.SGLANG_PYTHON = ""
+    call_command("fit", "/models/r1", "--engine-flags", "--engine", "sglang", "--plan", "ep16", "--hardware",
+                 "2x8xH200", "--head-address", "10.0.0.1")
+    out = capsys.readouterr().out
+    assert "SGLang for plan ep16 on 2x8xH200" in out
+    assert "node 0 (head: serves the API on 127.0.0.1): sglang serve --model-path /models/r1" in out
+    assert "--node-rank 1" in out
+    assert "not checked with SGLang's parser: SGLang is not installed here (APPLIANCE_SGLANG_PYTHON)" in out
+    with pytest.raises(CommandError, match="plans for vllm or sglang, not 'builtin'"):
+        call_command("fit", "/models/r1", "--engine-flags", "--engine", "builtin")
+
+
+def test_deploy_on_sglang_with_a_plan_refuses_on_a_box_without_cuda(variant):
+    with pytest.raises(CommandError, match="deploy refused: SGLang runs on CUDA GPUs only .* this box has no CUDA"):
+        call_command("deploy", "demo-dense", "--engine", "sglang", "--plan", "tp1")
+    assert not Deployment.objects.exists()

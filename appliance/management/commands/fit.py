@@ -26,20 +26,21 @@ class Command(BaseCommand):
         parser.add_argument("--engine", help="builtin, vllm or sglang (default vllm on GPUs, builtin on a CPU box)")
         parser.add_argument("--plan", help="parallel plan: tp8, tp8-dpattn, dp8-ep8, ep16, ep72, dp4-tp2, tp8-offload "
                                            "(default: the engine's usual plan)")
-        parser.add_argument("--vllm-flags", action="store_true",
-                            help="print the plan (--plan, --hardware, --context, --dtype) as vLLM's command line, one "
-                                 "per node over several boxes, checked with vLLM's own parser where it is installed")
-        parser.add_argument("--head-address", help="with --vllm-flags over several boxes: the head node's address")
+        parser.add_argument("--engine-flags", action="store_true",
+                            help="print the plan (--plan, --hardware, --context, --dtype) as the command line of "
+                                 "--engine (vllm, the default, or sglang), one per node over several boxes, checked "
+                                 "with that engine's own parser where it is installed")
+        parser.add_argument("--head-address", help="with --engine-flags over several boxes: the head node's address")
         parser.add_argument("--json", action="store_true", help="print the full report as JSON")
         parser.add_argument("--charts", type=Path, metavar="DIR", help="also write the memory and expert charts here "
                                                                        "(and the throughput chart with --workload)")
 
-    def handle(self, model, hardware, context, dtype, workload, engine, plan, json: bool, charts, vllm_flags,
+    def handle(self, model, hardware, context, dtype, workload, engine, plan, json: bool, charts, engine_flags,
                head_address, **options):
         from inference.fit import advice  # here: torch and transformers load only when the command runs
 
-        if vllm_flags:
-            return self.print_vllm_flags(model, hardware, plan, context, dtype, head_address)
+        if engine_flags:
+            return self.print_engine_flags(engine or "vllm", model, hardware, plan, context, dtype, head_address)
         if context is not None and context < 1:
             raise CommandError("--context must be at least 1")
         try:
@@ -71,23 +72,29 @@ class Command(BaseCommand):
             self.stderr.write(f"charts written to {charts}")
 
 
-    def print_vllm_flags(self, model, hardware, plan, context, dtype, head_address) -> None:
-        from appliance.engine_plan import check_with_vllm, vllm_plan  # here: it loads torch, for --vllm-flags only
+    def print_engine_flags(self, engine, model, hardware, plan, context, dtype, head_address) -> None:
+        # Here: it loads torch, for --engine-flags only.
+        from appliance.engine_plan import check_flags, launch_plan
+        from inference.fit.engine_flags import ENGINE_NAMES
 
+        if engine not in ENGINE_NAMES:
+            raise CommandError(f"--engine-flags plans for vllm or sglang, not {engine!r}")
+        name = ENGINE_NAMES[engine]
         try:
-            planned = vllm_plan(hardware, plan, context, dtype, head_address)
+            planned = launch_plan(engine, hardware, plan, context, dtype, head_address)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(planned.describe(model))
-        verdicts = check_with_vllm(planned.launches, model)
+        verdicts = check_flags(engine, planned.launches, model)
         if verdicts is None:
-            self.stdout.write("not checked with vLLM's parser: vLLM is not installed here (APPLIANCE_VLLM_PYTHON)")
+            self.stdout.write(f"not checked with {name}'s parser: {name} is not installed here "
+                              f"(APPLIANCE_{engine.upper()}_PYTHON)")
             return
         refused = [f"node {launch.node}: {verdict}" for launch, verdict in zip(planned.launches, verdicts)
                    if verdict != "ok"]
         if refused:
-            raise CommandError("vLLM's own parser refuses: " + "; ".join(refused))
-        self.stdout.write("vLLM's own parser accepts every command line")
+            raise CommandError(f"{name}'s own parser refuses: " + "; ".join(refused))
+        self.stdout.write(f"{name}'s own parser accepts every command line")
 
 
 def _dumps(data) -> str:
