@@ -16,7 +16,7 @@ from django.conf import settings
 
 from inference.engine.config import EngineConfig
 
-from . import engine_client
+from . import engine_client, gpus
 from .importer import store_path
 from .models import Node
 
@@ -31,9 +31,7 @@ def installed(python: str) -> bool:
 
 
 def cuda_present() -> bool:
-    import torch  # here: seconds to import, and only an `auto` engine asks
-
-    return torch.cuda.is_available()
+    return gpus.torch_cuda() is not None
 
 
 def resolve(engine: str) -> str:

@@ -7,6 +7,8 @@ anything is built, saying so.
 """
 from __future__ import annotations
 
+from . import gpus
+
 MIN_CAPABILITY = (8, 9)
 CAPABLE_GPUS = "NVIDIA L4/L40S (8.9), H100/H200/H20 (9.0), B200 (10.0)"
 
@@ -28,23 +30,19 @@ def describe(scheme: dict) -> str:
 def serving_device(setting: str) -> str:
     """Return where the engine would serve for APPLIANCE_ENGINE_DEVICE: "cuda" when it may and a GPU is seen.
 
-    Asked only for an FP8 checkpoint: it loads torch, which the web process otherwise leaves to the engines.
+    Asked only for an FP8 checkpoint; torch is loaded only where a GPU driver is (appliance.gpus).
     """
     if setting == "cpu":
         return "cpu"
-    import torch  # here: a box set to serve on CPU answers without loading torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if gpus.torch_cuda() else "cpu"
 
 
 def capabilities() -> list[tuple[str, tuple[int, int]]]:
     """Return (name, compute capability) of each GPU torch sees on this box (empty without CUDA)."""
-    import torch  # here: as in serving_device, torch loads only when a GPU question is asked
-
-    if not torch.cuda.is_available():
+    cuda = gpus.torch_cuda()
+    if cuda is None:
         return []
-    return [(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
-            for i in range(torch.cuda.device_count())]
+    return [(cuda.get_device_name(i), cuda.get_device_capability(i)) for i in range(cuda.device_count())]
 
 
 def deploy_refusal(config: dict, device: str, gpus: list[tuple[str, tuple[int, int]]] | None = None) -> str | None:

@@ -12,7 +12,7 @@ import psutil
 from django.conf import settings
 from django.db import close_old_connections
 
-from . import actions, engine_client
+from . import actions, engine_client, gpus
 
 log = logging.getLogger(__name__)
 ACTOR = "system:web"
@@ -21,17 +21,12 @@ _started = threading.Event()
 
 def inventory() -> dict:
     """Return this box's GPUs (name and memory of each) and host memory, from the vendors' own interfaces."""
-    gpus = []
-    try:
-        import torch  # here, and optional: a box registers without it, and the web process may not have loaded it
-
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                props = torch.cuda.get_device_properties(i)
-                gpus.append({"name": props.name, "memory_bytes": props.total_memory})
-    except ImportError:
-        pass
-    return {"gpus": gpus, "memory_bytes": psutil.virtual_memory().total}
+    found = []
+    cuda = gpus.torch_cuda()
+    for i in range(cuda.device_count() if cuda else 0):
+        props = cuda.get_device_properties(i)
+        found.append({"name": props.name, "memory_bytes": props.total_memory})
+    return {"gpus": found, "memory_bytes": psutil.virtual_memory().total}
 
 
 def software_version() -> str:

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from audit import ledger
 from audit.models import AuditEvent, Checkpoint
-from appliance import engine_client
+from appliance import engine_client, gpus as box_gpus
 
 from .. import usage
 from ..models import ModelVariant, Outcome, Period, UsageRecord
@@ -37,17 +37,12 @@ def engine_stats(name: str) -> dict:
 
 def gpus() -> list[dict]:
     """Return each visible CUDA device with its memory, or [] without CUDA."""
-    try:
-        import torch  # here: optional to the console; without it there are no GPUs to show
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
+    cuda = box_gpus.torch_cuda()
     found = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        found.append({"index": i, "name": torch.cuda.get_device_name(i), "total": total, "used": total - free,
-                      "allocated_here": torch.cuda.memory_allocated(i)})
+    for i in range(cuda.device_count() if cuda else 0):
+        free, total = cuda.mem_get_info(i)
+        found.append({"index": i, "name": cuda.get_device_name(i), "total": total, "used": total - free,
+                      "allocated_here": cuda.memory_allocated(i)})
     return found
 
 

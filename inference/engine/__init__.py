@@ -14,6 +14,8 @@
     outputs.py     hands chunks from the engine thread to the callers' event loops
     stats.py       figures for /metrics and the console; the KV budget the box can afford
     telemetry.py   MoE expert routing counts per layer
+    grammar.py     structured output's grammar text (JSON schemas), which the web process checks
+    constraint.py  a request's grammar applied: the mask of the tokens that may come next
 
 `Engine` is imported lazily: the request types and the config are what the web process needs on every
 path, and they do not load torch.

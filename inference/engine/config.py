@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from inference.engine.precision import PRECISIONS
+# The weight precisions a deployment may ask for (precision.py resolves "auto" per machine). Here, not in
+# precision.py, because the web process validates its config and must not load torch to do so.
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 
 DEFAULT_CPU_KV_FRACTION = 0.25  # of the memory available when the model is loaded, on CPU
 DEFAULT_GPU_KV_FRACTION = 0.85  # of the GPUs' free memory after the weights are loaded

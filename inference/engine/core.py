@@ -45,7 +45,8 @@ from inference.engine.request import (
     RequestStatus,
     SamplingParams,
 )
-from inference.engine.grammar import Constraint, GrammarVocabulary, check_grammar
+from inference.engine.constraint import Constraint, GrammarVocabulary
+from inference.engine.grammar import check_grammar
 from inference.engine.sampling import make_generator, sample_rows
 from inference.engine.telemetry import ExpertProbe, snapshot
 

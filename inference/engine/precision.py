@@ -15,9 +15,10 @@ import logging
 import torch
 from torch import nn
 
+from inference.engine.config import PRECISIONS
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
