@@ -173,6 +173,13 @@ class ClientBasics:
         return self._max_request_tokens
 
 
+# How long an idle connection to an engine's or a node's server is kept for the next request. Below the servers'
+# own keep-alive (uvicorn's --timeout-keep-alive: http_limits.SERVER_KEEPALIVE_S for our web process, 5 s for vLLM's): with both at
+# 5 s, a request sent just as the server closed the connection failed with a ReadError (a forwarded request
+# answered 503 "cannot be reached" in CI, 5 s after the connection's last use).
+CLIENT_KEEPALIVE_S = 2.0
+
+
 def loop_client(clients: weakref.WeakKeyDictionary, **options) -> httpx.AsyncClient:
     """Return the running event loop's AsyncClient in `clients` (event loop -> client), made with `options` on
     first use: a client's connections belong to the loop that opened them. No proxy variable is read
@@ -180,8 +187,8 @@ def loop_client(clients: weakref.WeakKeyDictionary, **options) -> httpx.AsyncCli
     loop = asyncio.get_running_loop()
     client = clients.get(loop)
     if client is None:
-        client = clients[loop] = httpx.AsyncClient(
-            trust_env=False, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64), **options)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=CLIENT_KEEPALIVE_S)
+        client = clients[loop] = httpx.AsyncClient(trust_env=False, limits=limits, **options)
     return client
 
 

@@ -10,6 +10,10 @@ import asyncio
 from django.conf import settings
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+# uvicorn's --timeout-keep-alive for the web process: an idle connection is closed after this many seconds (the
+# clients of other nodes keep theirs for less, engine_client.CLIENT_KEEPALIVE_S).
+SERVER_KEEPALIVE_S = 5
+
 
 class BodyRefused(Exception):
     """The body was not taken: too large (413) or too slow (408); `status` and `message` say which."""

@@ -16,7 +16,7 @@ from django.core.management import call_command
 
 from audit.checkpoints import make_checkpoint
 
-from . import actions, bundled
+from . import actions, bundled, http_limits
 from .models import ActualState, Deployment, ModelVariant, Team, VariantStatus
 
 ACTOR = "system:launcher"
@@ -76,7 +76,7 @@ def start_processes(port: int) -> "Supervisor":
                  "-s", str(home / "celerybeat-schedule")],
         "web": [python, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1", "--port", str(port),
                 "--lifespan", "off", "--no-access-log", "--http", "appliance.http_limits:HeaderTimeoutProtocol",
-                "--timeout-keep-alive", "5"],
+                "--timeout-keep-alive", str(http_limits.SERVER_KEEPALIVE_S)],
     }
     supervisor = Supervisor(commands, home / "logs")
     for name in commands:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import httpx
 
+from appliance.http_limits import SERVER_KEEPALIVE_S
+
 ROOT = Path(__file__).resolve().parents[1]
 # The web process's HTTP limits, as make run passes them (appliance/http_limits.py).
-WEB_ARGS = ("--http", "appliance.http_limits:HeaderTimeoutProtocol", "--timeout-keep-alive", "5")
+WEB_ARGS = ("--http", "appliance.http_limits:HeaderTimeoutProtocol", "--timeout-keep-alive", str(SERVER_KEEPALIVE_S))
 
 
 def free_port() -> int:
