@@ -149,7 +149,10 @@ def test_a_web_process_killed_mid_stream_leaves_a_chat_interrupted_event(tmp_pat
                 "ignore_eos": True}  # still streaming when the web process is killed, whatever the weights sample
         with httpx.stream("POST", box.url + CHAT, json=body, headers={"Authorization": f"Bearer {key}"},
                           timeout=120) as stream:
-            first = next(line for line in stream.iter_lines() if line.startswith("data: "))
+            # The line iterator is held until the kill: one dropped here is finalized at once, which closes the
+            # connection, and the web process could then settle the stream as cancelled before it is killed.
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
             request_id = json.loads(first[len("data: "):])["id"]
             box.procs["web"].kill()  # SIGKILL: no handler, no settlement, no cleanup
             box.procs["web"].wait(timeout=60)
