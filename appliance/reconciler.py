@@ -113,7 +113,7 @@ def restart_or_fail(dep: Deployment) -> None:
 def load(dep: Deployment) -> None:
     """Verify, bound and load a deployment's variant; drop the engine if it was undeployed while building."""
     variant = dep.variant
-    if not files_here(dep):
+    if not files_here(dep, record_load):
         return
     if not is_replica(dep):  # the row's state is its own node's
         actions.do_record_loading(dep.pk, "verifying files")
@@ -170,11 +170,10 @@ def files_intact(dep: Deployment, record) -> bool:
     return True
 
 
-def files_here(dep: Deployment, record=None) -> bool:
+def files_here(dep: Deployment, record) -> bool:
     """Return whether this node's store holds the variant's files; if not, see that its worker fetches a copy from
     a node that has one (appliance.copies), and record why the deployment waits or cannot load here (with
     `record`: record_load, or record_part for a part)."""
-    record = record or record_load
     variant = dep.variant
     copy = variant.copies.filter(node=settings.APPLIANCE_NODE).first()
     if copy is not None and copy.state == CopyState.COPYING and not stalled(copy):
@@ -183,7 +182,7 @@ def files_here(dep: Deployment, record=None) -> bool:
         return True
     if copy is not None and copy.state == CopyState.FAILED and copy.updated_at >= dep.updated_at:
         record(dep, "refused", detail=f"no copy of the files on this node: {copy.detail}",
-                    details={"reason": "copying the files to this node failed", "problem": copy.detail[:500]})
+               details={"reason": "copying the files to this node failed", "problem": copy.detail[:500]})
         return False
     node = Node.objects.filter(name=settings.APPLIANCE_NODE).first()
     if node is None:
