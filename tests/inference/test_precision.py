@@ -15,6 +15,7 @@ from torch import nn
 from inference.engine import Engine, EngineConfig, SamplingParams
 from inference.engine.precision import (
     BF16_PAYS_FROM_BYTES,
+    INT8_ROWS_PER_CALL,
     Int8WeightOnlyLinear,
     cpu_has_native_bf16,
     quantize_int8_weight_only,
@@ -64,20 +65,24 @@ def test_settings_refuse_an_unknown_precision_variable():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_computes_the_product_of_its_dequantized_weights(dtype):
+@pytest.mark.parametrize("rows", [1, 15, INT8_ROWS_PER_CALL + 3])  # one call, and one split over two calls
+def test_int8_linear_computes_the_product_of_its_dequantized_weights(dtype, rows):
     torch.manual_seed(0)
     linear = nn.Linear(96, 80, bias=True).to(dtype)
     q = Int8WeightOnlyLinear(linear)
-    assert q.weight.dtype == torch.int8 and q.scales.shape == (80,)
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (80,) and q.scales.dtype == torch.bfloat16
     dequantized = q.weight.float() * q.scales.float()[:, None]
-    # Symmetric per-row rounding: no weight moves by more than half a step (a whole step where a bf16 scale,
-    # rounded down, clips the row's largest weight to 127).
-    step = q.scales.float().max() * (0.5 if dtype == torch.float32 else 1.0)
+    # Symmetric per-row rounding: no weight moves by more than half a step, or a whole step where the bf16
+    # scale, rounded down, clips the row's largest weight to 127.
+    step = q.scales.float().max()
     assert (dequantized - linear.weight.float()).abs().max() <= step + 1e-6
-    x = torch.randn(3, 5, 96).to(dtype)
-    expected = (x.float() @ dequantized.t() + linear.bias.float()).to(dtype)
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(q(x), expected, atol=tolerance, rtol=tolerance)
+    x = torch.randn(rows, 96).to(dtype)
+    got = q(x)
+    assert got.dtype == dtype and got.shape == (rows, 80)
+    # The kernel computes in bfloat16 whatever the model's dtype: the input is rounded to it, and so is the
+    # product before the bias is added in the model's dtype.
+    expected = (x.bfloat16().float() @ dequantized.t()).bfloat16().to(dtype) + linear.bias
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
 def test_int8_experts_route_like_the_original_experts(demo_dir: Path):
