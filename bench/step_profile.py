@@ -3,7 +3,6 @@ timed at each torch thread count, and torch's profiler table of the decode steps
 
     .venv/bin/python bench/step_profile.py                                    # both real-shape models
     .venv/bin/python bench/step_profile.py --models deepseek-v3-shape --rows 1 8 --threads 1 2 --precision int8
-    .venv/bin/python bench/step_profile.py --threads 1 --compare-mkl --top 0    # oneDNN linears against MKL's
 
 Each figure is the best mean of three rounds of --steps decode steps (the box may be shared), after a
 prefill of the benchmark's chat prompts. The table lists the ops by their own CPU time (self time), so
@@ -22,13 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.engine_step import prompts  # noqa: E402
 from bench.shapes import DEFAULT_OUT as SHAPES_DIR, write_shape  # noqa: E402
 from inference.engine.cache import KVStore  # noqa: E402
-from inference.engine.cpu_linear import OneDnnLinear  # noqa: E402
 from inference.engine.runner import Runner, load_model  # noqa: E402
 
 
@@ -46,13 +43,6 @@ def decode_steps(runner: Runner, stores: list[KVStore], tokens: list[int], steps
     return (time.perf_counter() - started) / steps
 
 
-def set_linear_class(model: nn.Module, cls: type) -> None:
-    """Switch the plain runner's float32 linears between oneDNN (its default) and torch's MKL products."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.__class__ = cls
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["qwen2_5-0_5b-shape", "deepseek-v3-shape"])
@@ -60,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "int8"])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--compare-mkl", action="store_true",
-                        help="also time each step with the float32 linears on torch's own (MKL) products")
     parser.add_argument("--top", type=int, default=14, help="rows of the profiler table")
     args = parser.parse_args(argv)
     for name in args.models:
@@ -72,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 for threads in args.threads:
                     torch.set_num_threads(threads)
-                    for products in ("onednn", "mkl") if args.compare_mkl else ("onednn",):
-                        set_linear_class(runner.model, OneDnnLinear if products == "onednn" else nn.Linear)
-                        best = min(decode_steps(runner, *prefill(runner, ids, args.steps), args.steps)
-                                   for _ in range(3))
-                        print(f"{name} {args.precision} rows={rows} threads={threads} linears={products}: "
-                              f"{1e3 * best:.1f} ms per step, {rows / best:.1f} tokens/s", flush=True)
-                    set_linear_class(runner.model, OneDnnLinear)
+                    best = min(decode_steps(runner, *prefill(runner, ids, args.steps), args.steps) for _ in range(3))
+                    print(f"{name} {args.precision} rows={rows} threads={threads}: {1e3 * best:.1f} ms per step, "
+                          f"{rows / best:.1f} tokens/s", flush=True)
                 stores, tokens = prefill(runner, ids, args.steps)
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     decode_steps(runner, stores, tokens, args.steps)
