@@ -3,6 +3,7 @@ timed at each torch thread count, and torch's profiler table of the decode steps
 
     .venv/bin/python bench/step_profile.py                                    # both real-shape models
     .venv/bin/python bench/step_profile.py --models deepseek-v3-shape --rows 1 8 --threads 1 2 --precision int8
+    .venv/bin/python bench/step_profile.py --models demo-dense demo-moe --rows 1 8 16 --top 0
 
 Each figure is the best mean of three rounds of --steps decode steps (the box may be shared), after a
 prefill of the benchmark's chat prompts. The table lists the ops by their own CPU time (self time), so
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.engine_step import prompts  # noqa: E402
-from bench.shapes import DEFAULT_OUT as SHAPES_DIR, write_shape  # noqa: E402
+from bench.precision import model_dir as find_model  # noqa: E402
 from inference.engine.cache import KVStore  # noqa: E402
 from inference.engine.runner import Runner, load_model  # noqa: E402
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=14, help="rows of the profiler table")
     args = parser.parse_args(argv)
     for name in args.models:
-        model_dir = write_shape(name, SHAPES_DIR)
+        model_dir = find_model(name)  # a demo, a real-shape model or a model directory's path
         runner = Runner.prepare(load_model(model_dir, "cpu", args.precision), exact=False)
         for rows in args.rows:
             ids = prompts(model_dir, rows)
