@@ -4,6 +4,7 @@ timed at each torch thread count, and torch's profiler table of the decode steps
     .venv/bin/python bench/step_profile.py                                    # both real-shape models
     .venv/bin/python bench/step_profile.py --models deepseek-v3-shape --rows 1 8 --threads 1 2 --precision int8
     .venv/bin/python bench/step_profile.py --models demo-dense demo-moe --rows 1 8 16 --top 0
+    .venv/bin/python bench/step_profile.py --precision bfloat16 --threads 1 --top 0 --unpacked   # bf16 weights unpacked
 
 Each figure is the best mean of three rounds of --steps decode steps (the box may be shared), after a
 prefill of the benchmark's chat prompts. The table lists the ops by their own CPU time (self time), so
@@ -27,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from bench.engine_step import prompts  # noqa: E402
 from bench.precision import model_dir as find_model  # noqa: E402
 from inference.engine.cache import KVStore  # noqa: E402
+from inference.engine import runner as runner_module  # noqa: E402
 from inference.engine.runner import Runner, load_model  # noqa: E402
 
 
@@ -52,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "int8"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--top", type=int, default=14, help="rows of the profiler table")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="keep bf16 weights in PyTorch's layout (what the engine did before it packed them for oneDNN)")
     args = parser.parse_args(argv)
+    if args.unpacked:
+        runner_module.pack_bf16_weights = lambda model: {}
     for name in args.models:
         model_dir = find_model(name)  # a demo, a real-shape model or a model directory's path
         runner = Runner.prepare(load_model(model_dir, "cpu", args.precision), exact=False)

@@ -81,13 +81,13 @@ class Engine:
         weight_files = sum(p.stat().st_size for p in self.model_dir.glob("*.safetensors"))
         self.precision = resolve_precision(cfg.precision, self.device, exact=cfg.exact, weight_file_bytes=weight_files)
         self.model = load_model(self.model_dir, self.device, self.precision)
-        self.weight_bytes = weight_bytes(self.model)
         model_config = self.model.config
         self.context_length = int(getattr(model_config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.exact = cfg.exact
         self.runner = Runner.prepare(self.model, exact=self.exact)
+        self.weight_bytes = weight_bytes(self.model)  # as prepared: packed weights replace the plain ones
         self.probe = ExpertProbe(self.model) if cfg.telemetry else None
         self.kv_bytes_per_token = self.runner.kv_bytes_per_token()
         if self.probe is not None:

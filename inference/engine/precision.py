@@ -17,6 +17,7 @@ INT8_ROWS_PER_CALL rows per call.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -117,7 +118,7 @@ class Int8WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def _quantizable_experts(module: nn.Module) -> bool:
+def _experts_of_common_shape(module: nn.Module) -> bool:
     """transformers' expert collections of the common shape: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return (
@@ -137,15 +138,21 @@ def _quantize_experts(module: nn.Module) -> None:
         delattr(module, name)
         module.register_buffer(f"{name}_int8", q)
         module.register_buffer(f"{name}_scales", scales)
-    module.forward = _int8_experts_forward(module)
+
+    def project(x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        return int8_linear(x, getattr(module, f"{name}_int8")[expert], getattr(module, f"{name}_scales")[expert])
+
+    module.forward = _sorted_experts_forward(module, project)
 
 
-def _int8_experts_forward(module: nn.Module):
+def _sorted_experts_forward(module: nn.Module, project: Callable[[torch.Tensor, str, int], torch.Tensor]):
+    """Return an experts forward that sorts tokens by expert once and makes one product per expert hit, with
+    `project(x, "gate_up_proj" | "down_proj", expert)` as the product (transformers' own loops over a one-hot
+    mask per expert, and its grouped_mm lays the weights out anew every call)."""
     num_experts = module.num_experts
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
-        # Tokens sorted by expert once, then one product per expert hit (a loop over hit experts only).
         flat_experts = top_k_index.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
@@ -157,9 +164,8 @@ def _int8_experts_forward(module: nn.Module):
                 start += count
                 continue
             rows = token_of[start:start + count]
-            x = hidden_states[rows]
-            gate, up = int8_linear(x, module.gate_up_proj_int8[expert], module.gate_up_proj_scales[expert]).chunk(2, dim=-1)
-            h = int8_linear(module.act_fn(gate) * up, module.down_proj_int8[expert], module.down_proj_scales[expert])
+            gate, up = project(hidden_states[rows], "gate_up_proj", expert).chunk(2, dim=-1)
+            h = project(module.act_fn(gate) * up, "down_proj", expert)
             final.index_add_(0, rows, (h * weight_of[start:start + count, None]).to(final.dtype))
             start += count
         return final
@@ -177,13 +183,102 @@ def quantize_int8_weight_only(model: nn.Module) -> dict:
             if isinstance(child, nn.Linear) and child is not head:
                 setattr(parent, child_name, Int8WeightOnlyLinear(child))
                 linears += 1
-            elif _quantizable_experts(child):
+            elif _experts_of_common_shape(child):
                 _quantize_experts(child)
                 experts += 1
     # The LM head stays in the compute type: it picks the argmax, where 8 bits would flip the most answers,
     # and with tied embeddings its weight is the embedding table too.
     log.info("int8 weight-only: %d linear layers and %d expert collections converted", linears, experts)
     return {"int8_linear_layers": linears, "int8_expert_collections": experts}
+
+
+# oneDNN lays a weight out for the row count it is told to expect; 8 was as fast as any hint from 1 to 64
+# for 1 to 64 rows (a 1024x4096 layer on a 2-core AMX Xeon, one thread: 0.49 ms for 1-16 rows, 0.70 with hint 1).
+PACK_ROWS_HINT = 8
+
+
+def _pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Return a [O, K] bfloat16 weight laid out once in oneDNN's blocked format (an opaque mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS_HINT)
+
+
+def packed_bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] times a packed [O, K] bfloat16 weight: [..., O] in x's dtype."""
+    out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+    return out.to(x.dtype)
+
+
+class PackedBf16Linear(nn.Module):
+    """A bfloat16 Linear whose weight oneDNN laid out once for its native bf16 kernels (AMX, AVX512-BF16).
+
+    A plain bfloat16 `F.linear` hands oneDNN the weight in PyTorch's layout, and oneDNN re-lays it out on every
+    call; packed once at load, every product reads the weight as the kernel wants it. Measured on a 2-core AMX
+    Xeon, one thread (plain against packed): an 896x4864 layer 0.97 against 0.56 ms for one row, 0.82 against
+    0.59 for 8, 2.1 against 1.4 for 64, 12.0 against 10.1 for a 512-token prefill; a 151936-row LM head 29
+    against 19 ms for one row. The packed copy replaces the weight, so memory stays as it was (with tied
+    embeddings the embedding keeps its table and the head's packed copy is extra).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", _pack_bf16_weight(linear.weight))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_bf16_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bfloat16 packed for oneDNN"
+
+
+class _PackedExpertWeights(nn.Module):
+    """One expert collection's 3-D weight [E, O, K] as E packed [O, K] weights (buffers "0".."E-1")."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        for expert in range(weight.shape[0]):
+            self.register_buffer(str(expert), _pack_bf16_weight(weight[expert]))
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        return getattr(self, str(expert))
+
+
+def _pack_experts(module: nn.Module) -> None:
+    """Replace an expert collection's 3-D bfloat16 weights by packed ones, one per expert, and its forward by
+    the sorted-experts loop over them."""
+    for name in ("gate_up_proj", "down_proj"):
+        packed = _PackedExpertWeights(getattr(module, name))
+        delattr(module, name)
+        module.add_module(f"{name}_packed", packed)
+
+    def project(x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        return packed_bf16_linear(x, getattr(module, f"{name}_packed")[expert])
+
+    module.forward = _sorted_experts_forward(module, project)
+
+
+def pack_bf16_weights(model: nn.Module) -> dict:
+    """On a CPU with native bfloat16, lay every bfloat16 Linear (the LM head included) and every bfloat16
+    routed-expert collection out once for oneDNN, in place; elsewhere change nothing. Return counts of what
+    was packed. Only for plain batched steps: exact mode splits each linear per request itself."""
+    linears = experts = 0
+    if not cpu_has_native_bf16():
+        return {"packed_linear_layers": 0, "packed_expert_collections": 0}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and _is_cpu_bf16(child.weight):
+                setattr(parent, child_name, PackedBf16Linear(child))
+                linears += 1
+            elif _experts_of_common_shape(child) and _is_cpu_bf16(child.gate_up_proj) and _is_cpu_bf16(child.down_proj):
+                _pack_experts(child)
+                experts += 1
+    log.info("bfloat16 packed for oneDNN: %d linear layers and %d expert collections", linears, experts)
+    return {"packed_linear_layers": linears, "packed_expert_collections": experts}
+
+
+def _is_cpu_bf16(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -19,7 +19,7 @@ from transformers.utils import is_accelerate_available
 from inference.engine.cache import DIRECT_MODEL_TYPES, BatchCache, KVStore
 from inference.engine.attention import ATTENTION_NAME
 from inference.engine.exact import StepLayout, make_exact, step_context
-from inference.engine.precision import load_dtype, quantize_int8_weight_only
+from inference.engine.precision import load_dtype, pack_bf16_weights, quantize_int8_weight_only
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,13 @@ class Runner:
 
     @classmethod
     def prepare(cls, model: PreTrainedModel, *, exact: bool) -> Runner:
-        """Switch the model to per-request attention and per-segment experts, and describe how to call it."""
+        """Switch the model to per-request attention and per-segment experts (exact mode) or to weights laid out
+        for the CPU's bfloat16 kernels (plain mode), and describe how to call it."""
         model.config._attn_implementation = ATTENTION_NAME
         if exact:
             make_exact(model)
+        else:
+            pack_bf16_weights(model)
         forward_params = inspect.signature(model.forward).parameters
         # transformers 5.24 calls the KV cache argument `cache` (`past_key_values` is deprecated until 5.40).
         cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"

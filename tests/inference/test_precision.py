@@ -17,11 +17,14 @@ from inference.engine.precision import (
     BF16_PAYS_FROM_BYTES,
     INT8_ROWS_PER_CALL,
     Int8WeightOnlyLinear,
+    PackedBf16Linear,
     cpu_has_native_bf16,
+    pack_bf16_weights,
     quantize_int8_weight_only,
     resolve_precision,
 )
-from inference.engine.runner import load_model
+from inference.engine import precision as precision_module
+from inference.engine.runner import Runner, load_model
 from tests.inference.conftest import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,23 +88,66 @@ def test_int8_linear_computes_the_product_of_its_dequantized_weights(dtype, rows
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
+def _experts_call(model: nn.Module):
+    """Return the routed experts of the MoE demo's layer 1 and a fixed routing of 7 tokens to 4 of them each."""
+    experts = model.model.layers[1].mlp.experts
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, model.config.hidden_size, generator=generator).to(model.dtype)
+    top_k_index = torch.stack([torch.randperm(experts.num_experts, generator=generator)[:4] for _ in range(7)])
+    return experts, (hidden, top_k_index, torch.rand(7, 4, generator=generator).to(model.dtype))
+
+
 def test_int8_experts_route_like_the_original_experts(demo_dir: Path):
     model = load_model(demo_dir / "demo-moe", "cpu", "float32")
-    experts = model.model.layers[1].mlp.experts
-    hidden = torch.randn(7, model.config.hidden_size)
-    top_k_index = torch.stack([torch.randperm(experts.num_experts)[:4] for _ in range(7)])
-    top_k_weights = torch.rand(7, 4)
+    experts, call = _experts_call(model)
     with torch.no_grad():
-        expected = experts(hidden, top_k_index, top_k_weights)
+        expected = experts(*call)
         counts = quantize_int8_weight_only(model)
-        got = experts(hidden, top_k_index, top_k_weights)
+        got = experts(*call)
     assert counts["int8_expert_collections"] == 2  # layers 1 and 2; layer 0 is dense
     assert not hasattr(experts, "gate_up_proj")  # the float weights are gone, not kept beside the int8 ones
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
-@pytest.mark.parametrize(("name", "precision"), [("demo-dense", "bfloat16"), ("demo-moe", "int8"),
-                                                 ("demo-distilled", "int8")])
+def test_bf16_weights_are_packed_for_onednn_only_where_the_cpu_computes_bf16(demo_dir: Path):
+    """What pack_bf16_weights does on the CPU the suite runs on: with native bf16 every linear and expert
+    collection is packed and computes what the plain bf16 weights computed; without it nothing changes."""
+    model = load_model(demo_dir / "demo-moe", "cpu", "bfloat16")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 250, 3]])
+    experts, call = _experts_call(model)
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    with torch.inference_mode():
+        expected_logits, expected_experts = model(ids).logits, experts(*call)
+        counts = pack_bf16_weights(model)
+        got_logits, got_experts = model(ids).logits, experts(*call)
+    if cpu_has_native_bf16():
+        assert counts == {"packed_linear_layers": linears, "packed_expert_collections": 2}
+        assert not any(isinstance(m, nn.Linear) for m in model.modules())
+        assert not hasattr(experts, "gate_up_proj")  # the plain weights are gone, not kept beside the packed ones
+        assert isinstance(model.get_output_embeddings(), PackedBf16Linear)
+        # Same bf16 products, summed in oneDNN's blocked order: equal up to bf16 rounding.
+        torch.testing.assert_close(got_experts, expected_experts, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got_logits, expected_logits, atol=5e-2, rtol=5e-2)
+    else:
+        assert counts == {"packed_linear_layers": 0, "packed_expert_collections": 0}
+        assert torch.equal(got_logits, expected_logits) and torch.equal(got_experts, expected_experts)
+
+
+def test_nothing_is_packed_without_native_bf16_or_in_exact_mode(demo_dir: Path, monkeypatch):
+    model = load_model(demo_dir / "demo-dense", "cpu", "bfloat16")
+    Runner.prepare(model, exact=True)  # exact mode splits each nn.Linear per request itself
+    assert not any(isinstance(m, PackedBf16Linear) for m in model.modules())
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
+    assert pack_bf16_weights(load_model(demo_dir / "demo-moe", "cpu", "bfloat16")) == {
+        "packed_linear_layers": 0, "packed_expert_collections": 0}
+    # float32 and int8 weights are never packed, whatever the CPU.
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    model = load_model(demo_dir / "demo-moe", "cpu", "float32")
+    assert pack_bf16_weights(model) == {"packed_linear_layers": 0, "packed_expert_collections": 0}
+
+
+@pytest.mark.parametrize(("name", "precision"), [("demo-dense", "bfloat16"), ("demo-moe", "bfloat16"),
+                                                 ("demo-moe", "int8"), ("demo-distilled", "int8")])
 def test_engine_answers_as_generate_does_on_the_same_weights(demo_dir: Path, name: str, precision: str):
     reference = load_model(demo_dir / name, "cpu", precision)
     with Engine(demo_dir / name, device="cpu", precision=precision) as engine:
