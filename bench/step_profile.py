@@ -5,6 +5,7 @@ timed at each torch thread count, and torch's profiler table of the decode steps
     .venv/bin/python bench/step_profile.py --models deepseek-v3-shape --rows 1 8 --threads 1 2 --precision int8
     .venv/bin/python bench/step_profile.py --models demo-dense demo-moe --rows 1 8 16 --top 0
     .venv/bin/python bench/step_profile.py --precision bfloat16 --threads 1 --top 0 --unpacked   # bf16 weights unpacked
+    .venv/bin/python bench/step_profile.py --models demo-moe deepseek-v3-shape --rows 1 16 64 --top 0 --expanded-mla
 
 Each figure is the best mean of three rounds of --steps decode steps (the box may be shared), after a
 prefill of the benchmark's chat prompts. The table lists the ops by their own CPU time (self time), so
@@ -56,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=14, help="rows of the profiler table")
     parser.add_argument("--unpacked", action="store_true",
                         help="keep bf16 weights in PyTorch's layout (what the engine did before it packed them for oneDNN)")
+    parser.add_argument("--expanded-mla", action="store_true",
+                        help="DeepSeek-V3 attention as transformers runs it, expanding every cached latent each step "
+                             "(what the engine did before it absorbed kv_b_proj)")
     args = parser.parse_args(argv)
     if args.unpacked:
         runner_module.pack_bf16_weights = lambda model: {}
+    if args.expanded_mla:
+        runner_module.install_absorbed_mla = lambda model: 0
     for name in args.models:
         model_dir = find_model(name)  # a demo, a real-shape model or a model directory's path
         runner = Runner.prepare(load_model(model_dir, "cpu", args.precision), exact=False)

@@ -42,7 +42,7 @@ def rows_attention(
     causal = getattr(module, "is_causal", True)
     outputs = []
     for q, k, v in _per_request(layout, module, query, key, value):
-        mask = _chunk_mask(q, k) if causal else None
+        mask = chunk_mask(q.shape[2], k.shape[2], q.device) if causal else None
         outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scaling,
                                                       is_causal=causal and mask is None and q.shape[2] > 1,
                                                       **extra))
@@ -50,18 +50,23 @@ def rows_attention(
     return out.transpose(1, 2).contiguous(), None  # [1, N, h, d_v]
 
 
-def _chunk_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """Return the causal mask of a prompt chunk after cached tokens, or None when `is_causal` is right.
+def causal_mask(t: int, length: int, device: torch.device) -> torch.Tensor:
+    """Return which of `length` keys each of the last `t` queries sees: bool [T, L], query i keys up to L - T + i.
 
-    SDPA's `is_causal` aligns the first query with the first key. A chunk of T queries after L - T cached
-    tokens needs the mask aligned at the bottom right: query i sees keys up to L - T + i.
+    SDPA's `is_causal` aligns the first query with the first key; a chunk of T queries after L - T cached
+    tokens needs the mask aligned at the bottom right.
     """
-    t, length = q.shape[2], k.shape[2]
+    keys = torch.arange(length, device=device)
+    queries = torch.arange(length - t, length, device=device)
+    return keys[None, :] <= queries[:, None]
+
+
+def chunk_mask(t: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """Return SDPA's mask [1, 1, T, L] for a chunk of `t` queries over `length` keys, or None where `is_causal`
+    (a whole prompt) or no mask (one query) is right."""
     if t == 1 or t == length:
         return None
-    keys = torch.arange(length, device=q.device)
-    queries = torch.arange(length - t, length, device=q.device)
-    return (keys[None, :] <= queries[:, None])[None, None]  # [1, 1, T, L]
+    return causal_mask(t, length, device)[None, None]
 
 
 def _per_request(layout, module, query, key, value):
@@ -79,8 +84,9 @@ def _per_request(layout, module, query, key, value):
 def _stock_rows(layout, module, query, key, value, attention_mask, scaling, **kwargs) -> tuple[torch.Tensor, None]:
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    outputs = [sdpa_attention_forward(module, q, k, v, _chunk_mask(q, k) if getattr(module, "is_causal", True)
-                                      else None, dropout=0.0, scaling=scaling)[0]
+    causal = getattr(module, "is_causal", True)
+    outputs = [sdpa_attention_forward(module, q, k, v, chunk_mask(q.shape[2], k.shape[2], q.device) if causal else None,
+                                      dropout=0.0, scaling=scaling)[0]
                for q, k, v in _per_request(layout, module, query, key, value)]
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 

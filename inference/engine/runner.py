@@ -19,6 +19,7 @@ from transformers.utils import is_accelerate_available
 from inference.engine.cache import DIRECT_MODEL_TYPES, BatchCache, KVStore
 from inference.engine.attention import ATTENTION_NAME
 from inference.engine.exact import StepLayout, make_exact, step_context
+from inference.engine.mla import install_absorbed_mla
 from inference.engine.precision import load_dtype, pack_bf16_weights, quantize_int8_weight_only
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,14 @@ class Runner:
 
     @classmethod
     def prepare(cls, model: PreTrainedModel, *, exact: bool) -> Runner:
-        """Switch the model to per-request attention and per-segment experts (exact mode) or to weights laid out
-        for the CPU's bfloat16 kernels (plain mode), and describe how to call it."""
+        """Switch the model to per-request attention and per-segment experts (exact mode) or to absorbed latent
+        attention and weights laid out for the CPU's bfloat16 kernels (plain mode), and describe how to call it."""
         model.config._attn_implementation = ATTENTION_NAME
+        absorbed_mla = 0
         if exact:
             make_exact(model)
         else:
+            absorbed_mla = install_absorbed_mla(model)  # reads kv_b_proj's weight, so before it is packed
             pack_bf16_weights(model)
         forward_params = inspect.signature(model.forward).parameters
         # transformers 5.24 calls the KV cache argument `cache` (`past_key_values` is deprecated until 5.40).
@@ -83,7 +86,8 @@ class Runner:
         return cls(
             model=model,
             exact=exact,
-            direct_cache=model.config.model_type in DIRECT_MODEL_TYPES,
+            # Absorbed MLA reads each request's latents from its store, as direct attention does.
+            direct_cache=model.config.model_type in DIRECT_MODEL_TYPES or absorbed_mla > 0,
             cache_kwarg=cache_kwarg,
             input_device=model.get_input_embeddings().weight.device,
             output_device=(model.get_output_embeddings() or model.get_input_embeddings()).weight.device,
