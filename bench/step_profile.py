@@ -6,6 +6,7 @@ timed at each torch thread count, and torch's profiler table of the decode steps
     .venv/bin/python bench/step_profile.py --models demo-dense demo-moe --rows 1 8 16 --top 0
     .venv/bin/python bench/step_profile.py --precision bfloat16 --threads 1 --top 0 --unpacked   # bf16 weights unpacked
     .venv/bin/python bench/step_profile.py --models demo-moe deepseek-v3-shape --rows 1 16 64 --top 0 --expanded-mla
+    .venv/bin/python bench/step_profile.py --models demo-dense demo-distilled --rows 1 16 64 --top 0 --stock-forward
 
 Each figure is the best mean of three rounds of --steps decode steps (the box may be shared), after a
 prefill of the benchmark's chat prompts. The table lists the ops by their own CPU time (self time), so
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expanded-mla", action="store_true",
                         help="DeepSeek-V3 attention as transformers runs it, expanding every cached latent each step "
                              "(what the engine did before it absorbed kv_b_proj)")
+    parser.add_argument("--stock-forward", action="store_true",
+                        help="transformers' forward for Llama-family models (what the engine ran before its lean forward)")
     args = parser.parse_args(argv)
+    if args.stock_forward:
+        runner_module.lean_decoder = lambda model: None
     if args.unpacked:
         runner_module.pack_bf16_weights = lambda model: {}
     if args.expanded_mla:

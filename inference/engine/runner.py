@@ -19,6 +19,7 @@ from transformers.utils import is_accelerate_available
 from inference.engine.cache import DIRECT_MODEL_TYPES, BatchCache, KVStore
 from inference.engine.attention import ATTENTION_NAME
 from inference.engine.exact import StepLayout, make_exact, step_context
+from inference.engine.lean import LeanDecoder, lean_decoder
 from inference.engine.mla import install_absorbed_mla
 from inference.engine.precision import load_dtype, pack_bf16_weights, quantize_int8_weight_only
 
@@ -68,6 +69,7 @@ class Runner:
     cache_kwarg: str
     input_device: torch.device  # where the embeddings are: token ids go here
     output_device: torch.device  # where the LM head is: logits, sampling generators and penalty counts live here
+    lean: LeanDecoder | None = None  # plain mode's forward for Llama-family models on CPU (lean.py)
 
     @classmethod
     def prepare(cls, model: PreTrainedModel, *, exact: bool) -> Runner:
@@ -80,6 +82,7 @@ class Runner:
         else:
             absorbed_mla = install_absorbed_mla(model)  # reads kv_b_proj's weight, so before it is packed
             pack_bf16_weights(model)
+        lean = None if exact else lean_decoder(model)  # after packing: it keeps the head it is given
         forward_params = inspect.signature(model.forward).parameters
         # transformers 5.24 calls the KV cache argument `cache` (`past_key_values` is deprecated until 5.40).
         cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
@@ -91,6 +94,7 @@ class Runner:
             cache_kwarg=cache_kwarg,
             input_device=model.get_input_embeddings().weight.device,
             output_device=(model.get_output_embeddings() or model.get_input_embeddings()).weight.device,
+            lean=lean,
         )
 
     def step(self, stores: list[KVStore], new_tokens: list[list[int]]) -> torch.Tensor:
@@ -115,16 +119,19 @@ class Runner:
         if len(stores) == 1:
             layout.mode = "plain"  # one request alone is exactly what generate computes: nothing to split
         with step_context(layout):
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                use_cache=True,
-                logits_to_keep=keep,
-                **{self.cache_kwarg: cache},
-            )
+            if self.lean is not None:
+                logits = self.lean(input_ids, position_ids, cache, keep)  # [R, V]
+            else:
+                logits = self.model(
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    logits_to_keep=keep,
+                    **{self.cache_kwarg: cache},
+                ).logits[0]
         cache.commit()
         # float32 before sampling, as generate() does, so greedy picks the same argmax.
-        return out.logits[0].float()  # [R, V]
+        return logits.float()  # [R, V]
 
     def kv_bytes_per_token(self) -> int:
         """Return how many bytes of KV cache one token takes, measured with a one-token forward."""
