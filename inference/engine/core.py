@@ -36,6 +36,7 @@ from inference.engine.prefix_cache import PrefixCache
 from inference.engine.scheduler import SCHEDULERS, StepPlan
 from inference.engine.stats import EngineStats, auto_kv_budget, eos_token_ids
 from inference.fit.bounds import check_model_dir
+from inference.fit.measure import count_parameters
 from inference.engine.request import (
     Chunk,
     EngineBusy,
@@ -81,6 +82,8 @@ class Engine:
         weight_files = sum(p.stat().st_size for p in self.model_dir.glob("*.safetensors"))
         self.precision = resolve_precision(cfg.precision, self.device, exact=cfg.exact, weight_file_bytes=weight_files)
         self.model = load_model(self.model_dir, self.device, self.precision)
+        # Counted before the runner lays bf16 weights out for oneDNN, which makes them buffers.
+        self.parameter_count = count_parameters(self.model)
         model_config = self.model.config
         self.context_length = int(getattr(model_config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)

@@ -34,11 +34,14 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-# Below this many bytes of weight files a model is small enough that a decode step is bound by per-op
-# overhead, not by reading weights, and bfloat16's conversions make it slower than float32 (measured with
-# bench/precision.py: the few-MB demos decode ~40% slower in bf16, and so does the real SmolLM2-135M, 270 MB of
-# bf16 files: one stream 4.7 tok/s in float32 against 2.3 in bf16; real-shape models of 0.5-0.9B parameters,
-# about 1 GB of bf16 files, decode batches and prefill 1.6-6x faster in bf16).
+# Below this many bytes of weight files a model stays in float32 under "auto". The few-MB demos are bound by per-op
+# overhead, and bf16's conversions make them slower (bench/step_profile.py, one thread, a 2-core AVX512-BF16 EPYC:
+# demo-dense decodes one request in 1.6 ms a step in bf16 against 0.9 in float32). With packed weights the real
+# SmolLM2-135M (257 MiB of bf16 files) decodes twice as fast in bf16 (36 against 68 ms a step for one request, 55
+# against 98 for 8), but its greedy answers then depend on how each product is split (the batch's rows, a prefix-cache
+# chunk, the thread count) and do not reliably equal unbatched `generate`, which float32's do on that model; so the
+# bundled model stays float32 by default, and APPLIANCE_ENGINE_PRECISION=bfloat16 buys the speed. Models of 0.5B
+# parameters and more, whose float32 steps are bound by reading the weights, take bf16.
 BF16_PAYS_FROM_BYTES = 512 * 2**20
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from inference.engine import wire
 from inference.engine.config import EngineConfig
 from inference.engine.core import Engine
-from inference.fit import count_parameters, measure_kv_bytes_per_token, measure_weights
+from inference.fit import measure_kv_bytes_per_token, measure_weights
 
 log = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.5  # how often the web process's view of queue depth, KV use and MoE telemetry is refreshed
@@ -27,7 +27,7 @@ def measured_allocation(engine) -> dict:
     """Return what the loaded model really holds (parameters, weight bytes, KV bytes per token), for the console."""
     model = engine.model
     return {
-        "parameters": count_parameters(model),
+        "parameters": engine.parameter_count,
         "weights": measure_weights(model),
         "kv": measure_kv_bytes_per_token(model, engine.tokenizer),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

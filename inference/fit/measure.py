@@ -20,6 +20,9 @@ def measure_weights(model: PreTrainedModel) -> dict:
     """Return the bytes actually allocated for parameters and buffers: distinct storages, plus CUDA's own count."""
     seen: dict[int, int] = {}
     for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_mkldnn:  # a weight laid out for oneDNN (the engine's packed bf16) has no storage to share
+            seen[id(tensor)] = tensor.numel() * tensor.element_size()
+            continue
         storage = tensor.untyped_storage()
         seen[StorageWeakRef(storage).cdata] = storage.nbytes()  # tied or viewed tensors share one storage
     out = {"storage_bytes": sum(seen.values()), "tensors": len(seen)}

@@ -180,3 +180,19 @@ async def _tokens(engine: Engine, prompt: list[int]) -> list[int]:
     handle = engine.submit(prompt, GREEDY)
     [chunk async for chunk in handle]
     return list(handle.state.output_ids)
+
+
+def test_a_packed_model_is_measured_as_it_was_loaded(demo_dir: Path):
+    # The console's measured allocation: parameters counted as loaded, and weights laid out for oneDNN (which have
+    # no storage to share) counted by their own bytes.
+    from inference.engine.server import measured_allocation
+    from inference.fit.measure import count_parameters
+
+    reference = load_model(demo_dir / "demo-dense", "cpu", "bfloat16")
+    with Engine(demo_dir / "demo-dense", device="cpu", precision="bfloat16") as engine:
+        packed = sum(isinstance(m, PackedBf16Linear) for m in engine.model.modules())
+        measured = measured_allocation(engine)
+    assert packed == (sum(isinstance(m, nn.Linear) for m in reference.modules()) if cpu_has_native_bf16() else 0)
+    assert "error" not in measured and measured["dtype"] == "bfloat16"
+    assert measured["parameters"] == count_parameters(reference)
+    assert measured["weights"]["storage_bytes"] >= sum(p.numel() * p.element_size() for p in reference.parameters())
