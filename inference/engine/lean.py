@@ -6,8 +6,9 @@ never reads, normalizes every position where only each request's last one is sam
 through the hub-kernel layer. This forward makes the same tensor operations, in the same order, on the same
 modules' weights (so its logits equal transformers' bit for bit, which a test pins), and nothing else: the
 embedding, the rotary table once per step, per layer the two norms, the projections (each module's own
-`forward`: plain, packed bf16 or int8 weight-only alike), rotary, the step's cache, the engine's per-request
-attention, and the head on the kept rows only. Models it does not recognise keep transformers' forward, and so
+call: plain, packed bf16 or int8 weight-only alike), rotary, the step's cache, the engine's per-request
+attention, and the head on the kept rows only. Modules are called as modules, so their hooks still run (the
+tests' fault injection, anyone's probes). Models it does not recognise keep transformers' forward, and so
 does exact mode (its patches split transformers' products per request).
 """
 
@@ -66,20 +67,20 @@ class LeanDecoder:
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, keep: torch.Tensor) -> torch.Tensor:
         """input_ids, position_ids [1, N]; the step's BatchCache; keep [R] rows to sample: logits [R, V]."""
         n = input_ids.shape[1]
-        hidden = self.embed.forward(input_ids)  # [1, N, H]
-        cos, sin = self.rotary.forward(hidden, position_ids)  # [1, N, d]
+        hidden = self.embed(input_ids)  # [1, N, H]
+        cos, sin = self.rotary(hidden, position_ids)  # [1, N, d]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [1, 1, N, d]
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = _rms_norm(layer.input_layernorm, hidden)
-            q = attn.q_proj.forward(x).view(1, n, -1, attn.head_dim).transpose(1, 2)  # [1, h, N, d]
-            k = attn.k_proj.forward(x).view(1, n, -1, attn.head_dim).transpose(1, 2)  # [1, h_kv, N, d]
-            v = attn.v_proj.forward(x).view(1, n, -1, attn.head_dim).transpose(1, 2)
+            q = attn.q_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)  # [1, h, N, d]
+            k = attn.k_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)  # [1, h_kv, N, d]
+            v = attn.v_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             k, v = cache.update(k, v, index)
             out, _ = rows_attention(attn, q, k, v, None, scaling=attn.scaling)  # [1, N, h, d]
-            hidden = hidden + attn.o_proj.forward(out.reshape(1, n, -1))
+            hidden = hidden + attn.o_proj(out.reshape(1, n, -1))
             x = _rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = hidden + mlp.down_proj.forward(mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
+            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         last = _rms_norm(self.norm, hidden[:, keep])  # [1, R, H]: the norm works row by row
-        return self.head.forward(last)[0]  # [R, V]
+        return self.head(last)[0]  # [R, V]

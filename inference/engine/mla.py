@@ -45,21 +45,17 @@ def install_absorbed_mla(model: nn.Module) -> int:
     return count
 
 
-def _dense_weight(linear: nn.Module) -> torch.Tensor:
-    """Return a linear layer's weight [O, K] as numbers (an int8 weight-only layer's dequantized)."""
-    if isinstance(linear, nn.Linear):
-        return linear.weight.detach()
-    scales = linear.scales.float().unsqueeze(-1)  # precision.Int8WeightOnlyLinear
-    return (linear.weight.float() * scales).to(linear.scales.dtype)
-
-
 def _install(module: nn.Module) -> None:
     heads, nope, v_dim, rank = module.num_heads, module.qk_nope_head_dim, module.v_head_dim, module.kv_lora_rank
     rope = module.qk_rope_head_dim
-    weight = _dense_weight(module.kv_b_proj).view(heads, nope + v_dim, rank)
-    module.register_buffer("absorbed_w_uk", weight[:, :nope].contiguous(), persistent=False)  # [H, nope, r]
-    # Stored transposed for the output product o_lat [H, T, r] @ [H, r, v].
-    module.register_buffer("absorbed_w_uv_t", weight[:, nope:].transpose(1, 2).contiguous(), persistent=False)
+    if isinstance(module.kv_b_proj, nn.Linear):
+        # W_UK and W_UV are read as views of kv_b_proj's own weight at each step (no second copy), so that weight
+        # stays in PyTorch's layout: precision.pack_bf16_weights leaves a layer with this flag as it is.
+        module.kv_b_proj.keep_unpacked = True
+    else:  # int8 weight-only (precision.Int8WeightOnlyLinear): a dequantized copy, since views need numbers
+        linear = module.kv_b_proj
+        weight = (linear.weight.float() * linear.scales.float().unsqueeze(-1)).to(linear.scales.dtype)
+        module.register_buffer("absorbed_weight", weight.view(heads, nope + v_dim, rank), persistent=False)
     # Absorbing costs 2HTL(2r + rope) against expanding's 2Lr·H(nope + v) + 2HTL(nope + rope + v): solve for T.
     module.absorb_below = rank * (nope + v_dim) / max(1, 2 * rank + rope - (nope + rope + v_dim))
     modeling = sys.modules[type(module).__module__]
@@ -67,6 +63,14 @@ def _install(module: nn.Module) -> None:
                      else modeling.apply_rotary_pos_emb)
     module.stock_forward = module.forward
     module.forward = MethodType(_forward, module)
+
+
+def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return W_UK [H, nope, r] and W_UV transposed [H, r, v]: views of kv_b_proj's weight [H*(nope + v), r]."""
+    weight = getattr(self, "absorbed_weight", None)
+    if weight is None:
+        weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+    return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :].transpose(1, 2)
 
 
 def _forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
@@ -109,8 +113,9 @@ def _absorbed(self, q_nope: torch.Tensor, q_rot: torch.Tensor, histories: list[t
     """Attend queries q_nope [H, T, nope], q_rot [H, T, rope] of requests with `lengths` tokens each to their
     latent histories [L_i, r + rope]; return [T, H*v]."""
     heads, rank = self.num_heads, self.kv_lora_rank
+    w_uk, w_uv_t = _absorbed_weights(self)
     # [H, T, r + rope], the softmax scale folded in once.
-    query = torch.cat([torch.bmm(q_nope, self.absorbed_w_uk), q_rot], dim=-1) * self.scaling
+    query = torch.cat([torch.bmm(q_nope, w_uk), q_rot], dim=-1) * self.scaling
     outputs = []
     for q, history in zip(query.split(lengths, dim=1), histories):
         t = q.shape[1]
@@ -120,7 +125,7 @@ def _absorbed(self, q_nope: torch.Tensor, q_rot: torch.Tensor, histories: list[t
         probs = torch.softmax(scores.float(), dim=-1).to(history.dtype)
         outputs.append(torch.matmul(probs, history[:, :rank]))  # [H, T, r]
     latent_out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # [H, T, r]
-    out = torch.bmm(latent_out, self.absorbed_w_uv_t)  # [H, T, v]
+    out = torch.bmm(latent_out, w_uv_t)  # [H, T, v]
     return out.transpose(0, 1).reshape(-1, heads * self.v_head_dim)
 
 

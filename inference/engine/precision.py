@@ -262,15 +262,16 @@ def _pack_experts(module: nn.Module) -> None:
 
 
 def pack_bf16_weights(model: nn.Module) -> dict:
-    """On a CPU with native bfloat16, lay every bfloat16 Linear (the LM head included) and every bfloat16
-    routed-expert collection out once for oneDNN, in place; elsewhere change nothing. Return counts of what
+    """On a CPU with native bfloat16, lay every bfloat16 Linear (the LM head included; not one flagged
+    `keep_unpacked`, whose weight is also read as views) and every bfloat16 routed-expert collection out once for
+    oneDNN, in place; elsewhere change nothing. Return counts of what
     was packed. Only for plain batched steps: exact mode splits each linear per request itself."""
     linears = experts = 0
     if not cpu_has_native_bf16():
         return {"packed_linear_layers": 0, "packed_expert_collections": 0}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and _is_cpu_bf16(child.weight):
+            if isinstance(child, nn.Linear) and _is_cpu_bf16(child.weight) and not getattr(child, "keep_unpacked", False):
                 setattr(parent, child_name, PackedBf16Linear(child))
                 linears += 1
             elif _experts_of_common_shape(child) and _is_cpu_bf16(child.gate_up_proj) and _is_cpu_bf16(child.down_proj):

@@ -10,6 +10,7 @@ import torch
 
 from inference.engine.cache import KVStore
 from inference.engine.mla import install_absorbed_mla
+from inference.engine.precision import weight_bytes
 from inference.engine.runner import Runner, load_model
 
 # Prompt lengths on both sides of demo-moe's absorb_below (73): short ones absorb, 200 expands its history.
@@ -28,7 +29,7 @@ def stock_logits(runner: Runner, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_batched_steps_give_the_logits_of_transformers_forward(demo_dir: Path, precision: str) -> None:
     runner = Runner.prepare(load_model(demo_dir / "demo-moe", "cpu", precision), exact=False)
-    assert all(hasattr(m, "absorbed_w_uk") for m in runner.model.modules() if type(m).__name__ == "DeepseekV3Attention")
+    assert all(hasattr(m, "stock_forward") for m in runner.model.modules() if type(m).__name__ == "DeepseekV3Attention")
     tolerance = 1e-4 if precision == "float32" else 3e-2  # int8 absorbs the dequantized bf16 weight
     prompts = [prompt(n) for n in PROMPT_LENGTHS]
     stores = [KVStore(300, 300) for _ in prompts]
@@ -70,5 +71,20 @@ def test_a_decode_step_never_expands_the_history(demo_dir: Path) -> None:
 
 def test_exact_mode_keeps_transformers_attention(demo_dir: Path) -> None:
     runner = Runner.prepare(load_model(demo_dir / "demo-moe", "cpu", "float32"), exact=True)
-    assert not any(hasattr(m, "absorbed_w_uk") for m in runner.model.modules())
+    assert not any(hasattr(m, "stock_forward") for m in runner.model.modules())
     assert install_absorbed_mla(load_model(demo_dir / "demo-dense", "cpu", "float32")) == 0
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_absorbing_reads_kv_b_proj_in_place_and_holds_no_second_copy(demo_dir: Path, precision: str) -> None:
+    model = load_model(demo_dir / "demo-moe", "cpu", precision)
+    attention = [m for m in model.modules() if type(m).__name__ == "DeepseekV3Attention"]
+    before = weight_bytes(model) - sum(m.kv_b_proj.weight.numel() * m.kv_b_proj.weight.element_size() for m in attention)
+    Runner.prepare(model, exact=False)
+    # kv_b_proj stays a plain layer (never packed for oneDNN: W_UK and W_UV are views of its weight) ...
+    assert all(isinstance(m.kv_b_proj, torch.nn.Linear) for m in attention)
+    # ... and nothing beside it holds its numbers again (the other weights may be packed: bytes of theirs only).
+    assert not any(name.startswith("absorbed") for m in attention for name, _ in m.named_buffers())
+    after = weight_bytes(model) - sum(m.kv_b_proj.weight.numel() * m.kv_b_proj.weight.element_size() for m in attention)
+    if precision == "float32":
+        assert after == before
