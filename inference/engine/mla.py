@@ -53,9 +53,8 @@ def _install(module: nn.Module) -> None:
         # stays in PyTorch's layout: precision.pack_bf16_weights leaves a layer with this flag as it is.
         module.kv_b_proj.keep_unpacked = True
     else:  # int8 weight-only (precision.Int8WeightOnlyLinear): a dequantized copy, since views need numbers
-        linear = module.kv_b_proj
-        weight = (linear.weight.float() * linear.scales.float().unsqueeze(-1)).to(linear.scales.dtype)
-        module.register_buffer("absorbed_weight", weight.view(heads, nope + v_dim, rank), persistent=False)
+        weight = module.kv_b_proj.dequantized_weight().view(heads, nope + v_dim, rank)
+        module.register_buffer("absorbed_weight", weight, persistent=False)
     # Absorbing costs 2HTL(2r + rope) against expanding's 2Lr·H(nope + v) + 2HTL(nope + rope + v): solve for T.
     module.absorb_below = rank * (nope + v_dim) / max(1, 2 * rank + rope - (nope + rope + v_dim))
     modeling = sys.modules[type(module).__module__]

@@ -117,6 +117,10 @@ class Int8WeightOnlyLinear(nn.Module):
         out = int8_linear(x, self.weight, self.scales)
         return out if self.bias is None else out + self.bias
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """Return the weight [O, K] as the numbers it stands for, in the compute dtype (int8 times its row scale)."""
+        return (self.weight.float() * self.scales.float().unsqueeze(-1)).to(self.scales.dtype)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
